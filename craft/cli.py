@@ -5,21 +5,21 @@
 # %% auto #0
 __all__ = ['Parser', 'add_option', 'add_function_options', 'train_parser', 'train_command', 'build_parser', 'parse_args', 'main']
 
-# %% ../nbs/90_cli.ipynb #8aa322a6
+# %% ../nbs/90_cli.ipynb #68ad8914
 import argparse, inspect, sys, types, typing
 from dataclasses import fields, MISSING
 from fastcore.docments import docments
 from .errors import CraftError
 from .model import GPTConfig, PRESETS
-from .training import TrainConfig, TRAIN_PRESETS, train, MODEL_FIELDS
+from .training import TrainConfig, TRAIN_PRESETS, train, read_status
 
-# %% ../nbs/90_cli.ipynb #2fe4625b
+# %% ../nbs/90_cli.ipynb #57d0e5f2
 class Parser(argparse.ArgumentParser):
     "An ArgumentParser whose errors are one line on stderr, pointing at --help."
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-# %% ../nbs/90_cli.ipynb #c56525a2
+# %% ../nbs/90_cli.ipynb #dea9e345
 def _base_type(annotation):
     "The scalar type inside an annotation like `int`, `str|None` or `list[str]|None`, and whether it is a list."
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -48,7 +48,7 @@ def add_function_options(parser, func, skip=()):
         if p.default is inspect.Parameter.empty: parser.add_argument(name, type=_base_type(p.annotation)[0], help=docs.get(name))
         else: add_option(parser, name, p.annotation, p.default, docs.get(name))
 
-# %% ../nbs/90_cli.ipynb #0c639685
+# %% ../nbs/90_cli.ipynb #e8c5aff9
 def _preset_defaults(name:str, default) -> str:
     "The default of a field as the help shows it: one value, or each preset's value."
     values = {p: {**PRESETS[p], **TRAIN_PRESETS[p]}.get(name, default) for p in TRAIN_PRESETS}
@@ -68,14 +68,14 @@ def train_parser(sub=None) -> argparse.ArgumentParser:
             add_option(group, f.name, f.type, None, docs[f.name], shown_default=_preset_defaults(f.name, f.default))
     return p
 
-def train_command(args:argparse.Namespace):
-    "Run `craft train` from parsed arguments; returns the run directory."
+def train_command(args:argparse.Namespace) -> int:
+    "Run `craft train` from parsed arguments; the exit status is 130 if the run was interrupted (Ctrl-C), else 0."
     settings = {k: v for k, v in vars(args).items() if k not in ('command', 'config', 'resume', 'func')}
-    if args.resume: return train(resume=args.resume, **settings)
-    preset = settings.pop('preset')
-    return train(preset, args.config, **settings)
+    if args.resume: run_dir = train(resume=args.resume, **settings)
+    else: run_dir = train(settings.pop('preset'), args.config, **settings)
+    return 130 if read_status(run_dir).get('status') == 'interrupted' else 0
 
-# %% ../nbs/90_cli.ipynb #2c28a21f
+# %% ../nbs/90_cli.ipynb #2069e5ed
 def build_parser() -> argparse.ArgumentParser:
     "The `craft` parser with one subcommand per command."
     parser = Parser(prog='craft', description='craft: a character-level GPT you can read, train and play with.')
@@ -93,14 +93,13 @@ def parse_args(argv:list[str]|None=None) -> argparse.Namespace:
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `craft` command: parse, dispatch, and turn user errors into one line and exit status 1."
     args = parse_args(argv)
-    try: args.func(args)
+    try: return args.func(args) or 0
     except CraftError as e:
         print(f"craft {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"craft {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
 
-# %% ../nbs/90_cli.ipynb #4f064e4c
+# %% ../nbs/90_cli.ipynb #06aa45e7
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

@@ -1,0 +1,203 @@
+"Black-box tests of `craft train`: run directories, resume, DDP under torchrun, and every bad input."
+import hashlib, json, os, shutil, signal, subprocess, sys, time
+from pathlib import Path
+import pytest
+
+TINY = ['--preset', 'tiny', '--device', 'cpu', '--no-progress']
+
+
+@pytest.fixture(scope='session')
+def env(tmp_path_factory):
+    "Environment for the subprocesses: a private token cache, no GPU, a non-interactive plot backend."
+    return {**os.environ, 'CRAFT_CACHE_DIR': str(tmp_path_factory.mktemp('cache')), 'CUDA_VISIBLE_DEVICES': '',
+            'MPLBACKEND': 'Agg', 'PYTHONUNBUFFERED': '1'}
+
+
+def craft(env, *args, timeout=180, **kw):
+    return subprocess.run([sys.executable, '-m', 'craft.cli', *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def assert_one_line_error(result, *fragments):
+    "A user error: non-zero exit, exactly one line on stderr, no traceback, and the line says what is wrong."
+    assert result.returncode != 0, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert 'Traceback' not in result.stderr
+    for fragment in fragments: assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(run_dir):
+    "Hashes of every file of a run directory, to show that a failed command changed nothing."
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(run_dir).iterdir()) if p.is_file()}
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / 'metrics.jsonl').read_text().splitlines()]
+
+
+@pytest.fixture(scope='session')
+def tiny_run(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp('runs') / 'tiny'
+    result = craft(env, 'train', *TINY, '--max-iters', 30, '--eval-interval', 10, '--out', out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_help_documents_every_flag_with_its_default(env):
+    result = craft(env, 'train', '--help')
+    assert result.returncode == 0
+    text = ' '.join(result.stdout.split())
+    for flag in ('--max-iters', '--batch-size', '--block-size', '--n-layer', '--n-head', '--n-embd', '--dropout', '--lr',
+                 '--device', '--seed', '--compile', '--dtype', '--preset', '--config', '--resume', '--data', '--max-time',
+                 '--val-fraction', '--grad-accum', '--out'):
+        assert flag in text, flag
+    assert text.count('(default:') >= 40
+
+
+def test_a_run_writes_its_directory(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {'config.json', 'tokenizer.json', 'best.safetensors', 'latest.safetensors', 'state.pt', 'metrics.jsonl',
+            'status.json', 'loss.png'} <= names
+    status = json.loads((tiny_run / 'status.json').read_text())
+    assert status['status'] == 'finished' and status['step'] == 30
+    rows = metrics(tiny_run)
+    assert [r['step'] for r in rows if 'val_loss' in r] == [0, 10, 20, 30]
+    for key in ('train_loss', 'lr', 'tokens_per_sec', 'elapsed_s'): assert any(key in r for r in rows), key
+    assert all('val_bpc' in r for r in rows if 'val_loss' in r)
+    config = json.loads((tiny_run / 'config.json').read_text())
+    assert config['format'] == 'craft.run' and config['model']['n_layer'] == 2 and config['train']['max_iters'] == 30
+
+
+def test_checkpoints_round_trip_through_the_loader(tiny_run):
+    import torch
+    from craft.model import load_checkpoint
+    from craft.tokenizer import CharTokenizer
+    model, tokenizer, config = load_checkpoint(tiny_run)
+    assert tokenizer == CharTokenizer.load(tiny_run / 'tokenizer.json')
+    assert config.vocab_size == tokenizer.vocab_size == 65
+    ids = torch.from_numpy(tokenizer.encode('ROMEO:')).long()[None]   # (1, T)
+    latest, _, _ = load_checkpoint(tiny_run / 'latest.safetensors')
+    assert torch.equal(model(ids)[0], load_checkpoint(tiny_run / 'best.safetensors')[0](ids)[0])
+    assert latest(ids)[0].shape == (1, 6, 65)
+
+
+def test_resume_continues_exactly(env, tmp_path):
+    common = [*TINY, '--lr-decay-iters', 30, '--eval-interval', 10, '--log-interval', 1, '--no-full-eval']
+    assert craft(env, 'train', *common, '--max-iters', 30, '--out', tmp_path / 'straight').returncode == 0
+    assert craft(env, 'train', *common, '--max-iters', 15, '--out', tmp_path / 'halves').returncode == 0
+    result = craft(env, 'train', '--resume', tmp_path / 'halves', '--max-iters', 30, '--no-progress')
+    assert result.returncode == 0, result.stderr
+    losses = lambda d: [(r['step'], r['train_loss']) for r in metrics(d) if 'train_loss' in r]
+    assert len(losses(tmp_path / 'straight')) == 30
+    assert losses(tmp_path / 'halves') == losses(tmp_path / 'straight')
+
+
+def test_ddp_with_gloo_on_two_processes(env, tmp_path):
+    torchrun = shutil.which('torchrun', path=str(Path(sys.executable).parent)) or shutil.which('torchrun')
+    args = ['--max-iters', 8, '--eval-interval', 4, '--log-interval', 1, '--no-full-eval', '--lr-decay-iters', 8]
+    ddp = subprocess.run([torchrun, '--standalone', '--nproc_per_node=2', '-m', 'craft.cli', 'train',
+                          *map(str, [*TINY, *args, '--batch-size', 8, '--eval-iters', 8, '--out', tmp_path / 'ddp'])], env={**env, 'OMP_NUM_THREADS': '1'},
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # the same global batch in one process; the same 64 validation windows (8 x 8 and 4 x 16 from one generator)
+    single = craft(env, 'train', *TINY, *args, '--batch-size', 16, '--eval-iters', 4, '--out', tmp_path / 'single')
+    assert single.returncode == 0, single.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ddp', 'single']      # one run directory per run
+    ddp_rows, single_rows = metrics(tmp_path / 'ddp'), metrics(tmp_path / 'single')
+    assert [r['step'] for r in ddp_rows if 'train_loss' in r] == list(range(1, 9))   # rank 0 alone logs
+    assert ddp_rows[0]['val_loss'] == pytest.approx(single_rows[0]['val_loss'], abs=1e-5)  # same initial model
+    ddp_val = [r['val_loss'] for r in ddp_rows if 'val_loss' in r][-1]
+    single_val = [r['val_loss'] for r in single_rows if 'val_loss' in r][-1]
+    assert ddp_val == pytest.approx(single_val, abs=0.02)    # same global batch: the same progress
+    assert ddp_val < ddp_rows[0]['val_loss'] - 0.1           # and it did learn
+
+
+# Bad input: one clear line on stderr, a non-zero exit, and nothing lost.
+
+@pytest.mark.parametrize('content, fragments', [
+    (None, ['no such file or directory']),
+    (b'', ['empty']),
+    (b'\x00\x01\x02binary\x00', ['binary']),
+    ('café'.encode('latin-1') * 100, ['UTF-8']),
+    (b'too short', ['fewer than one window', '--block-size']),
+])
+def test_bad_corpus(env, tmp_path, content, fragments):
+    data = tmp_path / 'corpus.txt'
+    if content is not None: data.write_bytes(content)
+    result = craft(env, 'train', *TINY, '--data', data, '--out', tmp_path / 'run')
+    assert_one_line_error(result, *fragments)
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--n-embd', 30, '--n-head', 4], 'n_embd=30 must be divisible by n_head=4'),
+    (['--dropout', 1.5], 'dropout=1.5 must be in [0, 1)'),
+    (['--lr', -1], 'lr=-1.0 must be > 0'),
+    (['--preset', 'enormous'], "unknown preset 'enormous'"),
+    (['--norm', 'batch'], "norm='batch' must be one of"),
+    (['--bogus-flag'], 'unrecognized arguments: --bogus-flag'),
+    (['--max-iters', 'many'], "invalid int value: 'many'"),
+])
+def test_bad_settings(env, tmp_path, args, fragment):
+    assert_one_line_error(craft(env, 'train', '--device', 'cpu', *args, '--out', tmp_path / 'run'), fragment)
+    assert not (tmp_path / 'run').exists()
+
+
+def test_bad_config_file(env, tmp_path):
+    (tmp_path / 'c.yaml').write_text('n_layers: 3\n')
+    assert_one_line_error(craft(env, 'train', *TINY, '--config', tmp_path / 'c.yaml'), 'unknown setting(s): n_layers')
+
+
+def test_resume_from_something_that_is_not_a_run(env, tmp_path):
+    assert_one_line_error(craft(env, 'train', '--resume', tmp_path / 'missing'), 'no such run directory')
+    (tmp_path / 'empty').mkdir()
+    assert_one_line_error(craft(env, 'train', '--resume', tmp_path / 'empty'), 'not a craft run directory')
+
+
+@pytest.mark.parametrize('damage, fragment', [
+    ('truncate_state', 'state.pt is truncated or corrupted'),
+    ('corrupt_weights', 'truncated or corrupted'),
+    ('other_shape', 'cannot resume'),
+])
+def test_resume_failures_leave_the_run_intact(env, tiny_run, tmp_path, damage, fragment):
+    run = tmp_path / 'run'
+    shutil.copytree(tiny_run, run)
+    args = []
+    if damage == 'truncate_state': (run / 'state.pt').write_bytes((run / 'state.pt').read_bytes()[:500])
+    if damage == 'corrupt_weights': (run / 'latest.safetensors').write_bytes(b'\x00' * 64)
+    if damage == 'other_shape': args = ['--n-layer', 5]
+    before = snapshot(run)
+    assert_one_line_error(craft(env, 'train', '--resume', run, '--max-iters', 40, *args), fragment)
+    assert snapshot(run) == before
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(env, tmp_path):
+    run = tmp_path / 'run'
+    result = craft(env, 'train', *TINY, '--lr', 1e4, '--grad-clip', 0, '--warmup-iters', 0, '--log-interval', 1,
+                   '--max-iters', 200, '--eval-interval', 100, '--out', run)
+    assert_one_line_error(result, 'training diverged', 'the last good checkpoint')
+    assert json.loads((run / 'status.json').read_text())['status'] == 'failed'
+    from craft.model import load_checkpoint
+    import torch
+    model, _, _ = load_checkpoint(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(env, tmp_path):
+    run = tmp_path / 'run'
+    proc = subprocess.Popen([sys.executable, '-m', 'craft.cli', 'train', *map(str, [*TINY, '--max-iters', 100000, '--log-interval', 1,
+                             '--eval-interval', 100000, '--out', run])], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any('train_loss' in r for r in (metrics(run) if (run / 'metrics.jsonl').exists() else [])):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert 'Traceback' not in stderr and 'resume with: craft train --resume' in stderr
+    status = json.loads((run / 'status.json').read_text())
+    assert status['status'] == 'interrupted' and status['step'] > 0
+    result = craft(env, 'train', '--resume', run, '--max-iters', status['step'] + 5, '--no-progress')
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run / 'status.json').read_text())['step'] == status['step'] + 5
