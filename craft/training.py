@@ -7,9 +7,9 @@ __all__ = ['DTYPES', 'TRAIN_PRESETS', 'MODEL_FIELDS', 'TRAIN_FIELDS', 'BITS_PER_
            'RunConfig', 'read_config_file', 'resolve_config', 'corpus_files', 'read_corpus', 'cache_dir', 'fingerprint',
            'load_tokens', 'Batches', 'split_tokens', 'make_optimizer', 'learning_rate', 'estimate_loss', 'full_loss',
            'atomic_write_text', 'read_run_config', 'read_metrics', 'read_status', 'plot_metrics', 'Dist',
-           'dist_from_env', 'autocast_dtype', 'Trainer', 'resume_config', 'train']
+           'dist_from_env', 'autocast_dtype', 'Trainer', 'tensorboard_writer', 'write_sample', 'resume_config', 'train']
 
-# %% ../nbs/04_training.ipynb #877e426e
+# %% ../nbs/04_training.ipynb #237dc4a8
 import contextlib, hashlib, json, math, os, signal, sys, threading, time
 from dataclasses import dataclass, asdict, fields, replace
 from datetime import datetime
@@ -22,7 +22,7 @@ from .errors import CraftError
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, PRESETS, save_checkpoint, load_checkpoint, read_checkpoint_header, pick_device
 
-# %% ../nbs/04_training.ipynb #336cbb89
+# %% ../nbs/04_training.ipynb #e003b69d
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 
 @dataclass
@@ -54,13 +54,14 @@ class TrainConfig:
     sample_chars: int = 500       # length of the sample written at the end (0 = none)
     full_eval: bool = True        # at the end, evaluate on the whole validation split (all non-overlapping windows)
     progress: bool = True         # show a progress bar
+    tensorboard: bool = False     # also write TensorBoard event files (scalars, config, sample) into the run directory
 
     def __post_init__(self):
         for name in ('data', 'out'):
             if isinstance(getattr(self, name), os.PathLike): setattr(self, name, os.fspath(getattr(self, name)))
         self.validate()
 
-# %% ../nbs/04_training.ipynb #4e972469
+# %% ../nbs/04_training.ipynb #1ea5db80
 def _fail(field, value, why): raise CraftError(f"invalid training config: {field}={value!r} {why}")
 
 @patch
@@ -80,7 +81,7 @@ def validate(self:TrainConfig):
     if self.dtype not in DTYPES: _fail('dtype', self.dtype, f"must be one of {', '.join(DTYPES)}")
     if self.preset not in ('auto', *TRAIN_PRESETS): _fail('preset', self.preset, f"is unknown; choose one of: auto, {', '.join(TRAIN_PRESETS)}")
 
-# %% ../nbs/04_training.ipynb #755e4fd6
+# %% ../nbs/04_training.ipynb #e3ce0800
 TRAIN_PRESETS = {
     'nanogpt': dict(batch_size=64, grad_accum=1, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                     beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=200),
@@ -90,7 +91,7 @@ TRAIN_PRESETS = {
                     sample_chars=50),
 }
 
-# %% ../nbs/04_training.ipynb #c2605f9e
+# %% ../nbs/04_training.ipynb #383c00ae
 @dataclass
 class RunConfig:
     "Everything a run needs: the model's config and the training config."
@@ -129,7 +130,7 @@ def resolve_config(preset:str|None=None, config_file=None, device:str|None=None,
     train = TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_FIELDS})
     return RunConfig(model, train)
 
-# %% ../nbs/04_training.ipynb #74865151
+# %% ../nbs/04_training.ipynb #b6e0f8e8
 def corpus_files(data:str|Path='') -> list[Path]:
     "The text files of `data`: the file itself, a folder's visible files in sorted order, or the bundled corpus."
     if not data: return [shakespeare_path()]
@@ -144,7 +145,7 @@ def read_corpus(data:str|Path='', separator:str='\n\n') -> str:
     "The whole corpus as one string."
     return separator.join(load_text(f) for f in corpus_files(data))
 
-# %% ../nbs/04_training.ipynb #e6a56ed1
+# %% ../nbs/04_training.ipynb #3c583ea3
 def cache_dir() -> Path:
     "Where token caches live: $CRAFT_CACHE_DIR, else ~/.cache/craft."
     return Path(os.environ.get('CRAFT_CACHE_DIR') or Path.home() / '.cache' / 'craft')
@@ -178,7 +179,7 @@ def load_tokens(data:str|Path='', tokenizer:CharTokenizer|None=None) -> tuple[np
     meta_path.write_text(json.dumps({'tokenizer': tok.to_dict(), 'dtype': ids.dtype.str, 'n_tokens': len(ids), 'files': [str(f) for f in files]}))
     return np.memmap(tokens_path, dtype=ids.dtype, mode='r', shape=(len(ids),)), tok
 
-# %% ../nbs/04_training.ipynb #ba76611a
+# %% ../nbs/04_training.ipynb #3d1059c7
 class Batches:
     "Random `(B, T)` input/target windows from a token array, drawn with a generator whose state can be saved."
     def __init__(self, tokens:np.ndarray, block_size:int, batch_size:int, device='cpu', seed:int=0):
@@ -206,7 +207,7 @@ class Batches:
     def state(self) -> torch.Tensor: return self.generator.get_state()
     def load_state(self, state:torch.Tensor): self.generator.set_state(state)
 
-# %% ../nbs/04_training.ipynb #0a27c02e
+# %% ../nbs/04_training.ipynb #077386eb
 def split_tokens(tokens:np.ndarray, val_fraction:float, block_size:int) -> tuple[np.ndarray, np.ndarray]:
     "The contiguous train/validation split: the first `1 - val_fraction` trains, the rest validates."
     n_train = int(len(tokens) * (1 - val_fraction))
@@ -217,7 +218,7 @@ def split_tokens(tokens:np.ndarray, val_fraction:float, block_size:int) -> tuple
                              "use more text, a smaller --block-size, or a different --val-fraction")
     return train, val
 
-# %% ../nbs/04_training.ipynb #bdd65ad1
+# %% ../nbs/04_training.ipynb #78f6111e
 def make_optimizer(model:nn.Module, cfg:TrainConfig, device:torch.device) -> torch.optim.AdamW:
     "AdamW with weight decay on matrices only; fused on CUDA."
     params = [p for p in model.parameters() if p.requires_grad]
@@ -233,7 +234,7 @@ def learning_rate(step:int, cfg:TrainConfig) -> float:
     progress = (step - cfg.warmup_iters) / max(1, decay_end - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
-# %% ../nbs/04_training.ipynb #b5acc8be
+# %% ../nbs/04_training.ipynb #5d99cec3
 BITS_PER_NAT = 1 / math.log(2)
 
 @torch.no_grad()
@@ -267,7 +268,7 @@ def full_loss(model:nn.Module, tokens:np.ndarray, block_size:int, batch_size:int
     model.train(was_training)
     return total / n_windows
 
-# %% ../nbs/04_training.ipynb #c018037c
+# %% ../nbs/04_training.ipynb #a3088b36
 RUN_FORMAT, RUN_VERSION = 'craft.run', 1
 
 def atomic_write_text(path:Path, text:str):
@@ -301,7 +302,7 @@ def read_status(run_dir) -> dict:
     try: return json.loads((Path(run_dir) / 'status.json').read_text(encoding='utf-8'))
     except (OSError, ValueError): return {}
 
-# %% ../nbs/04_training.ipynb #963e18f6
+# %% ../nbs/04_training.ipynb #20520796
 def plot_metrics(run_dir, ax=None):
     "Plot a run's training and validation loss against steps; returns the matplotlib Axes."
     import matplotlib.pyplot as plt
@@ -314,7 +315,7 @@ def plot_metrics(run_dir, ax=None):
     ax.grid(alpha=0.3); ax.legend()
     return ax
 
-# %% ../nbs/04_training.ipynb #5b8c7453
+# %% ../nbs/04_training.ipynb #c125801d
 @dataclass
 class Dist:
     "This process's place in a torchrun job (rank 0 of 1 when run alone)."
@@ -331,14 +332,14 @@ def dist_from_env() -> Dist:
     if 'RANK' not in os.environ: return Dist()
     return Dist(int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', 0)), int(os.environ['WORLD_SIZE']))
 
-# %% ../nbs/04_training.ipynb #ea28b4a1
+# %% ../nbs/04_training.ipynb #35ead922
 def autocast_dtype(name:str, device:torch.device) -> torch.dtype:
     "The autocast dtype for `name` on `device`: 'auto' is bfloat16 where supported on a GPU, float16 on older GPUs, float32 elsewhere."
     if name != 'auto': return getattr(torch, name)
     if device.type == 'cuda': return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
-# %% ../nbs/04_training.ipynb #9a9b9a54
+# %% ../nbs/04_training.ipynb #7e05199d
 class Trainer:
     "One training run, fresh or resumed: `Trainer(run_config).fit()` returns the run directory."
     def __init__(self, run:RunConfig, resume:str|Path|None=None):
@@ -381,7 +382,7 @@ class Trainer:
         if self.dtype == torch.float32: return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-# %% ../nbs/04_training.ipynb #638eac74
+# %% ../nbs/04_training.ipynb #255b1a92
 @patch
 def _training_state(self:Trainer) -> dict:
     return {'step': self.step, 'best_val_loss': self.best_val_loss, 'elapsed_s': self.elapsed(),
@@ -421,7 +422,7 @@ def _restore(self:Trainer):
     if state['cuda_rng'] and self.device.type == 'cuda': torch.cuda.set_rng_state_all(state['cuda_rng'])
     self.train_batches.load_state(state['batches_rng'])
 
-# %% ../nbs/04_training.ipynb #f9826d8a
+# %% ../nbs/04_training.ipynb #5c352bb2
 @patch
 def elapsed(self:Trainer) -> float:
     "Seconds of training so far, across resumes."
@@ -433,6 +434,9 @@ def log(self:Trainer, **values):
     if not self.dist.is_main: return
     row = {'step': self.step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}, 'elapsed_s': round(self.elapsed(), 3)}
     with open(self.out / 'metrics.jsonl', 'a', encoding='utf-8') as f: f.write(json.dumps(row) + '\n')
+    if getattr(self, 'writer', None) is not None:
+        for key, value in values.items():
+            if isinstance(value, (int, float)): self.writer.add_scalar(key, value, self.step)
 
 @patch
 def set_status(self:Trainer, status:str, **extra):
@@ -443,7 +447,24 @@ def set_status(self:Trainer, status:str, **extra):
         'status': status, 'step': self.step, 'best_val_loss': best, 'elapsed_s': round(self.elapsed(), 3),
         'updated': datetime.now().isoformat(timespec='seconds'), **extra}, indent=1))
 
-# %% ../nbs/04_training.ipynb #7604b306
+# %% ../nbs/04_training.ipynb #22752336
+def tensorboard_writer(run_dir:Path, run:RunConfig|None=None):
+    "A TensorBoard `SummaryWriter` on `run_dir` (with the config as text), or a clear error if tensorboard is missing."
+    try: from torch.utils.tensorboard import SummaryWriter
+    except ImportError: raise CraftError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    writer = SummaryWriter(str(run_dir))
+    if run is not None: writer.add_text('config', '```json\n' + json.dumps(run.to_dict(), indent=1) + '\n```', 0)
+    return writer
+
+def write_sample(run_dir, text:str):
+    "Save the end-of-training sample as sample.txt (and as TensorBoard text if the run logs there)."
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / 'sample.txt', text)
+    run = read_run_config(run_dir)
+    if run.train.tensorboard:
+        with contextlib.closing(tensorboard_writer(run_dir)) as writer: writer.add_text('sample', text, read_status(run_dir).get('step', 0))
+
+# %% ../nbs/04_training.ipynb #c1766670
 @patch
 def train_step(self:Trainer) -> torch.Tensor:
     "One optimiser step at the current learning rate; returns the last micro-batch's loss (on device)."
@@ -465,7 +486,7 @@ def train_step(self:Trainer) -> torch.Tensor:
     self.step += 1
     return loss.detach()
 
-# %% ../nbs/04_training.ipynb #32b71c12
+# %% ../nbs/04_training.ipynb #4e048fb3
 def _diverged(what:str, value:float, step:int, out:Path) -> CraftError:
     return CraftError(f"{what} became {value} at step {step}: training diverged; the last good checkpoint in {out} is kept. "
                       f"Lower --lr (or raise --warmup-iters), then resume with: craft train --resume {out}")
@@ -491,7 +512,7 @@ def _should_stop(self:Trainer) -> str|None:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     return next((r for r, f in zip(reasons, flags.tolist()) if f), None)
 
-# %% ../nbs/04_training.ipynb #6fd16102
+# %% ../nbs/04_training.ipynb #cc3c5f83
 @patch
 def fit(self:Trainer) -> Path:
     "Train until a stop condition; returns the run directory."
@@ -501,6 +522,7 @@ def fit(self:Trainer) -> Path:
         atomic_write_text(self.out / 'config.json', json.dumps(self.run.to_dict(), indent=1))
         self.tokenizer.save(self.out / 'tokenizer.json')
     self.t_start, self.interrupted = time.perf_counter(), False
+    self.writer = tensorboard_writer(self.out, self.run) if cfg.tensorboard and main else None
     self.set_status('running')
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not (main and cfg.progress), unit='step', dynamic_ncols=True)
@@ -552,9 +574,10 @@ def fit(self:Trainer) -> Path:
         self.set_status('interrupted'); raise
     finally:
         bar.close()
+        if self.writer is not None: self.writer.close()
         if in_main_thread: signal.signal(signal.SIGINT, previous_sigint)
 
-# %% ../nbs/04_training.ipynb #24a2ed28
+# %% ../nbs/04_training.ipynb #610387f3
 def resume_config(run_dir, **overrides) -> RunConfig:
     "The config of the run in `run_dir`, with training settings overridden; model changes are refused."
     saved = read_run_config(run_dir)

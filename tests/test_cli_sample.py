@@ -1,0 +1,86 @@
+"`craft sample` through the command line, in subprocesses (`python -m craft.cli sample ...`)."
+import importlib.util, subprocess, sys
+
+import numpy as np
+import pytest
+import torch
+
+from craft.model import GPT, GPTConfig, save_checkpoint
+from craft.tokenizer import CharTokenizer, load_text, shakespeare_path
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec('craft.cli') is None, reason='craft.cli does not exist yet')
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    "A run directory with a tiny model trained for a moment (the CLI only needs a valid checkpoint)."
+    text = load_text(shakespeare_path())
+    tok = CharTokenizer.from_text(text)
+    data = torch.from_numpy(tok.encode(text[:100_000]).astype(np.int64))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset('tiny', vocab_size=tok.vocab_size))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(50):
+        starts = torch.randint(len(data) - 33, (16,))
+        x = torch.stack([data[s:s + 32] for s in starts]); y = torch.stack([data[s + 1:s + 33] for s in starts])
+        _, loss = model(x, y)
+        opt.zero_grad(); loss.backward(); opt.step()
+    path = tmp_path_factory.mktemp('runs') / 'tiny'
+    path.mkdir()
+    save_checkpoint(path / 'best.safetensors', model.eval(), tok)
+    return path
+
+
+@pytest.fixture(scope='module', autouse=True)
+def needs_sample_command():
+    r = subprocess.run([sys.executable, '-m', 'craft.cli', 'sample', '--help'], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0: pytest.skip('`craft sample` is not wired into craft.cli yet')
+
+
+def craft_sample(*args):
+    return subprocess.run([sys.executable, '-m', 'craft.cli', 'sample', *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(result):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert 'Traceback' not in result.stderr and 'error' in lines[0]
+
+
+def test_sample_prints_text(run_dir):
+    r = craft_sample(run_dir, '--prompt', 'KING', '--max-new-tokens', '40', '--seed', '1', '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.rstrip('\n')) >= 30 and 'tokens/s' in r.stderr
+
+
+def test_sample_options(run_dir, tmp_path):
+    (tmp_path / 'prompt.txt').write_text('ROMEO:\n', encoding='utf-8')
+    r = craft_sample(run_dir, '--prompt-file', tmp_path / 'prompt.txt', '--max-new-tokens', '30', '--num-samples', '2',
+                     '--temperature', '0', '--stop', 'zz', '--stop', 'qq', '--top-k', '5', '--no-cache', '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    assert '--- sample 1 ---' in r.stdout and '--- sample 2 ---' in r.stdout
+    a = craft_sample(run_dir, '--prompt', 'KING', '--max-new-tokens', '30', '--seed', '4', '--device', 'cpu')
+    b = craft_sample(run_dir, '--prompt', 'KING', '--max-new-tokens', '30', '--seed', '4', '--device', 'cpu')
+    assert a.returncode == 0 and a.stdout == b.stdout
+
+
+def test_missing_run(tmp_path):
+    assert_one_line_error(craft_sample(tmp_path / 'nope'))
+
+
+def test_corrupted_checkpoint(tmp_path):
+    (tmp_path / 'best.safetensors').write_bytes(b'this is not a safetensors file' * 100)
+    assert_one_line_error(craft_sample(tmp_path))
+
+
+@pytest.mark.parametrize('flags', [['--temperature', '-1'], ['--top-p', '2'], ['--num-samples', '0'],
+                                   ['--prompt', 'café'], ['--dtype', 'int8']])
+def test_bad_values(run_dir, flags):
+    assert_one_line_error(craft_sample(run_dir, *flags))
+
+
+def test_bad_prompt_file(run_dir, tmp_path):
+    assert_one_line_error(craft_sample(run_dir, '--prompt-file', tmp_path / 'missing.txt'))
+    (tmp_path / 'latin1.txt').write_bytes('Señor'.encode('latin-1'))
+    assert_one_line_error(craft_sample(run_dir, '--prompt-file', tmp_path / 'latin1.txt'))
