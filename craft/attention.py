@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['causal_mask', 'stable_softmax', 'attention_scratch', 'RotaryEmbedding', 'KVCache', 'CausalSelfAttention']
 
-# %% ../nbs/01_attention.ipynb #9fcc699a
+# %% ../nbs/01_attention.ipynb #592536bd
 import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
 
-# %% ../nbs/01_attention.ipynb #49e0007f
+# %% ../nbs/01_attention.ipynb #4c363223
 def causal_mask(n_queries:int, n_keys:int, device=None) -> torch.Tensor:
     "Boolean `(n_queries, n_keys)` mask, True where a query may attend a key; the queries are the last `n_queries` positions."
     offset = n_keys - n_queries
@@ -20,14 +20,14 @@ def causal_mask(n_queries:int, n_keys:int, device=None) -> torch.Tensor:
     key_pos = torch.arange(n_keys, device=device)[None, :]                # (1, Tk)
     return key_pos <= query_pos                                           # (Tq, Tk)
 
-# %% ../nbs/01_attention.ipynb #8023cf1f
+# %% ../nbs/01_attention.ipynb #cd9b3b39
 def stable_softmax(scores:torch.Tensor, dim:int=-1) -> torch.Tensor:
     "Softmax along `dim`, computed after subtracting the maximum so that no exponent overflows."
     shifted = scores - scores.amax(dim=dim, keepdim=True)
     exp = shifted.exp()
     return exp / exp.sum(dim=dim, keepdim=True)
 
-# %% ../nbs/01_attention.ipynb #e486a101
+# %% ../nbs/01_attention.ipynb #334d1c37
 def attention_scratch(q:torch.Tensor, k:torch.Tensor, v:torch.Tensor,
                       mask:torch.Tensor|None=None, dropout_p:float=0.0) -> torch.Tensor:
     "softmax(q kᵀ/√d + mask) v written out: q `(B, H, Tq, D)`, k and v `(B, H, Tk, D)`, boolean mask `(Tq, Tk)`."
@@ -37,7 +37,7 @@ def attention_scratch(q:torch.Tensor, k:torch.Tensor, v:torch.Tensor,
     if dropout_p > 0: weights = F.dropout(weights, dropout_p)
     return weights @ v                                         # (B, H, Tq, D)
 
-# %% ../nbs/01_attention.ipynb #a23058e7
+# %% ../nbs/01_attention.ipynb #e3a0e51b
 class RotaryEmbedding(nn.Module):
     "Rotates pairs of channels of `(B, H, T, D)` queries or keys by an angle proportional to their position."
     def __init__(self, head_dim:int, max_len:int, base:float=10000.0):
@@ -56,7 +56,7 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x[..., :half], x[..., half:]        # (B, H, T, D/2) each
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, T, D)
 
-# %% ../nbs/01_attention.ipynb #37129d95
+# %% ../nbs/01_attention.ipynb #36a7d5c2
 class KVCache:
     "Preallocated keys and values of one attention layer, each `(B, H, max_len, D)`."
     def __init__(self, batch_size:int, n_head:int, max_len:int, head_dim:int, device=None, dtype=torch.float32):
@@ -72,7 +72,7 @@ class KVCache:
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, H, end, D) each
 
-# %% ../nbs/01_attention.ipynb #b1f91f5f
+# %% ../nbs/01_attention.ipynb #d5b95c54
 class CausalSelfAttention(nn.Module):
     "Multi-head causal self-attention, `(B, T, C) -> (B, T, C)`, with optional RoPE, QK-norm and KV cache."
     def __init__(self, n_embd:int, n_head:int, block_size:int, dropout:float=0.0, bias:bool=False,
@@ -88,7 +88,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
 
-# %% ../nbs/01_attention.ipynb #2fc799b5
+# %% ../nbs/01_attention.ipynb #91a7f95c
 def _attend(q, k, v, dropout_p:float, fast:bool):
     "Causal attention of `(B, H, Tq, D)` queries over `(B, H, Tk, D)` keys and values, the queries being the last Tq positions."
     n_queries, n_keys = q.size(2), k.size(2)

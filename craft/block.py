@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['NORMS', 'MLPS', 'make_norm', 'MLP', 'Block']
 
-# %% ../nbs/02_block.ipynb #d0879cf5
+# %% ../nbs/02_block.ipynb #0c101828
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .attention import CausalSelfAttention, KVCache
 
-# %% ../nbs/02_block.ipynb #cf5ab705
+# %% ../nbs/02_block.ipynb #ced0e75f
 NORMS = ('layernorm', 'rmsnorm')
 
 def make_norm(kind:str, n_embd:int, bias:bool=False) -> nn.Module:
@@ -20,7 +20,7 @@ def make_norm(kind:str, n_embd:int, bias:bool=False) -> nn.Module:
     if kind == 'rmsnorm': return nn.RMSNorm(n_embd)
     raise ValueError(f"unknown norm {kind!r}: choose one of {NORMS}")
 
-# %% ../nbs/02_block.ipynb #e9aff993
+# %% ../nbs/02_block.ipynb #c650580a
 MLPS = ('gelu', 'relu2', 'swiglu')
 
 class MLP(nn.Module):
@@ -44,7 +44,7 @@ class MLP(nn.Module):
             h = F.silu(gate) * up
         return self.dropout(self.proj(h))           # (B, T, C)
 
-# %% ../nbs/02_block.ipynb #912596e9
+# %% ../nbs/02_block.ipynb #5c79431e
 class Block(nn.Module):
     "Pre-norm transformer block `(B, T, C) -> (B, T, C)`: `x + attn(norm(x))`, then `x + mlp(norm(x))`."
     def __init__(self, n_embd:int, n_head:int, block_size:int, dropout:float=0.0, bias:bool=False,

@@ -6,7 +6,7 @@
 __all__ = ['Parser', 'add_option', 'add_function_options', 'train_parser', 'train_command', 'print_sample', 'build_parser',
            'parse_args', 'main']
 
-# %% ../nbs/90_cli.ipynb #e7d4d5ba
+# %% ../nbs/90_cli.ipynb #abb347c6
 import argparse, inspect, sys, types, typing
 from dataclasses import fields, MISSING
 from fastcore.docments import docments
@@ -17,13 +17,13 @@ from .model import load_checkpoint, pick_device
 from .training import TrainConfig, TRAIN_PRESETS, train, read_status, read_run_config, write_sample
 from .sampling import sample_command, generate
 
-# %% ../nbs/90_cli.ipynb #d87c84ad
+# %% ../nbs/90_cli.ipynb #7faa19b4
 class Parser(argparse.ArgumentParser):
     "An ArgumentParser whose errors are one line on stderr, pointing at --help."
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-# %% ../nbs/90_cli.ipynb #fdbb764e
+# %% ../nbs/90_cli.ipynb #589f521d
 def _base_type(annotation):
     "The scalar type inside an annotation like `int`, `str|None` or `list[str]|None`, and whether it is a list."
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -52,7 +52,7 @@ def add_function_options(parser, func, skip=()):
         if p.default is inspect.Parameter.empty: parser.add_argument(name, type=_base_type(p.annotation)[0], help=docs.get(name))
         else: add_option(parser, name, p.annotation, p.default, docs.get(name))
 
-# %% ../nbs/90_cli.ipynb #abb4883b
+# %% ../nbs/90_cli.ipynb #ac076d86
 def _preset_defaults(name:str, default) -> str:
     "The default of a field as the help shows it: one value, or each preset's value."
     values = {p: {**PRESETS[p], **TRAIN_PRESETS[p]}.get(name, default) for p in TRAIN_PRESETS}
@@ -90,7 +90,7 @@ def print_sample(run_dir):
     write_sample(run_dir, text)
     print(f"\n--- a sample from {run_dir} ---\n{text}\n---")
 
-# %% ../nbs/90_cli.ipynb #c5b0879a
+# %% ../nbs/90_cli.ipynb #3000e32d
 def build_parser() -> argparse.ArgumentParser:
     "The `craft` parser with one subcommand per command."
     parser = Parser(prog='craft', description='craft: a character-level GPT you can read, train and play with.')
@@ -120,5 +120,5 @@ def main(argv:list[str]|None=None) -> int:
         print(f"craft {args.command}: interrupted", file=sys.stderr)
         return 130
 
-# %% ../nbs/90_cli.ipynb #734fb2af
+# %% ../nbs/90_cli.ipynb #031aed91
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
