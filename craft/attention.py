@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['causal_mask', 'stable_softmax', 'attention_scratch', 'RotaryEmbedding', 'KVCache', 'CausalSelfAttention']
 
-# %% ../nbs/01_attention.ipynb #592536bd
+# %% ../nbs/01_attention.ipynb #5f8edacf
 import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
 
-# %% ../nbs/01_attention.ipynb #4c363223
+# %% ../nbs/01_attention.ipynb #a5618f99
 def causal_mask(n_queries:int, n_keys:int, device=None) -> torch.Tensor:
     "Boolean `(n_queries, n_keys)` mask, True where a query may attend a key; the queries are the last `n_queries` positions."
     offset = n_keys - n_queries
@@ -20,14 +20,14 @@ def causal_mask(n_queries:int, n_keys:int, device=None) -> torch.Tensor:
     key_pos = torch.arange(n_keys, device=device)[None, :]                # (1, Tk)
     return key_pos <= query_pos                                           # (Tq, Tk)
 
-# %% ../nbs/01_attention.ipynb #cd9b3b39
+# %% ../nbs/01_attention.ipynb #f512247e
 def stable_softmax(scores:torch.Tensor, dim:int=-1) -> torch.Tensor:
     "Softmax along `dim`, computed after subtracting the maximum so that no exponent overflows."
     shifted = scores - scores.amax(dim=dim, keepdim=True)
     exp = shifted.exp()
     return exp / exp.sum(dim=dim, keepdim=True)
 
-# %% ../nbs/01_attention.ipynb #334d1c37
+# %% ../nbs/01_attention.ipynb #684e0957
 def attention_scratch(q:torch.Tensor, k:torch.Tensor, v:torch.Tensor,
                       mask:torch.Tensor|None=None, dropout_p:float=0.0) -> torch.Tensor:
     "softmax(q kᵀ/√d + mask) v written out: q `(B, H, Tq, D)`, k and v `(B, H, Tk, D)`, boolean mask `(Tq, Tk)`."
@@ -37,7 +37,7 @@ def attention_scratch(q:torch.Tensor, k:torch.Tensor, v:torch.Tensor,
     if dropout_p > 0: weights = F.dropout(weights, dropout_p)
     return weights @ v                                         # (B, H, Tq, D)
 
-# %% ../nbs/01_attention.ipynb #e3a0e51b
+# %% ../nbs/01_attention.ipynb #8d355d40
 class RotaryEmbedding(nn.Module):
     "Rotates pairs of channels of `(B, H, T, D)` queries or keys by an angle proportional to their position."
     def __init__(self, head_dim:int, max_len:int, base:float=10000.0):
@@ -48,15 +48,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer('cos', angles.cos().float(), persistent=False)
         self.register_buffer('sin', angles.sin().float(), persistent=False)
 
-    def forward(self, x:torch.Tensor, start:int=0) -> torch.Tensor:
-        "Rotate `x` of shape `(B, H, T, D)` whose first position is `start`."
+    def forward(self, x:torch.Tensor, start:int|torch.Tensor=0) -> torch.Tensor:
+        "Rotate `x` of shape `(B, H, T, D)` whose first position is `start` (an int, or one per row: `(B,)`)."
         T, half = x.size(-2), x.size(-1) // 2
-        cos = self.cos[start:start + T].to(x.dtype)  # (T, D/2)
-        sin = self.sin[start:start + T].to(x.dtype)  # (T, D/2)
+        if isinstance(start, torch.Tensor):           # each row at its own position
+            positions = start[:, None] + torch.arange(T, device=start.device)  # (B, T)
+            cos = self.cos[positions][:, None].to(x.dtype)  # (B, 1, T, D/2)
+            sin = self.sin[positions][:, None].to(x.dtype)  # (B, 1, T, D/2)
+        else:
+            cos = self.cos[start:start + T].to(x.dtype)  # (T, D/2)
+            sin = self.sin[start:start + T].to(x.dtype)  # (T, D/2)
         x1, x2 = x[..., :half], x[..., half:]        # (B, H, T, D/2) each
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, T, D)
 
-# %% ../nbs/01_attention.ipynb #36a7d5c2
+# %% ../nbs/01_attention.ipynb #406b4c57
 class KVCache:
     "Preallocated keys and values of one attention layer, each `(B, H, max_len, D)`."
     def __init__(self, batch_size:int, n_head:int, max_len:int, head_dim:int, device=None, dtype=torch.float32):
@@ -72,7 +77,16 @@ class KVCache:
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, H, end, D) each
 
-# %% ../nbs/01_attention.ipynb #d5b95c54
+    def update_rows(self, k:torch.Tensor, v:torch.Tensor, starts:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "Store new keys and values `(B, H, T, D)` of row b at positions `starts[b]:starts[b]+T`; return the whole buffers."
+        B, T = k.size(0), k.size(2)
+        positions = starts[:, None] + torch.arange(T, device=starts.device)  # (B, T)
+        rows = torch.arange(B, device=starts.device)[:, None]                # (B, 1)
+        self.k[rows, :, positions] = k.transpose(1, 2)                       # (B, T, H, D) into (B, H, max_len, D)
+        self.v[rows, :, positions] = v.transpose(1, 2)
+        return self.k[:B], self.v[:B]                                        # (B, H, max_len, D) each
+
+# %% ../nbs/01_attention.ipynb #43ea9f0f
 class CausalSelfAttention(nn.Module):
     "Multi-head causal self-attention, `(B, T, C) -> (B, T, C)`, with optional RoPE, QK-norm and KV cache."
     def __init__(self, n_embd:int, n_head:int, block_size:int, dropout:float=0.0, bias:bool=False,
@@ -88,7 +102,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
 
-# %% ../nbs/01_attention.ipynb #91a7f95c
+# %% ../nbs/01_attention.ipynb #f046aa3e
 def _attend(q, k, v, dropout_p:float, fast:bool):
     "Causal attention of `(B, H, Tq, D)` queries over `(B, H, Tk, D)` keys and values, the queries being the last Tq positions."
     n_queries, n_keys = q.size(2), k.size(2)
@@ -98,8 +112,8 @@ def _attend(q, k, v, dropout_p:float, fast:bool):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(n_queries, n_keys, q.device), dropout_p=dropout_p)
 
 @patch
-def forward(self:CausalSelfAttention, x:torch.Tensor, cache:KVCache|None=None, start:int=0) -> torch.Tensor:
-    "Attend over `x` `(B, T, C)` (and the cached positions before `start`); returns `(B, T, C)`."
+def forward(self:CausalSelfAttention, x:torch.Tensor, cache:KVCache|None=None, start:int|torch.Tensor=0) -> torch.Tensor:
+    "Attend over `x` `(B, T, C)` and the cached positions before `start` (an int, or `(B,)` positions with a cache); returns `(B, T, C)`."
     B, T, C = x.shape
     H, D = self.n_head, self.head_dim
     q, k, v = self.qkv(x).split(C, dim=2)     # (B, T, C) each
@@ -108,7 +122,14 @@ def forward(self:CausalSelfAttention, x:torch.Tensor, cache:KVCache|None=None, s
     v = v.view(B, T, H, D).transpose(1, 2)    # (B, H, T, D)
     if self.q_norm is not None: q, k = self.q_norm(q), self.k_norm(k)
     if self.rotary is not None: q, k = self.rotary(q, start), self.rotary(k, start)
-    if cache is not None: k, v = cache.update(k, v, start)  # (B, H, start+T, D) each
-    y = _attend(q, k, v, self.dropout if self.training else 0.0, self.fast)  # (B, H, T, D)
+    if isinstance(start, torch.Tensor):       # each row at its own position (continuous batching)
+        k, v = cache.update_rows(k, v, start)  # (B, H, max_len, D) each
+        key_pos = torch.arange(k.size(2), device=x.device)                    # (max_len,)
+        query_pos = start[:, None] + torch.arange(T, device=x.device)          # (B, T)
+        mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]     # (B, 1, T, max_len)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask) if self.fast else attention_scratch(q, k, v, mask)
+    else:
+        if cache is not None: k, v = cache.update(k, v, start)  # (B, H, start+T, D) each
+        y = _attend(q, k, v, self.dropout if self.training else 0.0, self.fast)  # (B, H, T, D)
     y = y.transpose(1, 2).reshape(B, T, C)    # (B, T, H, D) -> (B, T, C)
     return self.resid_dropout(self.proj(y))

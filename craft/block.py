@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['NORMS', 'MLPS', 'make_norm', 'MLP', 'Block']
 
-# %% ../nbs/02_block.ipynb #0c101828
+# %% ../nbs/02_block.ipynb #ecda219a
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .attention import CausalSelfAttention, KVCache
 
-# %% ../nbs/02_block.ipynb #ced0e75f
+# %% ../nbs/02_block.ipynb #17772dc0
 NORMS = ('layernorm', 'rmsnorm')
 
 def make_norm(kind:str, n_embd:int, bias:bool=False) -> nn.Module:
@@ -20,7 +20,7 @@ def make_norm(kind:str, n_embd:int, bias:bool=False) -> nn.Module:
     if kind == 'rmsnorm': return nn.RMSNorm(n_embd)
     raise ValueError(f"unknown norm {kind!r}: choose one of {NORMS}")
 
-# %% ../nbs/02_block.ipynb #c650580a
+# %% ../nbs/02_block.ipynb #ee57824e
 MLPS = ('gelu', 'relu2', 'swiglu')
 
 class MLP(nn.Module):
@@ -44,7 +44,7 @@ class MLP(nn.Module):
             h = F.silu(gate) * up
         return self.dropout(self.proj(h))           # (B, T, C)
 
-# %% ../nbs/02_block.ipynb #5c79431e
+# %% ../nbs/02_block.ipynb #34f6ddc7
 class Block(nn.Module):
     "Pre-norm transformer block `(B, T, C) -> (B, T, C)`: `x + attn(norm(x))`, then `x + mlp(norm(x))`."
     def __init__(self, n_embd:int, n_head:int, block_size:int, dropout:float=0.0, bias:bool=False,
@@ -56,6 +56,6 @@ class Block(nn.Module):
         self.norm2 = make_norm(norm, n_embd, bias)
         self.mlp = MLP(n_embd, mlp, dropout, bias)
 
-    def forward(self, x:torch.Tensor, cache:KVCache|None=None, start:int=0) -> torch.Tensor:
+    def forward(self, x:torch.Tensor, cache:KVCache|None=None, start:int|torch.Tensor=0) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cache, start)  # (B, T, C): mix information across positions
         return x + self.mlp(self.norm2(x))              # (B, T, C): transform each position
