@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['Parser', 'add_option', 'add_function_options', 'train_parser', 'train_command', 'print_sample', 'build_parser',
-           'parse_args', 'main']
+           'compare_parser', 'parse_args', 'main']
 
-# %% ../nbs/90_cli.ipynb #abb347c6
+# %% ../nbs/90_cli.ipynb #4c2bbb93
 import argparse, inspect, sys, types, typing
 from dataclasses import fields, MISSING
 from fastcore.docments import docments
@@ -16,14 +16,15 @@ import os
 from .model import load_checkpoint, pick_device
 from .training import TrainConfig, TRAIN_PRESETS, train, read_status, read_run_config, write_sample
 from .sampling import sample_command, generate
+from .runs import runs_command, compare_command
 
-# %% ../nbs/90_cli.ipynb #7faa19b4
+# %% ../nbs/90_cli.ipynb #1636a5cc
 class Parser(argparse.ArgumentParser):
     "An ArgumentParser whose errors are one line on stderr, pointing at --help."
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-# %% ../nbs/90_cli.ipynb #589f521d
+# %% ../nbs/90_cli.ipynb #84d41de2
 def _base_type(annotation):
     "The scalar type inside an annotation like `int`, `str|None` or `list[str]|None`, and whether it is a list."
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -44,15 +45,20 @@ def add_option(parser, name:str, annotation, default, doc:str|None, shown_defaul
     elif is_list: parser.add_argument(flag, type=typ, action='append', default=default, help=help_text + '; repeat for several', metavar=metavar)
     else: parser.add_argument(flag, type=typ, default=default, help=help_text, metavar=metavar)
 
-def add_function_options(parser, func, skip=()):
-    "One option per keyword parameter of `func` (positional parameters become arguments), documented by its comments."
+def add_function_options(parser, func, skip=(), positional=()):
+    "One option per keyword parameter of `func`; parameters without a default, and those named in `positional`, become arguments."
     docs = docments(func)
     for name, p in inspect.signature(func).parameters.items():
         if name in skip: continue
-        if p.default is inspect.Parameter.empty: parser.add_argument(name, type=_base_type(p.annotation)[0], help=docs.get(name))
+        if p.default is inspect.Parameter.empty or name in positional:
+            typ, is_list = _base_type(p.annotation)
+            optional = p.default is not inspect.Parameter.empty
+            parser.add_argument(name, type=typ, nargs='+' if is_list else '?' if optional else None,
+                                default=p.default if optional else None,
+                                help=(docs.get(name) or '') + (f" (default: {p.default!r})" if optional else ''))
         else: add_option(parser, name, p.annotation, p.default, docs.get(name))
 
-# %% ../nbs/90_cli.ipynb #ac076d86
+# %% ../nbs/90_cli.ipynb #88e7477d
 def _preset_defaults(name:str, default) -> str:
     "The default of a field as the help shows it: one value, or each preset's value."
     values = {p: {**PRESETS[p], **TRAIN_PRESETS[p]}.get(name, default) for p in TRAIN_PRESETS}
@@ -90,7 +96,7 @@ def print_sample(run_dir):
     write_sample(run_dir, text)
     print(f"\n--- a sample from {run_dir} ---\n{text}\n---")
 
-# %% ../nbs/90_cli.ipynb #3000e32d
+# %% ../nbs/90_cli.ipynb #6e5237aa
 def build_parser() -> argparse.ArgumentParser:
     "The `craft` parser with one subcommand per command."
     parser = Parser(prog='craft', description='craft: a character-level GPT you can read, train and play with.')
@@ -99,11 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser('sample', help='generate text from a trained model',
                             description="Generate text from a run directory or checkpoint, streamed to stdout.")
     add_function_options(sample, sample_command)
-    sample.set_defaults(func=lambda args: sample_command(**{k: v for k, v in vars(args).items() if k not in ('command', 'func')}) and 0)
+    sample.set_defaults(func=lambda args: sample_command(**_kwargs(args)) and 0)
+    runs = sub.add_parser('runs', help='list and compare training runs',
+                          description="List the training runs in a folder, one row per run.",
+                          epilog="craft runs compare RUN RUN... [--plot FILE.png] compares runs: their config diff and loss curves.")
+    add_function_options(runs, runs_command, positional=('dir',))
+    runs.set_defaults(func=lambda args: runs_command(**_kwargs(args)))
     return parser
+
+def compare_parser() -> argparse.ArgumentParser:
+    "The parser of `craft runs compare`."
+    p = Parser(prog='craft runs compare', description="Compare training runs: the settings that differ, the results, and the loss curves.")
+    add_function_options(p, compare_command)
+    p.set_defaults(func=lambda args: compare_command(**_kwargs(args)), command='runs compare')
+    return p
+
+def _kwargs(args:argparse.Namespace) -> dict:
+    "The parsed arguments as keyword arguments of the command's function."
+    return {k: v for k, v in vars(args).items() if k not in ('command', 'func')}
 
 def parse_args(argv:list[str]|None=None) -> argparse.Namespace:
     "Parse `argv`; an unknown flag is reported by its subcommand's parser, which knows the right --help."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ['runs', 'compare']: return compare_parser().parse_args(argv[2:])
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown: parser._subparsers._group_actions[0].choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -119,6 +143,9 @@ def main(argv:list[str]|None=None) -> int:
     except KeyboardInterrupt:
         print(f"craft {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`craft runs | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
-# %% ../nbs/90_cli.ipynb #031aed91
+# %% ../nbs/90_cli.ipynb #c50f00d4
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
