@@ -201,3 +201,29 @@ def test_ctrl_c_saves_a_resumable_checkpoint(env, tmp_path):
     result = craft(env, 'train', '--resume', run, '--max-iters', status['step'] + 5, '--no-progress')
     assert result.returncode == 0, result.stderr
     assert json.loads((run / 'status.json').read_text())['step'] == status['step'] + 5
+
+
+def test_max_time_stops_the_run(env, tmp_path):
+    result = craft(env, 'train', *TINY, '--max-iters', 10**6, '--max-time', 3, '--eval-interval', 10**6, '--out', tmp_path / 'run',
+                   '--sample-chars', 20)
+    assert result.returncode == 0, result.stderr
+    status = json.loads((tmp_path / 'run' / 'status.json').read_text())
+    assert status['status'] == 'finished' and status['stop_reason'] == 'max_time' and 0 < status['step'] < 10**6
+    assert status['elapsed_s'] < 20
+    assert len((tmp_path / 'run' / 'sample.txt').read_text()) == 20      # the end-of-run sample
+    assert 'a sample from' in result.stdout
+
+
+def test_a_folder_of_text_files_and_a_config_file(env, tmp_path):
+    corpus = tmp_path / 'corpus'
+    corpus.mkdir()
+    (corpus / 'b.txt').write_text('the second file, ' * 300)
+    (corpus / 'a.txt').write_text('the first file, ' * 300)
+    (tmp_path / 'settings.json').write_text(json.dumps({'model': {'n_embd': 16}, 'train': {'max_iters': 5}}))
+    result = craft(env, 'train', *TINY, '--data', corpus, '--config', tmp_path / 'settings.json', '--max-iters', 7,
+                   '--out', tmp_path / 'run')
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    assert config['model']['n_embd'] == 16 and config['train']['max_iters'] == 7     # file over preset, flag over file
+    from craft.tokenizer import CharTokenizer
+    assert CharTokenizer.load(tmp_path / 'run' / 'tokenizer.json').chars == sorted(set('the first file, the second file, \n'))
