@@ -9,7 +9,7 @@ __all__ = ['DTYPES', 'TRAIN_PRESETS', 'MODEL_FIELDS', 'TRAIN_FIELDS', 'BITS_PER_
            'atomic_write_text', 'read_run_config', 'read_metrics', 'read_status', 'plot_metrics', 'Dist',
            'dist_from_env', 'autocast_dtype', 'Trainer', 'tensorboard_writer', 'write_sample', 'resume_config', 'train']
 
-# %% ../nbs/04_training.ipynb #54813f65
+# %% ../nbs/04_training.ipynb #17d0e595
 import contextlib, hashlib, json, math, os, signal, sys, threading, time
 from dataclasses import dataclass, asdict, fields, replace
 from datetime import datetime
@@ -22,7 +22,7 @@ from .errors import CraftError
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, PRESETS, save_checkpoint, load_checkpoint, read_checkpoint_header, pick_device
 
-# %% ../nbs/04_training.ipynb #53d8343d
+# %% ../nbs/04_training.ipynb #dcce9042
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 
 @dataclass
@@ -48,7 +48,7 @@ class TrainConfig:
     eval_iters: int = 200         # validation batches per evaluation
     log_interval: int = 10        # write a metrics line every this many steps
     device: str = 'auto'          # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    dtype: str = 'auto'           # autocast dtype: auto (bfloat16 where supported on GPU, else float16; float32 on CPU), float32, bfloat16, float16
+    dtype: str = 'auto'           # autocast dtype: auto (bfloat16 where the GPU or CPU computes it natively, float16 on older GPUs, else float32), float32, bfloat16, float16
     compile: bool = False         # compile the model with torch.compile
     seed: int = 1337              # random seed for weights, batches and dropout
     sample_chars: int = 500       # length of the sample written at the end (0 = none)
@@ -61,7 +61,7 @@ class TrainConfig:
             if isinstance(getattr(self, name), os.PathLike): setattr(self, name, os.fspath(getattr(self, name)))
         self.validate()
 
-# %% ../nbs/04_training.ipynb #9eccf0ed
+# %% ../nbs/04_training.ipynb #0041d9dd
 def _fail(field, value, why): raise CraftError(f"invalid training config: {field}={value!r} {why}")
 
 @patch
@@ -81,17 +81,17 @@ def validate(self:TrainConfig):
     if self.dtype not in DTYPES: _fail('dtype', self.dtype, f"must be one of {', '.join(DTYPES)}")
     if self.preset not in ('auto', *TRAIN_PRESETS): _fail('preset', self.preset, f"is unknown; choose one of: auto, {', '.join(TRAIN_PRESETS)}")
 
-# %% ../nbs/04_training.ipynb #76f6e6d9
+# %% ../nbs/04_training.ipynb #f9fae44b
 TRAIN_PRESETS = {
     'nanogpt': dict(batch_size=64, grad_accum=1, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                     beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=200),
-    'cpu':     dict(batch_size=32, grad_accum=1, max_iters=100_000, max_time=100.0, lr=3e-3, min_lr=3e-4, warmup_iters=50,
-                    lr_decay_iters=2500, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=20),
+    'cpu':     dict(batch_size=32, grad_accum=1, max_iters=100_000, max_time=100.0, lr=1e-2, min_lr=1e-3, warmup_iters=50,
+                    lr_decay_iters=0, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=20),
     'tiny':    dict(batch_size=8, max_iters=50, lr=3e-3, min_lr=3e-4, warmup_iters=5, eval_interval=25, eval_iters=4,
-                    sample_chars=50),
+                    sample_chars=50, dtype='float32'),
 }
 
-# %% ../nbs/04_training.ipynb #a8ed539b
+# %% ../nbs/04_training.ipynb #576f76e1
 @dataclass
 class RunConfig:
     "Everything a run needs: the model's config and the training config."
@@ -130,7 +130,7 @@ def resolve_config(preset:str|None=None, config_file=None, device:str|None=None,
     train = TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_FIELDS})
     return RunConfig(model, train)
 
-# %% ../nbs/04_training.ipynb #9f067f17
+# %% ../nbs/04_training.ipynb #ab763e5d
 def corpus_files(data:str|Path='') -> list[Path]:
     "The text files of `data`: the file itself, a folder's visible files in sorted order, or the bundled corpus."
     if not data: return [shakespeare_path()]
@@ -145,7 +145,7 @@ def read_corpus(data:str|Path='', separator:str='\n\n') -> str:
     "The whole corpus as one string."
     return separator.join(load_text(f) for f in corpus_files(data))
 
-# %% ../nbs/04_training.ipynb #014310bd
+# %% ../nbs/04_training.ipynb #c1f6f389
 def cache_dir() -> Path:
     "Where token caches live: $CRAFT_CACHE_DIR, else ~/.cache/craft."
     return Path(os.environ.get('CRAFT_CACHE_DIR') or Path.home() / '.cache' / 'craft')
@@ -179,7 +179,7 @@ def load_tokens(data:str|Path='', tokenizer:CharTokenizer|None=None) -> tuple[np
     meta_path.write_text(json.dumps({'tokenizer': tok.to_dict(), 'dtype': ids.dtype.str, 'n_tokens': len(ids), 'files': [str(f) for f in files]}))
     return np.memmap(tokens_path, dtype=ids.dtype, mode='r', shape=(len(ids),)), tok
 
-# %% ../nbs/04_training.ipynb #4d4bbada
+# %% ../nbs/04_training.ipynb #065ce6ee
 class Batches:
     "Random `(B, T)` input/target windows from a token array, drawn with a generator whose state can be saved."
     def __init__(self, tokens:np.ndarray, block_size:int, batch_size:int, device='cpu', seed:int=0):
@@ -207,7 +207,7 @@ class Batches:
     def state(self) -> torch.Tensor: return self.generator.get_state()
     def load_state(self, state:torch.Tensor): self.generator.set_state(state)
 
-# %% ../nbs/04_training.ipynb #777f0cfb
+# %% ../nbs/04_training.ipynb #4ebc2a9e
 def split_tokens(tokens:np.ndarray, val_fraction:float, block_size:int) -> tuple[np.ndarray, np.ndarray]:
     "The contiguous train/validation split: the first `1 - val_fraction` trains, the rest validates."
     n_train = int(len(tokens) * (1 - val_fraction))
@@ -218,7 +218,7 @@ def split_tokens(tokens:np.ndarray, val_fraction:float, block_size:int) -> tuple
                              "use more text, a smaller --block-size, or a different --val-fraction")
     return train, val
 
-# %% ../nbs/04_training.ipynb #d12741ef
+# %% ../nbs/04_training.ipynb #934a8e1a
 def make_optimizer(model:nn.Module, cfg:TrainConfig, device:torch.device) -> torch.optim.AdamW:
     "AdamW with weight decay on matrices only; fused on CUDA."
     params = [p for p in model.parameters() if p.requires_grad]
@@ -226,15 +226,16 @@ def make_optimizer(model:nn.Module, cfg:TrainConfig, device:torch.device) -> tor
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == 'cuda')
 
-def learning_rate(step:int, cfg:TrainConfig) -> float:
-    "Linear warmup to `lr`, then cosine decay to `min_lr` at `lr_decay_iters` (default `max_iters`), then flat."
-    decay_end = cfg.lr_decay_iters or cfg.max_iters
+def learning_rate(step:int, cfg:TrainConfig, elapsed:float=0.0) -> float:
+    "Linear warmup to `lr`, then cosine decay to `min_lr` at `lr_decay_iters` (default `max_iters`) or at `max_time`, whichever comes first."
     if step < cfg.warmup_iters: return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
-    if step >= decay_end: return cfg.min_lr
+    decay_end = cfg.lr_decay_iters or cfg.max_iters
     progress = (step - cfg.warmup_iters) / max(1, decay_end - cfg.warmup_iters)
+    if cfg.max_time > 0: progress = max(progress, elapsed / cfg.max_time)
+    if progress >= 1: return cfg.min_lr
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
-# %% ../nbs/04_training.ipynb #0e3b9935
+# %% ../nbs/04_training.ipynb #4c9e90c9
 BITS_PER_NAT = 1 / math.log(2)
 
 @torch.no_grad()
@@ -268,7 +269,7 @@ def full_loss(model:nn.Module, tokens:np.ndarray, block_size:int, batch_size:int
     model.train(was_training)
     return total / n_windows
 
-# %% ../nbs/04_training.ipynb #aed6e9b0
+# %% ../nbs/04_training.ipynb #93fc51a6
 RUN_FORMAT, RUN_VERSION = 'craft.run', 1
 
 def atomic_write_text(path:Path, text:str):
@@ -302,7 +303,7 @@ def read_status(run_dir) -> dict:
     try: return json.loads((Path(run_dir) / 'status.json').read_text(encoding='utf-8'))
     except (OSError, ValueError): return {}
 
-# %% ../nbs/04_training.ipynb #7f3c0f84
+# %% ../nbs/04_training.ipynb #4f4f7ba7
 def plot_metrics(run_dir, ax=None):
     "Plot a run's training and validation loss against steps; returns the matplotlib Axes."
     import matplotlib.pyplot as plt
@@ -315,7 +316,7 @@ def plot_metrics(run_dir, ax=None):
     ax.grid(alpha=0.3); ax.legend()
     return ax
 
-# %% ../nbs/04_training.ipynb #8ecae594
+# %% ../nbs/04_training.ipynb #bf6ba0f2
 @dataclass
 class Dist:
     "This process's place in a torchrun job (rank 0 of 1 when run alone)."
@@ -332,14 +333,15 @@ def dist_from_env() -> Dist:
     if 'RANK' not in os.environ: return Dist()
     return Dist(int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', 0)), int(os.environ['WORLD_SIZE']))
 
-# %% ../nbs/04_training.ipynb #dfdf8ec9
+# %% ../nbs/04_training.ipynb #f41def95
 def autocast_dtype(name:str, device:torch.device) -> torch.dtype:
-    "The autocast dtype for `name` on `device`: 'auto' is bfloat16 where supported on a GPU, float16 on older GPUs, float32 elsewhere."
+    "The autocast dtype for `name` on `device`: 'auto' is bfloat16 where the hardware computes it natively, float16 on older GPUs, else float32."
     if name != 'auto': return getattr(torch, name)
     if device.type == 'cuda': return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == 'cpu' and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()): return torch.bfloat16
     return torch.float32
 
-# %% ../nbs/04_training.ipynb #41c59474
+# %% ../nbs/04_training.ipynb #8767d30e
 class Trainer:
     "One training run, fresh or resumed: `Trainer(run_config).fit()` returns the run directory."
     def __init__(self, run:RunConfig, resume:str|Path|None=None):
@@ -382,7 +384,7 @@ class Trainer:
         if self.dtype == torch.float32: return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-# %% ../nbs/04_training.ipynb #d189cd9a
+# %% ../nbs/04_training.ipynb #f2b9df70
 @patch
 def _training_state(self:Trainer) -> dict:
     return {'step': self.step, 'best_val_loss': self.best_val_loss, 'elapsed_s': self.elapsed(),
@@ -422,7 +424,7 @@ def _restore(self:Trainer):
     if state['cuda_rng'] and self.device.type == 'cuda': torch.cuda.set_rng_state_all(state['cuda_rng'])
     self.train_batches.load_state(state['batches_rng'])
 
-# %% ../nbs/04_training.ipynb #511f8d6d
+# %% ../nbs/04_training.ipynb #4ad1b8e9
 @patch
 def elapsed(self:Trainer) -> float:
     "Seconds of training so far, across resumes."
@@ -447,7 +449,7 @@ def set_status(self:Trainer, status:str, **extra):
         'status': status, 'step': self.step, 'best_val_loss': best, 'elapsed_s': round(self.elapsed(), 3),
         'updated': datetime.now().isoformat(timespec='seconds'), **extra}, indent=1))
 
-# %% ../nbs/04_training.ipynb #d180d8a2
+# %% ../nbs/04_training.ipynb #e58892db
 def tensorboard_writer(run_dir:Path, run:RunConfig|None=None):
     "A TensorBoard `SummaryWriter` on `run_dir` (with the config as text), or a clear error if tensorboard is missing."
     try: from torch.utils.tensorboard import SummaryWriter
@@ -464,13 +466,13 @@ def write_sample(run_dir, text:str):
     if run.train.tensorboard:
         with contextlib.closing(tensorboard_writer(run_dir)) as writer: writer.add_text('sample', text, read_status(run_dir).get('step', 0))
 
-# %% ../nbs/04_training.ipynb #336a6a2e
+# %% ../nbs/04_training.ipynb #1d5bd798
 @patch
 def train_step(self:Trainer) -> torch.Tensor:
     "One optimiser step at the current learning rate; returns the last micro-batch's loss (on device)."
     cfg = self.cfg
-    lr = learning_rate(self.step, cfg)
-    for group in self.optimizer.param_groups: group['lr'] = lr
+    self.lr = learning_rate(self.step, cfg, self.elapsed())
+    for group in self.optimizer.param_groups: group['lr'] = self.lr
     for micro in range(cfg.grad_accum):
         x, y = next(self.train_batches)
         skip_sync = self.dist.enabled and micro < cfg.grad_accum - 1
@@ -486,7 +488,7 @@ def train_step(self:Trainer) -> torch.Tensor:
     self.step += 1
     return loss.detach()
 
-# %% ../nbs/04_training.ipynb #11644b5a
+# %% ../nbs/04_training.ipynb #2b182bde
 def _diverged(what:str, value:float, step:int, out:Path) -> CraftError:
     return CraftError(f"{what} became {value} at step {step}: training diverged; the last good checkpoint in {out} is kept. "
                       f"Lower --lr (or raise --warmup-iters), then resume with: craft train --resume {out}")
@@ -512,7 +514,7 @@ def _should_stop(self:Trainer) -> str|None:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     return next((r for r, f in zip(reasons, flags.tolist()) if f), None)
 
-# %% ../nbs/04_training.ipynb #ebc26bb1
+# %% ../nbs/04_training.ipynb #3e400139
 @patch
 def fit(self:Trainer) -> Path:
     "Train until a stop condition; returns the run directory."
@@ -545,9 +547,8 @@ def fit(self:Trainer) -> Path:
                 if not math.isfinite(loss_value): raise _diverged('the training loss', loss_value, self.step, self.out)
                 speed = tokens_per_step * (self.step - step_log) / (now - t_log)
                 t_log, step_log = now, self.step
-                lr = learning_rate(self.step - 1, cfg)
-                self.log(train_loss=loss_value, lr=lr, tokens_per_sec=round(speed, 1))
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
+                self.log(train_loss=loss_value, lr=self.lr, tokens_per_sec=round(speed, 1))
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{self.lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
             if self.step % cfg.eval_interval == 0: self.evaluate()
         if reason == 'interrupted':
             self.save()
@@ -577,7 +578,7 @@ def fit(self:Trainer) -> Path:
         if self.writer is not None: self.writer.close()
         if in_main_thread: signal.signal(signal.SIGINT, previous_sigint)
 
-# %% ../nbs/04_training.ipynb #e8afc741
+# %% ../nbs/04_training.ipynb #accf5e01
 def resume_config(run_dir, **overrides) -> RunConfig:
     "The config of the run in `run_dir`, with training settings overridden; model changes are refused."
     saved = read_run_config(run_dir)
