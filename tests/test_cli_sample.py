@@ -1,5 +1,5 @@
 "`craft sample` through the command line, in subprocesses (`python -m craft.cli sample ...`)."
-import importlib.util, subprocess, sys
+import importlib.util, os, subprocess, sys
 
 import numpy as np
 import pytest
@@ -38,7 +38,8 @@ def needs_sample_command():
 
 
 def craft_sample(*args):
-    return subprocess.run([sys.executable, '-m', 'craft.cli', 'sample', *map(str, args)], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}   # a tiny model: one thread is fastest, and robust to busy cores
+    return subprocess.run([sys.executable, '-m', 'craft.cli', 'sample', *map(str, args)], capture_output=True, text=True, timeout=120, env=env)
 
 
 def assert_one_line_error(result):

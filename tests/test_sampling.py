@@ -33,6 +33,15 @@ def train_tiny(steps=250, seed=0):
     return model.eval(), tok
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    "The tiny models run fastest on one thread, and do not then stall when other processes share the cores."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def trained():
     return train_tiny()
@@ -276,7 +285,7 @@ def test_sample_command_bfloat16(run_dir, capsys):
 
 def test_sampler_app(run_dir, trained):
     model, tok = trained
-    app = sampler_app(run_dir, prompt='KING', max_new_tokens=40, temperature=0.0)
+    app = sampler_app(run_dir, dtype='float32', prompt='KING', max_new_tokens=40, temperature=0.0)
     assert app.generate() == generate(model, tok, 'KING', max_new_tokens=40, temperature=0)[0]
     app.temperature, app.top_k, app.seed = 1.0, 5, 9
     app.generate_button.click(); app.wait(10)
