@@ -96,7 +96,7 @@ def test_damaged_runs_say_why(root):
     assert rows['garbled']['problem'] == 'metrics.jsonl: 3 unreadable line(s) skipped'
     assert rows['garbled']['val_loss'] == rows['fast']['val_loss'] and rows['garbled']['steps'] == 20
     assert 'damaged run config' in rows['broken']['problem'] and rows['broken']['config'] == {}
-    assert 'damaged run config' in rows['odd']['problem'] and 'status.json is missing or unreadable' in rows['odd']['problem']
+    assert 'not a craft run config' in rows['odd']['problem'] and 'status.json is missing or unreadable' in rows['odd']['problem']
     assert rows['empty']['problem'].startswith('the folder is empty')
 
 
@@ -194,7 +194,7 @@ def test_compare_command(root, tmp_path):
     (['base'], 'at least 2 run directories'),
     (['base', 'empty'], 'no config.json'),
     (['base', 'broken'], 'damaged run config'),
-    (['base', 'odd'], 'damaged run config'),
+    (['base', 'odd'], 'not a craft run config'),
     (['base', 'nowhere'], 'no such run directory'),
 ])
 def test_compare_refuses_what_is_not_two_runs(root, tmp_path, runs, message):
