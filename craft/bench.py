@@ -12,7 +12,7 @@ __all__ = ['PEAKS', 'BASELINE_OPTIONS', 'LOSS_RUNS', 'BENCH_FORMAT', 'BENCH_VERS
            'training_table', 'memory_table', 'sampling_table', 'loss_table', 'summary', 'write_results', 'load_results',
            'bench_command', 'plot_training', 'plot_sampling', 'plot_time_to_loss', 'plot_memory', 'plot_results']
 
-# %% ../nbs/06_benchmarks.ipynb #d72bd7c0
+# %% ../nbs/06_benchmarks.ipynb #e6133966
 import ctypes, gc, json, math, os, platform, statistics, subprocess, sys, tempfile, time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +27,7 @@ from .model import GPT, GPTConfig, PRESETS, DTYPE_BYTES, flops_per_token, matmul
 from .training import TRAIN_PRESETS, Trainer, resolve_config, load_tokens, split_tokens, estimate_loss, learning_rate, autocast_dtype
 from .sampling import stream, inference_dtype
 
-# %% ../nbs/06_benchmarks.ipynb #39d9ed69
+# %% ../nbs/06_benchmarks.ipynb #1e72934b
 def _sig(x:float, digits:int=4) -> float:
     "`x` rounded to `digits` significant digits (for compact JSON)."
     return float(f"{x:.{digits}g}") if x is not None and math.isfinite(x) else None
@@ -40,7 +40,7 @@ def summarize(values:list[float]) -> dict:
     return {'median': _sig(median), 'q1': _sig(q1), 'q3': _sig(q3), 'min': _sig(v[0]), 'max': _sig(v[-1]),
             'n': len(v), 'values': [_sig(x) for x in values]}
 
-# %% ../nbs/06_benchmarks.ipynb #8519e217
+# %% ../nbs/06_benchmarks.ipynb #49690bc1
 def synchronize(device:torch.device):
     "Wait until all the work queued on `device` is done (a no-op on a CPU)."
     if device.type == 'cuda': torch.cuda.synchronize(device)
@@ -62,7 +62,7 @@ def time_calls(fn:Callable, device:torch.device, repeats:int=5, warmup:int=1, mi
         seconds.append((time.perf_counter() - start) / calls)
     return seconds, calls
 
-# %% ../nbs/06_benchmarks.ipynb #254a8a8d
+# %% ../nbs/06_benchmarks.ipynb #ffdca0d7
 def device_name(device:torch.device) -> str:
     "A human name for `device`: the GPU's name, or the CPU's model."
     if device.type == 'cuda': return torch.cuda.get_device_name(device)
@@ -89,7 +89,7 @@ def machine_info(device:torch.device) -> dict:
         info.update(cuda=torch.version.cuda, gpu_memory_bytes=props.total_memory, gpu_count=torch.cuda.device_count())
     return info
 
-# %% ../nbs/06_benchmarks.ipynb #5c094904
+# %% ../nbs/06_benchmarks.ipynb #38b6949a
 PEAKS = {  # dense (not sparse) bf16 tensor-core TFLOP/s and memory GB/s from the data sheets, by device name
     'H100':             (989.0, 3350.0),   # H100 SXM5 80GB HBM3
     'H100 PCIe':        (756.0, 2000.0),
@@ -108,7 +108,7 @@ def peak_rates(name:str) -> tuple[float, float]|None:
     matches = [key for key in PEAKS if _normal(key) in _normal(name)]
     return PEAKS[max(matches, key=len)] if matches else None
 
-# %% ../nbs/06_benchmarks.ipynb #77d54abe
+# %% ../nbs/06_benchmarks.ipynb #70a92381
 def matmul_rate(device:torch.device, dtype:torch.dtype=torch.float32, n:int=1024, repeats:int=5, min_seconds:float=0.1) -> dict:
     "Achieved TFLOP/s of an `(n, n) @ (n, n)` matrix product in `dtype` on `device`: the practical arithmetic ceiling."
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -123,7 +123,7 @@ def copy_bandwidth(device:torch.device, n_bytes:int=2**27, repeats:int=5, min_se
     seconds, _ = time_calls(lambda: dst.copy_(src), device, repeats, warmup=2, min_seconds=min_seconds)
     return summarize([2 * src.numel() * 4 / s / 1e9 for s in seconds])
 
-# %% ../nbs/06_benchmarks.ipynb #c725b6a1
+# %% ../nbs/06_benchmarks.ipynb #1a03728b
 def training_cost(config:GPTConfig, batch_size:int, dtype:str='float32') -> dict:
     "FLOPs and (estimated, least) bytes moved by one training step of `batch_size` sequences of `block_size` tokens, activations in `dtype`."
     budget = memory_budget(config, batch_size, dtype)
@@ -145,7 +145,7 @@ def training_floor(config:GPTConfig, batch_size:int, dtype:str, tflops:float, gb
     return {**cost, **{k: _sig(v) if isinstance(v, float) else v for k, v in floor.items()},
             'tokens_per_s': _sig(cost['tokens'] / floor['floor_s'])}
 
-# %% ../nbs/06_benchmarks.ipynb #3d3325ec
+# %% ../nbs/06_benchmarks.ipynb #be97618f
 def decode_cost(config:GPTConfig, batch_size:int, context:int, cache:bool=True, weight_bytes:int=4) -> dict:
     "FLOPs and least bytes of one generation step for `batch_size` rows with `context` tokens (the new one included), with or without a KV cache."
     c, n_mm = config, matmul_params(config)
@@ -168,7 +168,7 @@ def generation_floor(config:GPTConfig, batch_size:int, new_tokens:int, cache:boo
             'floor_s': _sig(total), 'bound': max(('arithmetic', 'bytes'), key=lambda b: sum(f['floor_s'] for f in floors if f['bound'] == b)),
             'tokens_per_s': _sig(batch_size * new_tokens / total)}
 
-# %% ../nbs/06_benchmarks.ipynb #b457d173
+# %% ../nbs/06_benchmarks.ipynb #972f1c2d
 class BaselineAttention(nn.Module):
     "Textbook causal self-attention `(B, T, C) -> (B, T, C)`: scores, an explicit triangular mask, softmax, dropout, weighted sum."
     def __init__(self, config:GPTConfig):
@@ -194,7 +194,7 @@ class BaselineAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)                # (B, T, H, D) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-# %% ../nbs/06_benchmarks.ipynb #b1a4f2cd
+# %% ../nbs/06_benchmarks.ipynb #d30d463c
 class BaselineMLP(nn.Module):
     "Textbook MLP `(B, T, C) -> (B, T, C)`: expand to 4C, GELU, project back, dropout."
     def __init__(self, config:GPTConfig):
@@ -216,7 +216,7 @@ class BaselineBlock(nn.Module):
         x = x + self.attn(self.ln_1(x))   # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
-# %% ../nbs/06_benchmarks.ipynb #a3a8e512
+# %% ../nbs/06_benchmarks.ipynb #57ff2755
 BASELINE_OPTIONS = dict(pos_emb='learned', norm='layernorm', mlp='gelu', qk_norm=False, tie_weights=True, logit_softcap=0.0)
 
 class BaselineGPT(nn.Module):
@@ -245,7 +245,7 @@ class BaselineGPT(nn.Module):
         if targets is None: return logits, None
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))  # (B*T, V) vs (B*T,)
 
-# %% ../nbs/06_benchmarks.ipynb #26f38955
+# %% ../nbs/06_benchmarks.ipynb #41045c5b
 @patch
 @torch.no_grad()
 def generate(self:BaselineGPT, idx:torch.Tensor, max_new_tokens:int, temperature:float=1.0) -> torch.Tensor:
@@ -258,7 +258,7 @@ def generate(self:BaselineGPT, idx:torch.Tensor, max_new_tokens:int, temperature
         idx = torch.cat((idx, idx_next), dim=1)                       # (B, T + 1)
     return idx
 
-# %% ../nbs/06_benchmarks.ipynb #0a47df8d
+# %% ../nbs/06_benchmarks.ipynb #b94d140a
 _PREFIXES = {'tok_emb.': 'wte.', 'pos_emb.': 'wpe.', 'blocks.': 'h.', 'norm_f.': 'ln_f.', 'head.': 'lm_head.'}
 _PARTS = {'.norm1.': '.ln_1.', '.norm2.': '.ln_2.', '.attn.qkv.': '.attn.c_attn.', '.attn.proj.': '.attn.c_proj.',
           '.mlp.fc.': '.mlp.c_fc.', '.mlp.proj.': '.mlp.c_proj.'}
@@ -277,7 +277,7 @@ def baseline_from_craft(model:GPT) -> BaselineGPT:
     baseline.load_state_dict(state, strict=True)
     return baseline
 
-# %% ../nbs/06_benchmarks.ipynb #8585ad45
+# %% ../nbs/06_benchmarks.ipynb #c61b10ce
 try: import resource
 except ImportError: resource = None   # Windows
 
@@ -315,7 +315,7 @@ def peak_memory(device:torch.device, started:dict) -> int|None:
     if device.type != 'cpu' or peak is None or started['start'] is None: return None
     return max(0, peak - started['start'])
 
-# %% ../nbs/06_benchmarks.ipynb #0019929f
+# %% ../nbs/06_benchmarks.ipynb #6fab9c07
 class BaselineTrainer:
     "The textbook training loop for `BaselineGPT`, with the hyperparameters of a craft `RunConfig`."
     def __init__(self, run, device:torch.device):
@@ -341,7 +341,7 @@ class BaselineTrainer:
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in ix])  # (B, T)
         return x.to(self.device), y.to(self.device)
 
-# %% ../nbs/06_benchmarks.ipynb #5b064cab
+# %% ../nbs/06_benchmarks.ipynb #ac5ad5ce
 @patch
 def train_step(self:BaselineTrainer) -> torch.Tensor:
     "One optimiser step: set the learning rate, forward, backward, clip, step; returns the loss."
@@ -364,7 +364,7 @@ def estimate_loss(self:BaselineTrainer, iters:int) -> float:
     self.model.train()
     return loss
 
-# %% ../nbs/06_benchmarks.ipynb #cd976df8
+# %% ../nbs/06_benchmarks.ipynb #41701ab7
 def baseline_memory(config:GPTConfig, batch_size:int) -> int:
     "`memory_budget`'s fp32 prediction plus the `(B, H, T, T)` attention tensors the textbook attention stores (scores, softmax and, with dropout, its output)."
     stored = 3 if config.dropout > 0 else 2
@@ -411,7 +411,7 @@ def bench_training(preset:str, device:torch.device, repeats:int=5, compile:bool=
     _release_memory()
     return result
 
-# %% ../nbs/06_benchmarks.ipynb #c668c26e
+# %% ../nbs/06_benchmarks.ipynb #35a39499
 def _generation_times(generate:Callable[[int], None], device:torch.device, batch_size:int, new_tokens:int, repeats:int) -> dict:
     "Tokens/s, first-token and per-token latency of `generate(n)` (which makes `n` tokens per row for `batch_size` rows)."
     first, _ = time_calls(lambda: generate(1), device, repeats, warmup=1)
@@ -450,7 +450,7 @@ def bench_sampling(preset:str, device:torch.device, batch_sizes:list[int]=(1, 64
         results.append(entry)
     return results
 
-# %% ../nbs/06_benchmarks.ipynb #fc308152
+# %% ../nbs/06_benchmarks.ipynb #869db425
 LOSS_RUNS = {  # preset: (default target validation loss, training settings for the run)
     'nanogpt': (1.47, {}),                                                    # nanoGPT's result; a GPU's job
     'tiny': (2.6, dict(max_iters=600, eval_interval=25, eval_iters=20)),      # a demo that a CPU runs in seconds
@@ -480,7 +480,7 @@ def train_to_loss(step:Callable, evaluate:Callable[[], float], target:float, eva
     return {'reached': reached is not None, 'seconds_from_first_step': _sig(reached), 'steps': steps,
             'best_loss': min((c[2] for c in curve), default=None), 'first_step_s': _sig(first_step_s), 'curve': curve}
 
-# %% ../nbs/06_benchmarks.ipynb #06a78a37
+# %% ../nbs/06_benchmarks.ipynb #169674a4
 def bench_time_to_loss(preset:str, device:torch.device, target:float|None=None, max_time:float=600.0,
                        compile:bool=False, startup_s:float|None=None, **overrides) -> dict:
     "Seconds for craft's `Trainer` and the baseline to reach validation loss `target` (default: `LOSS_RUNS`) with `preset`'s hyperparameters; `startup_s` defaults to `startup_seconds()`."
@@ -513,7 +513,7 @@ def bench_time_to_loss(preset:str, device:torch.device, target:float|None=None, 
     result['ratio'] = {k: _ratio(c[k], b[k]) for k in ('seconds_from_first_step', 'seconds_from_start')}
     return result
 
-# %% ../nbs/06_benchmarks.ipynb #422194bc
+# %% ../nbs/06_benchmarks.ipynb #3b2eee50
 def bench_ceilings(device:torch.device, repeats:int=5, quick:bool=False, peak_tflops:float|None=None) -> dict:
     "The machine's measured matmul rates (in craft's training dtype and fp32) and copy bandwidth, its data-sheet peaks where known, and the rates the floors use."
     on_gpu = device.type == 'cuda'
@@ -535,7 +535,7 @@ def flop_rate(ceilings:dict, dtype:str) -> float:
     rates = ceilings['flop_rates']
     return rates.get(dtype, next(iter(rates.values())))
 
-# %% ../nbs/06_benchmarks.ipynb #b4c8a7b8
+# %% ../nbs/06_benchmarks.ipynb #8bf863b7
 def _craft_config(preset:str) -> GPTConfig: return GPTConfig.from_preset(preset, vocab_size=65)
 
 def attach_floors(results:dict) -> dict:
@@ -561,7 +561,7 @@ def attach_floors(results:dict) -> dict:
             s[name]['of_ceiling'] = _sig(s[name]['tokens_per_s']['median'] / s['floor'][floor]['tokens_per_s'])
     return results
 
-# %% ../nbs/06_benchmarks.ipynb #efc1404f
+# %% ../nbs/06_benchmarks.ipynb #2514507d
 def _num(x) -> str:
     "A number for a table: thousands separators from 1000 up, 3 significant digits below, '–' for None."
     if x is None: return '–'
@@ -586,7 +586,7 @@ def format_table(headers:list[str], rows:list[list[str]], markdown:bool=False) -
     fmt = lambda r: '  '.join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
     return '\n'.join([fmt(headers)] + [fmt(r) for r in rows])
 
-# %% ../nbs/06_benchmarks.ipynb #e4fbe578
+# %% ../nbs/06_benchmarks.ipynb #37b55003
 def training_table(results:dict) -> tuple[list[str], list[list[str]]]:
     "Training throughput per preset: craft, the baseline, their ratio, the ceiling, and MFU."
     headers = ['preset', 'craft dtype', 'craft tokens/s', 'baseline tokens/s', 'craft/baseline', 'ceiling tokens/s', 'craft of ceiling', 'MFU craft / baseline']
@@ -628,7 +628,7 @@ def loss_table(results:dict) -> tuple[list[str], list[list[str]]]:
                      _times(r['ratio']['seconds_from_start'])])
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #da6850ef
+# %% ../nbs/06_benchmarks.ipynb #fd3b4787
 def summary(results:dict, markdown:bool=False) -> str:
     "The results as text (or Markdown): the machine, the ceilings, then one table per workload."
     m, c = results['machine'], results['ceilings']
@@ -639,14 +639,15 @@ def summary(results:dict, markdown:bool=False) -> str:
              f"floors use {', '.join(f'{d} {_num(r)} TFLOP/s' for d, r in c['flop_rates'].items())} ({c['flop_rate_source']}) "
              f"and {_num(c['bandwidth_gbs'])} GB/s ({c['bandwidth_source']})"]
     new_tokens = sorted({s['new_tokens'] for s in results.get('sampling', [])})
+    dtypes = sorted({s['dtype'] for s in results.get('sampling', [])})
     for title, table in (('training', training_table), ('peak memory in training', memory_table),
-                         (f"sampling ({', '.join(map(str, new_tokens))} characters per sample)", sampling_table),
+                         (f"sampling ({', '.join(map(str, new_tokens))} characters per sample; craft in {', '.join(dtypes)}, the baseline in float32)", sampling_table),
                          ('time to the target validation loss', loss_table)):
         headers, rows = table(results)
         if rows: lines += ['', f"### {title}" if markdown else title, format_table(headers, rows, markdown)]
     return '\n'.join(lines)
 
-# %% ../nbs/06_benchmarks.ipynb #979a19d4
+# %% ../nbs/06_benchmarks.ipynb #91d5edf0
 BENCH_FORMAT, BENCH_VERSION = 'craft.bench', 1
 
 def _check_out(out:str) -> Path:
@@ -683,7 +684,7 @@ def load_results(path) -> dict:
         raise CraftError(f"{path} has results version {results.get('version')}; this craft reads version {BENCH_VERSION}")
     return results
 
-# %% ../nbs/06_benchmarks.ipynb #f7421e29
+# %% ../nbs/06_benchmarks.ipynb #08c2dc8c
 def bench_command(device:str='auto',               # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
                   preset:list[str]|None=None,      # preset to benchmark; default: cpu and tiny on a CPU, nanogpt on a GPU, tiny with --quick
                   out:str='bench.json',            # file to write the results to (JSON)
@@ -750,7 +751,7 @@ def bench_command(device:str='auto',               # auto (cuda, then mps, then 
     if not quiet: print(summary(results))
     return results
 
-# %% ../nbs/06_benchmarks.ipynb #c020a460
+# %% ../nbs/06_benchmarks.ipynb #c547fc83
 _COLORS = {'craft': 'tab:blue', 'baseline': 'tab:orange', 'ceiling': 'black'}
 
 def _axes(ax, figsize=(6, 3.5)):

@@ -6,11 +6,11 @@
 __all__ = ['Parser', 'add_option', 'add_function_options', 'train_parser', 'train_command', 'print_sample', 'build_parser',
            'compare_parser', 'parse_args', 'main']
 
-# %% ../nbs/90_cli.ipynb #31d5bb1d
+# %% ../nbs/90_cli.ipynb #eeb96b84
 import os
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch is imported: idle OpenMP threads sleep instead of spinning
 
-# %% ../nbs/90_cli.ipynb #814981f1
+# %% ../nbs/90_cli.ipynb #19d37b97
 import argparse, inspect, sys, types, typing
 from dataclasses import fields, MISSING
 from fastcore.docments import docments
@@ -21,14 +21,15 @@ from .model import load_checkpoint, pick_device
 from .training import TrainConfig, TRAIN_PRESETS, train, read_status, read_run_config, write_sample
 from .sampling import sample_command, generate
 from .runs import runs_command, compare_command
+from .bench import bench_command
 
-# %% ../nbs/90_cli.ipynb #2bd07256
+# %% ../nbs/90_cli.ipynb #4644baa7
 class Parser(argparse.ArgumentParser):
     "An ArgumentParser whose errors are one line on stderr, pointing at --help."
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-# %% ../nbs/90_cli.ipynb #13b3e760
+# %% ../nbs/90_cli.ipynb #768ba873
 def _base_type(annotation):
     "The scalar type inside an annotation like `int`, `str|None` or `list[str]|None`, and whether it is a list."
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -62,7 +63,7 @@ def add_function_options(parser, func, skip=(), positional=()):
                                 help=(docs.get(name) or '') + (f" (default: {p.default!r})" if optional else ''))
         else: add_option(parser, name, p.annotation, p.default, docs.get(name))
 
-# %% ../nbs/90_cli.ipynb #5bdab93a
+# %% ../nbs/90_cli.ipynb #3294096b
 def _preset_defaults(name:str, default) -> str:
     "The default of a field as the help shows it: one value, or each preset's value."
     values = {p: {**PRESETS[p], **TRAIN_PRESETS[p]}.get(name, default) for p in TRAIN_PRESETS}
@@ -100,7 +101,7 @@ def print_sample(run_dir):
     write_sample(run_dir, text)
     print(f"\n--- a sample from {run_dir} ---\n{text}\n---")
 
-# %% ../nbs/90_cli.ipynb #61ddbdcd
+# %% ../nbs/90_cli.ipynb #2f63a50c
 def build_parser() -> argparse.ArgumentParser:
     "The `craft` parser with one subcommand per command."
     parser = Parser(prog='craft', description='craft: a character-level GPT you can read, train and play with.')
@@ -110,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Generate text from a run directory or checkpoint, streamed to stdout.")
     add_function_options(sample, sample_command)
     sample.set_defaults(func=lambda args: sample_command(**_kwargs(args)) and 0)
+    bench = sub.add_parser('bench', help='measure training and sampling speed against a plain PyTorch baseline',
+                           description="Benchmark craft on this machine: training and sampling speed, memory, ceilings, each with its ratio to a textbook PyTorch baseline.")
+    add_function_options(bench, bench_command)
+    bench.set_defaults(func=lambda args: bench_command(**_kwargs(args)) and 0)
     runs = sub.add_parser('runs', help='list and compare training runs',
                           description="List the training runs in a folder, one row per run.",
                           epilog="craft runs compare RUN RUN... [--plot FILE.png] compares runs: their config diff and loss curves.")
@@ -151,5 +156,5 @@ def main(argv:list[str]|None=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
-# %% ../nbs/90_cli.ipynb #c2113cb8
+# %% ../nbs/90_cli.ipynb #5dcc635f
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
