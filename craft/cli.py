@@ -6,11 +6,11 @@
 __all__ = ['Parser', 'add_option', 'add_function_options', 'train_parser', 'train_command', 'print_sample', 'build_parser',
            'compare_parser', 'parse_args', 'main']
 
-# %% ../nbs/90_cli.ipynb #eeb96b84
+# %% ../nbs/90_cli.ipynb #d664499a
 import os
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch is imported: idle OpenMP threads sleep instead of spinning
 
-# %% ../nbs/90_cli.ipynb #19d37b97
+# %% ../nbs/90_cli.ipynb #a3557685
 import argparse, inspect, sys, types, typing
 from dataclasses import fields, MISSING
 from fastcore.docments import docments
@@ -23,13 +23,13 @@ from .sampling import sample_command, generate
 from .runs import runs_command, compare_command
 from .bench import bench_command
 
-# %% ../nbs/90_cli.ipynb #4644baa7
+# %% ../nbs/90_cli.ipynb #de748097
 class Parser(argparse.ArgumentParser):
     "An ArgumentParser whose errors are one line on stderr, pointing at --help."
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-# %% ../nbs/90_cli.ipynb #768ba873
+# %% ../nbs/90_cli.ipynb #37009a99
 def _base_type(annotation):
     "The scalar type inside an annotation like `int`, `str|None` or `list[str]|None`, and whether it is a list."
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -63,7 +63,7 @@ def add_function_options(parser, func, skip=(), positional=()):
                                 help=(docs.get(name) or '') + (f" (default: {p.default!r})" if optional else ''))
         else: add_option(parser, name, p.annotation, p.default, docs.get(name))
 
-# %% ../nbs/90_cli.ipynb #3294096b
+# %% ../nbs/90_cli.ipynb #8b8f26f9
 def _preset_defaults(name:str, default) -> str:
     "The default of a field as the help shows it: one value, or each preset's value."
     values = {p: {**PRESETS[p], **TRAIN_PRESETS[p]}.get(name, default) for p in TRAIN_PRESETS}
@@ -101,7 +101,7 @@ def print_sample(run_dir):
     write_sample(run_dir, text)
     print(f"\n--- a sample from {run_dir} ---\n{text}\n---")
 
-# %% ../nbs/90_cli.ipynb #2f63a50c
+# %% ../nbs/90_cli.ipynb #01e2a603
 def build_parser() -> argparse.ArgumentParser:
     "The `craft` parser with one subcommand per command."
     parser = Parser(prog='craft', description='craft: a character-level GPT you can read, train and play with.')
@@ -156,5 +156,5 @@ def main(argv:list[str]|None=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
-# %% ../nbs/90_cli.ipynb #5dcc635f
+# %% ../nbs/90_cli.ipynb #36d87f61
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

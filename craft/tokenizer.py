@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['UNK_CHAR', 'TOKENIZER_FORMAT', 'TOKENIZER_VERSION', 'shakespeare_path', 'load_text', 'CharTokenizer']
 
-# %% ../nbs/00_tokenizer.ipynb #224e73b9
+# %% ../nbs/00_tokenizer.ipynb #1225db74
 import codecs
 import json
 from pathlib import Path
@@ -15,13 +15,13 @@ from fastcore.basics import patch
 
 from .errors import CraftError
 
-# %% ../nbs/00_tokenizer.ipynb #5a4379e4
+# %% ../nbs/00_tokenizer.ipynb #e3368bb1
 def shakespeare_path() -> Path:
     "Path of the Tiny Shakespeare corpus bundled with craft (`craft/data/tinyshakespeare.txt`, 1,115,394 characters)."
     import craft
     return Path(craft.__file__).parent/'data'/'tinyshakespeare.txt'
 
-# %% ../nbs/00_tokenizer.ipynb #d13a1475
+# %% ../nbs/00_tokenizer.ipynb #02173409
 def load_text(path: str | Path) -> str:
     "Read the UTF-8 text file at `path` exactly (no newline translation; a leading byte-order mark is dropped)."
     path = Path(path)
@@ -45,7 +45,7 @@ def load_text(path: str | Path) -> str:
                          f"is invalid ({e.reason}); convert the file to UTF-8, "
                          f"e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt`") from None
 
-# %% ../nbs/00_tokenizer.ipynb #00d346b8
+# %% ../nbs/00_tokenizer.ipynb #aa8d9e49
 UNK_CHAR = '\ufffd'  # what decode returns for the unknown id: U+FFFD REPLACEMENT CHARACTER
 
 def _describe(c: str) -> str:
@@ -66,7 +66,7 @@ def _check_chars(chars: list, where: str):
             raise CraftError(f"{where}: the vocabulary is not sorted: {_describe(a)} comes before {_describe(b)} at position {i}; "
                              "characters must be in code-point order, e.g. sorted(set(text))")
 
-# %% ../nbs/00_tokenizer.ipynb #173df36c
+# %% ../nbs/00_tokenizer.ipynb #33ab94a6
 class CharTokenizer:
     "Character-level tokenizer: id `i` is the `i`-th character of the sorted vocabulary `chars`; `unk=True` adds one last id for unknown characters."
     def __init__(self, chars, unk: bool = False):
@@ -110,7 +110,7 @@ class CharTokenizer:
         if len(self._chars) > 20: shown = shown[:-1] + '…' + shown[-1]
         return f"CharTokenizer(vocab_size={self.vocab_size}, chars={shown}{', unk=True' if self.unk else ''})"
 
-# %% ../nbs/00_tokenizer.ipynb #da45dbfa
+# %% ../nbs/00_tokenizer.ipynb #a3aa7e2c
 _CHUNK = 1 << 20  # characters per step of encode/decode: bounds the temporary arrays to ~13 MB
 
 def _codepoints(text: str) -> np.ndarray:
@@ -125,7 +125,7 @@ def _unknown_message(unknown: dict, on_unknown_hint: str) -> str:
     return (f"text has {len(first)} character(s) not in the tokenizer's vocabulary: {listed}{more}; "
             f"{on_unknown_hint}, or build the tokenizer from text that contains them")
 
-# %% ../nbs/00_tokenizer.ipynb #7b38c059
+# %% ../nbs/00_tokenizer.ipynb #03ae8610
 @patch
 def encode(self: CharTokenizer, text: str, on_unknown: str = 'error') -> np.ndarray:
     "Encode `text` into a `(len(text),)` array of ids of dtype `self.dtype`. Unknown characters: `on_unknown` is 'error', 'unk' or 'drop'."
@@ -155,7 +155,7 @@ def encode(self: CharTokenizer, text: str, on_unknown: str = 'error') -> np.ndar
         raise CraftError(_unknown_message(unknown, hint))
     return ids if n_ids == len(ids) else ids[:n_ids].copy()
 
-# %% ../nbs/00_tokenizer.ipynb #a6447cc9
+# %% ../nbs/00_tokenizer.ipynb #901fbcda
 @patch
 def decode(self: CharTokenizer, ids) -> str:
     "Turn ids (list, tuple, NumPy array or torch tensor; any integer dtype; 0-d or 1-d) back into text."
@@ -174,7 +174,7 @@ def decode(self: CharTokenizer, ids) -> str:
     return ''.join(table[ids[i:i + _CHUNK]].tobytes().decode('utf-32-le')   # (n,) code points -> str
                    for i in range(0, len(ids), _CHUNK))
 
-# %% ../nbs/00_tokenizer.ipynb #6b65b89e
+# %% ../nbs/00_tokenizer.ipynb #43659a78
 TOKENIZER_FORMAT, TOKENIZER_VERSION = 'craft.tokenizer', 1
 
 @patch
@@ -201,7 +201,7 @@ def from_dict(cls: CharTokenizer, d: dict, where: str = 'tokenizer data') -> Cha
     _check_chars(list(chars), where)
     return cls(chars, unk=unk)
 
-# %% ../nbs/00_tokenizer.ipynb #77f3c15f
+# %% ../nbs/00_tokenizer.ipynb #00157414
 @patch
 def save(self: CharTokenizer, path: str | Path) -> Path:
     "Write the tokenizer to `path` as pretty UTF-8 JSON (parent folders are created); returns the path."
