@@ -7,7 +7,7 @@ __all__ = ['POS_EMBS', 'PRESETS', 'DTYPE_BYTES', 'CHECKPOINT_FORMAT', 'CHECKPOIN
            'native_bf16', 'matmul_params', 'flops_per_token', 'memory_budget', 'save_checkpoint', 'checkpoint_file',
            'read_checkpoint_header', 'load_checkpoint']
 
-# %% ../nbs/03_model.ipynb #2182cb3e
+# %% ../nbs/03_model.ipynb #be6ea9f0
 import json, math, os
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -22,7 +22,7 @@ from .tokenizer import CharTokenizer
 from .attention import KVCache
 from .block import Block, make_norm, NORMS, MLPS
 
-# %% ../nbs/03_model.ipynb #5c41f0ca
+# %% ../nbs/03_model.ipynb #abf2502d
 POS_EMBS = ('learned', 'rope')
 
 @dataclass
@@ -46,7 +46,7 @@ class GPTConfig:
 
     def __post_init__(self): self.validate()
 
-# %% ../nbs/03_model.ipynb #3b30704e
+# %% ../nbs/03_model.ipynb #9e21c65c
 def _check(ok:bool, field:str, value, why:str):
     if not ok: raise CraftError(f"invalid model config: {field}={value!r} {why}")
 
@@ -69,7 +69,7 @@ def validate(self:GPTConfig):
     _check(self.rope_base > 1, 'rope_base', self.rope_base, "must be greater than 1")
     _check(self.logit_softcap >= 0, 'logit_softcap', self.logit_softcap, "must be >= 0 (0 turns it off)")
 
-# %% ../nbs/03_model.ipynb #5ff59b3c
+# %% ../nbs/03_model.ipynb #ca968aa6
 @patch
 def to_dict(self:GPTConfig) -> dict:
     "The config as a JSON-able dict."
@@ -83,7 +83,7 @@ def from_dict(cls:GPTConfig, d:dict) -> GPTConfig:
     if unknown: raise CraftError(f"unknown model config field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
     return cls(**d)
 
-# %% ../nbs/03_model.ipynb #362da75b
+# %% ../nbs/03_model.ipynb #a2fe1239
 PRESETS = {
     'nanogpt': dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
     'cpu':     dict(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
@@ -96,7 +96,7 @@ def from_preset(cls:GPTConfig, name:str, **overrides) -> GPTConfig:
     if name not in PRESETS: raise CraftError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return cls.from_dict({**PRESETS[name], **overrides})
 
-# %% ../nbs/03_model.ipynb #06a1edf2
+# %% ../nbs/03_model.ipynb #0b4582da
 class GPT(nn.Module):
     "A decoder-only transformer language model: ids `(B, T)` -> logits `(B, T, V)` (and the loss, given targets)."
     def __init__(self, config:GPTConfig):
@@ -114,7 +114,7 @@ class GPT(nn.Module):
         if c.tie_weights: self.head.weight = self.tok_emb.weight
         self.reset_parameters()
 
-# %% ../nbs/03_model.ipynb #abc3a9f0
+# %% ../nbs/03_model.ipynb #ef3f1df1
 @patch
 def reset_parameters(self:GPT):
     "GPT-2 initialisation, with scaled (or zero) residual projections."
@@ -127,13 +127,14 @@ def reset_parameters(self:GPT):
         elif isinstance(module, nn.Embedding): nn.init.normal_(module.weight, 0.0, 0.02)
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)): module.reset_parameters()
 
-# %% ../nbs/03_model.ipynb #b0637ece
+# %% ../nbs/03_model.ipynb #c1e24e7b
 @patch
 def forward(self:GPT, idx:torch.Tensor, targets:torch.Tensor|None=None,
             caches:list[KVCache]|None=None, start:int|torch.Tensor=0, last_only:bool=False):
     "Logits `(B, T, V)` (or `(B, 1, V)` with `last_only`) for ids `(B, T)`, and the mean cross-entropy if `targets` `(B, T)` are given."
     B, T = idx.shape
     per_row = isinstance(start, torch.Tensor)  # `(B,)` positions, one per row (with caches)
+    if per_row and caches is None: raise ValueError("per-row positions need caches: they index the rows' KV caches")
     if not per_row and start + T > self.config.block_size:
         raise ValueError(f"positions up to {start + T} exceed block_size={self.config.block_size}")
     x = self.tok_emb(idx)                                                      # (B, T, C)
@@ -152,7 +153,7 @@ def forward(self:GPT, idx:torch.Tensor, targets:torch.Tensor|None=None,
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)  # (B*T, V) vs (B*T,)
     return logits, loss
 
-# %% ../nbs/03_model.ipynb #a6057fd1
+# %% ../nbs/03_model.ipynb #b5edde87
 @patch
 def new_caches(self:GPT, batch_size:int, max_len:int|None=None, dtype:torch.dtype|None=None) -> list[KVCache]:
     "One empty `KVCache` per block, `(batch_size, n_head, max_len, head_dim)` each."
@@ -160,7 +161,7 @@ def new_caches(self:GPT, batch_size:int, max_len:int|None=None, dtype:torch.dtyp
     return [KVCache(batch_size, c.n_head, max_len or c.block_size, c.n_embd // c.n_head, weight.device, dtype or weight.dtype)
             for _ in range(c.n_layer)]
 
-# %% ../nbs/03_model.ipynb #01295f01
+# %% ../nbs/03_model.ipynb #ad5cbf94
 def pick_device(device:str='auto') -> torch.device:
     "Resolve 'auto' to cuda, then mps, then cpu; check that an explicit device exists."
     if device == 'auto':
@@ -174,7 +175,7 @@ def pick_device(device:str='auto') -> torch.device:
         raise CraftError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
     return dev
 
-# %% ../nbs/03_model.ipynb #3292c3ad
+# %% ../nbs/03_model.ipynb #82940e53
 def native_bf16(device:torch.device) -> bool:
     "Whether `device` computes in bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX."
     device = torch.device(device)
@@ -182,7 +183,7 @@ def native_bf16(device:torch.device) -> bool:
     if device.type == 'cpu': return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
 
-# %% ../nbs/03_model.ipynb #2b16502c
+# %% ../nbs/03_model.ipynb #3b1fef9a
 @patch
 def num_params(self:GPT, non_embedding:bool=True) -> int:
     "Number of parameters (shared ones counted once); `non_embedding` leaves out the position embedding."
@@ -190,7 +191,7 @@ def num_params(self:GPT, non_embedding:bool=True) -> int:
     if non_embedding and self.pos_emb is not None: n -= self.pos_emb.weight.numel()
     return n
 
-# %% ../nbs/03_model.ipynb #474264ff
+# %% ../nbs/03_model.ipynb #e026deb0
 def matmul_params(config:GPTConfig) -> int:
     "Weights used in matrix products per token: all parameters but the embedding lookups, plus the head."
     c = config
@@ -204,7 +205,7 @@ def flops_per_token(config:GPTConfig) -> int:
     c = config
     return 6 * matmul_params(c) + 12 * c.n_layer * c.block_size * c.n_embd
 
-# %% ../nbs/03_model.ipynb #a0b7797e
+# %% ../nbs/03_model.ipynb #59c1ee3a
 DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 
 def memory_budget(config:GPTConfig, batch_size:int, dtype:str='bfloat16') -> dict[str, int]:
@@ -222,7 +223,7 @@ def memory_budget(config:GPTConfig, batch_size:int, dtype:str='bfloat16') -> dic
     }
     return {**parts, 'total': sum(parts.values())}
 
-# %% ../nbs/03_model.ipynb #40832fec
+# %% ../nbs/03_model.ipynb #3067f9ad
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = 'craft.checkpoint', 1
 
 def save_checkpoint(path, model:GPT, tokenizer:CharTokenizer, metadata:dict|None=None) -> Path:
@@ -236,7 +237,7 @@ def save_checkpoint(path, model:GPT, tokenizer:CharTokenizer, metadata:dict|None
     os.replace(tmp, path)
     return path
 
-# %% ../nbs/03_model.ipynb #7c50f429
+# %% ../nbs/03_model.ipynb #d0ea6a95
 def checkpoint_file(path) -> Path:
     "The checkpoint file for `path`: the file itself, or a run directory's best (else latest) weights."
     path = Path(path)

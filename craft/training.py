@@ -9,7 +9,7 @@ __all__ = ['DTYPES', 'TRAIN_PRESETS', 'MODEL_FIELDS', 'TRAIN_FIELDS', 'BITS_PER_
            'atomic_write_text', 'read_run_config', 'read_metrics', 'read_status', 'plot_metrics', 'Dist',
            'dist_from_env', 'autocast_dtype', 'Trainer', 'tensorboard_writer', 'write_sample', 'resume_config', 'train']
 
-# %% ../nbs/04_training.ipynb #1372df9e
+# %% ../nbs/04_training.ipynb #9bfbde80
 import contextlib, hashlib, json, math, os, signal, sys, threading, time
 from dataclasses import dataclass, asdict, fields, replace
 from datetime import datetime
@@ -22,7 +22,7 @@ from .errors import CraftError
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, PRESETS, save_checkpoint, load_checkpoint, read_checkpoint_header, pick_device, native_bf16
 
-# %% ../nbs/04_training.ipynb #07123b29
+# %% ../nbs/04_training.ipynb #4ddc029c
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 
 @dataclass
@@ -61,7 +61,7 @@ class TrainConfig:
             if isinstance(getattr(self, name), os.PathLike): setattr(self, name, os.fspath(getattr(self, name)))
         self.validate()
 
-# %% ../nbs/04_training.ipynb #463fa85d
+# %% ../nbs/04_training.ipynb #47a89dba
 def _fail(field, value, why): raise CraftError(f"invalid training config: {field}={value!r} {why}")
 
 @patch
@@ -81,7 +81,7 @@ def validate(self:TrainConfig):
     if self.dtype not in DTYPES: _fail('dtype', self.dtype, f"must be one of {', '.join(DTYPES)}")
     if self.preset not in ('auto', *TRAIN_PRESETS): _fail('preset', self.preset, f"is unknown; choose one of: auto, {', '.join(TRAIN_PRESETS)}")
 
-# %% ../nbs/04_training.ipynb #ddf87750
+# %% ../nbs/04_training.ipynb #86d2067a
 TRAIN_PRESETS = {
     'nanogpt': dict(batch_size=64, grad_accum=1, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                     beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=200),
@@ -91,7 +91,7 @@ TRAIN_PRESETS = {
                     sample_chars=50, dtype='float32'),
 }
 
-# %% ../nbs/04_training.ipynb #b5a99ead
+# %% ../nbs/04_training.ipynb #f4abea37
 @dataclass
 class RunConfig:
     "Everything a run needs: the model's config and the training config."
@@ -113,7 +113,13 @@ def read_config_file(path) -> dict:
     if d is None: return {}
     if not isinstance(d, dict): raise CraftError(f"{path}: expected a mapping of settings, got {type(d).__name__}")
     if set(d) <= {'model', 'train', 'format', 'version'} and ('model' in d or 'train' in d):
-        return {**(d.get('model') or {}), **(d.get('train') or {})}
+        d = {**(d.get('model') or {}), **(d.get('train') or {})}
+        d.pop('out', None)  # a run's own config.json reproduces the run, in a new directory
+    floats = {f.name for cls in (GPTConfig, TrainConfig) for f in fields(cls) if f.type in ('float', float)}
+    for key, value in d.items():  # YAML reads 1e-3 (no decimal point) as a string
+        if key in floats and isinstance(value, str):
+            try: d[key] = float(value)
+            except ValueError: pass
     return d
 
 def resolve_config(preset:str|None=None, config_file=None, device:str|None=None, **overrides) -> RunConfig:
@@ -130,7 +136,7 @@ def resolve_config(preset:str|None=None, config_file=None, device:str|None=None,
     train = TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_FIELDS})
     return RunConfig(model, train)
 
-# %% ../nbs/04_training.ipynb #159018b2
+# %% ../nbs/04_training.ipynb #0f072aa4
 def corpus_files(data:str|Path='') -> list[Path]:
     "The text files of `data`: the file itself, a folder's visible files in sorted order, or the bundled corpus."
     if not data: return [shakespeare_path()]
@@ -145,7 +151,7 @@ def read_corpus(data:str|Path='', separator:str='\n\n') -> str:
     "The whole corpus as one string."
     return separator.join(load_text(f) for f in corpus_files(data))
 
-# %% ../nbs/04_training.ipynb #0f106e02
+# %% ../nbs/04_training.ipynb #8cce3a89
 def cache_dir() -> Path:
     "Where token caches live: $CRAFT_CACHE_DIR, else ~/.cache/craft."
     return Path(os.environ.get('CRAFT_CACHE_DIR') or Path.home() / '.cache' / 'craft')
@@ -179,7 +185,7 @@ def load_tokens(data:str|Path='', tokenizer:CharTokenizer|None=None) -> tuple[np
     meta_path.write_text(json.dumps({'tokenizer': tok.to_dict(), 'dtype': ids.dtype.str, 'n_tokens': len(ids), 'files': [str(f) for f in files]}))
     return np.memmap(tokens_path, dtype=ids.dtype, mode='r', shape=(len(ids),)), tok
 
-# %% ../nbs/04_training.ipynb #5287c605
+# %% ../nbs/04_training.ipynb #94f05f93
 class Batches:
     "Random `(B, T)` input/target windows from a token array, drawn with a generator whose state can be saved."
     def __init__(self, tokens:np.ndarray, block_size:int, batch_size:int, device='cpu', seed:int=0):
@@ -207,7 +213,7 @@ class Batches:
     def state(self) -> torch.Tensor: return self.generator.get_state()
     def load_state(self, state:torch.Tensor): self.generator.set_state(state)
 
-# %% ../nbs/04_training.ipynb #18aea710
+# %% ../nbs/04_training.ipynb #27829e2b
 def split_tokens(tokens:np.ndarray, val_fraction:float, block_size:int) -> tuple[np.ndarray, np.ndarray]:
     "The contiguous train/validation split: the first `1 - val_fraction` trains, the rest validates."
     n_train = int(len(tokens) * (1 - val_fraction))
@@ -218,7 +224,7 @@ def split_tokens(tokens:np.ndarray, val_fraction:float, block_size:int) -> tuple
                              "use more text, a smaller --block-size, or a different --val-fraction")
     return train, val
 
-# %% ../nbs/04_training.ipynb #d09e1816
+# %% ../nbs/04_training.ipynb #b0663664
 def make_optimizer(model:nn.Module, cfg:TrainConfig, device:torch.device) -> torch.optim.AdamW:
     "AdamW with weight decay on matrices only; fused on CUDA."
     params = [p for p in model.parameters() if p.requires_grad]
@@ -235,7 +241,7 @@ def learning_rate(step:int, cfg:TrainConfig, elapsed:float=0.0) -> float:
     if progress >= 1: return cfg.min_lr
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
-# %% ../nbs/04_training.ipynb #6711c5b0
+# %% ../nbs/04_training.ipynb #882f59f4
 BITS_PER_NAT = 1 / math.log(2)
 
 @torch.no_grad()
@@ -269,7 +275,7 @@ def full_loss(model:nn.Module, tokens:np.ndarray, block_size:int, batch_size:int
     model.train(was_training)
     return total / n_windows
 
-# %% ../nbs/04_training.ipynb #22f55e84
+# %% ../nbs/04_training.ipynb #138092ae
 RUN_FORMAT, RUN_VERSION = 'craft.run', 1
 
 def atomic_write_text(path:Path, text:str):
@@ -304,7 +310,7 @@ def read_status(run_dir) -> dict:
     try: return json.loads((Path(run_dir) / 'status.json').read_text(encoding='utf-8'))
     except (OSError, ValueError): return {}
 
-# %% ../nbs/04_training.ipynb #cc4c5bb0
+# %% ../nbs/04_training.ipynb #82f707b3
 def plot_metrics(run_dir, ax=None):
     "Plot a run's training and validation loss against steps; returns the matplotlib Axes."
     import matplotlib.pyplot as plt
@@ -317,7 +323,7 @@ def plot_metrics(run_dir, ax=None):
     ax.grid(alpha=0.3); ax.legend()
     return ax
 
-# %% ../nbs/04_training.ipynb #66dbe6a3
+# %% ../nbs/04_training.ipynb #d23f0dba
 @dataclass
 class Dist:
     "This process's place in a torchrun job (rank 0 of 1 when run alone)."
@@ -334,14 +340,14 @@ def dist_from_env() -> Dist:
     if 'RANK' not in os.environ: return Dist()
     return Dist(int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', 0)), int(os.environ['WORLD_SIZE']))
 
-# %% ../nbs/04_training.ipynb #1b2570af
+# %% ../nbs/04_training.ipynb #be060960
 def autocast_dtype(name:str, device:torch.device) -> torch.dtype:
     "The autocast dtype for `name` on `device`: 'auto' is bfloat16 where the hardware computes it natively, float16 on older GPUs, else float32."
     if name != 'auto': return getattr(torch, name)
     if native_bf16(device): return torch.bfloat16
     return torch.float16 if device.type == 'cuda' else torch.float32
 
-# %% ../nbs/04_training.ipynb #e5339467
+# %% ../nbs/04_training.ipynb #50d3eece
 class Trainer:
     "One training run, fresh or resumed: `Trainer(run_config).fit()` returns the run directory."
     def __init__(self, run:RunConfig, resume:str|Path|None=None):
@@ -354,7 +360,7 @@ class Trainer:
             if self.device.type == 'cuda':
                 self.device = torch.device('cuda', self.dist.local_rank); torch.cuda.set_device(self.device)
         self.dtype = autocast_dtype(cfg.dtype, self.device)
-        self.out = Path(resume or cfg.out or Path('runs') / datetime.now().strftime('%Y%m%d-%H%M%S'))
+        self.out = Path(resume) if resume else self._new_run_dir()
         tokenizer = CharTokenizer.load(self.out / 'tokenizer.json') if resume else None
         with self._main_first(): tokens, self.tokenizer = load_tokens(cfg.data, tokenizer)
         self.run = RunConfig(replace(run.model, vocab_size=self.tokenizer.vocab_size), cfg)
@@ -364,13 +370,29 @@ class Trainer:
         self.val_batches = Batches(val_tokens, self.run.model.block_size, cfg.batch_size, self.device)
         torch.manual_seed(cfg.seed)
         self.raw_model = GPT(self.run.model).to(self.device)
+        if self.dist.enabled: torch.manual_seed(cfg.seed + self.dist.rank)  # one init (DDP broadcasts rank 0's), different dropout per rank
         self.optimizer = make_optimizer(self.raw_model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.step, self.best_val_loss, self.elapsed_before = 0, float('inf'), 0.0
+        self.step, self.best_val_loss, self.elapsed_before, self.shared_elapsed = 0, float('inf'), 0.0, 0.0
         if resume: self._restore()
         self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         if self.dist.enabled:
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+
+    def _new_run_dir(self) -> Path:
+        "The directory of a new run: `out`, which must not hold a run already, or a fresh runs/<date-time> (the same on every rank)."
+        if self.cfg.out:
+            out = Path(self.cfg.out)
+            if any((out / name).exists() for name in ('config.json', 'metrics.jsonl', 'state.pt', 'status.json')):
+                raise CraftError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
+        else:
+            stamp = Path('runs') / datetime.now().strftime('%Y%m%d-%H%M%S')
+            out = next(p for p in (stamp.with_name(f"{stamp.name}{f'-{i}' if i else ''}") for i in range(1000)) if not p.exists())
+        if self.dist.enabled:  # rank 0's choice, for every rank
+            chosen = [str(out)]
+            torch.distributed.broadcast_object_list(chosen, src=0)
+            out = Path(chosen[0])
+        return out
 
     @contextlib.contextmanager
     def _main_first(self):
@@ -384,21 +406,33 @@ class Trainer:
         if self.dtype == torch.float32: return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-# %% ../nbs/04_training.ipynb #2bce2b74
+# %% ../nbs/04_training.ipynb #03c47970
+@patch
+def _gather(self:Trainer, state:torch.Tensor) -> torch.Tensor:
+    "Every rank's `state` (a byte tensor of the same size on each), stacked as `(world_size, n)`."
+    if not self.dist.enabled: return state[None]
+    local = state.to(self.device)
+    states = [torch.empty_like(local) for _ in range(self.dist.world_size)]
+    torch.distributed.all_gather(states, local)
+    return torch.stack(states).cpu()
+
 @patch
 def _training_state(self:Trainer) -> dict:
+    "What resuming needs besides the weights; random states are kept for every rank."
+    cuda = self.device.type == 'cuda'
     return {'step': self.step, 'best_val_loss': self.best_val_loss, 'elapsed_s': self.elapsed(),
             'optimizer': self.optimizer.state_dict(), 'scaler': self.scaler.state_dict(),
-            'torch_rng': torch.get_rng_state(), 'batches_rng': self.train_batches.state(),
-            'cuda_rng': torch.cuda.get_rng_state_all() if self.device.type == 'cuda' else []}
+            'torch_rng': self._gather(torch.get_rng_state()), 'batches_rng': self._gather(self.train_batches.state()),
+            'cuda_rng': self._gather(torch.cuda.get_rng_state(self.device)) if cuda else torch.empty(0)}
 
 @patch
 def save(self:Trainer, best:bool=False):
-    "Write the latest checkpoint and training state (and the best weights if `best`), atomically."
+    "Write the latest checkpoint and training state (and the best weights if `best`), atomically. Every rank calls it; rank 0 writes."
+    state = self._training_state()   # gathers from every rank
     if not self.dist.is_main: return
     meta = {'step': self.step, 'best_val_loss': self.best_val_loss}
     tmp = self.out / '.state.pt.tmp'
-    torch.save(self._training_state(), tmp); os.replace(tmp, self.out / 'state.pt')
+    torch.save(state, tmp); os.replace(tmp, self.out / 'state.pt')
     save_checkpoint(self.out / 'latest.safetensors', self.raw_model, self.tokenizer, meta)
     if best: save_checkpoint(self.out / 'best.safetensors', self.raw_model, self.tokenizer, meta)
 
@@ -418,13 +452,25 @@ def _restore(self:Trainer):
         raise CraftError(f"cannot resume {self.out}: latest.safetensors and state.pt are from different steps (a crash between writes); start a new run")
     self.raw_model.load_state_dict(model.state_dict())
     self.optimizer.load_state_dict(state['optimizer'])
-    self.scaler.load_state_dict(state['scaler'])
+    if state['scaler'] and self.scaler.is_enabled(): self.scaler.load_state_dict(state['scaler'])  # empty when saved without float16
     self.step, self.best_val_loss, self.elapsed_before = state['step'], state['best_val_loss'], state['elapsed_s']
-    torch.set_rng_state(state['torch_rng'])
-    if state['cuda_rng'] and self.device.type == 'cuda': torch.cuda.set_rng_state_all(state['cuda_rng'])
-    self.train_batches.load_state(state['batches_rng'])
+    self.shared_elapsed = self.elapsed_before
+    cfg, rank = self.cfg, self.dist.rank
+    if len(state['batches_rng']) == self.dist.world_size:   # the same number of processes: each takes its own states back
+        own = lambda key: state[key][rank].clone()              # a copy: set_rng_state crashes on a view into a stack
+        torch.set_rng_state(own('torch_rng'))
+        self.train_batches.load_state(own('batches_rng'))
+        if len(state['cuda_rng']) and self.device.type == 'cuda': torch.cuda.set_rng_state(own('cuda_rng'), self.device)
+    else:                                                    # another number of processes: fresh, distinct streams
+        torch.manual_seed(cfg.seed + 1000 * self.step + rank)
+        self.train_batches.generator.manual_seed(cfg.seed + 1000 * self.step + rank)
+        if self.dist.is_main: print(f"resuming {len(state['batches_rng'])} process(es)' run on {self.dist.world_size}: the batches go on from new random streams", file=sys.stderr)
+    if self.step >= cfg.max_iters:
+        raise CraftError(f"cannot resume {self.out}: it is already at step {self.step} >= max_iters={cfg.max_iters}; pass a larger --max-iters")
+    if 0 < cfg.max_time <= self.elapsed_before:
+        raise CraftError(f"cannot resume {self.out}: it has trained {self.elapsed_before:.0f} s >= max_time={cfg.max_time:g}; pass a larger --max-time (0 = no limit)")
 
-# %% ../nbs/04_training.ipynb #8b709740
+# %% ../nbs/04_training.ipynb #5810a57b
 @patch
 def elapsed(self:Trainer) -> float:
     "Seconds of training so far, across resumes."
@@ -449,7 +495,7 @@ def set_status(self:Trainer, status:str, **extra):
         'status': status, 'step': self.step, 'best_val_loss': best, 'elapsed_s': round(self.elapsed(), 3),
         'updated': datetime.now().isoformat(timespec='seconds'), **extra}, indent=1))
 
-# %% ../nbs/04_training.ipynb #b4c92a48
+# %% ../nbs/04_training.ipynb #1c68792d
 def tensorboard_writer(run_dir:Path, run:RunConfig|None=None):
     "A TensorBoard `SummaryWriter` on `run_dir` (with the config as text), or a clear error if tensorboard is missing."
     try: from torch.utils.tensorboard import SummaryWriter
@@ -466,12 +512,12 @@ def write_sample(run_dir, text:str):
     if run.train.tensorboard:
         with contextlib.closing(tensorboard_writer(run_dir)) as writer: writer.add_text('sample', text, read_status(run_dir).get('step', 0))
 
-# %% ../nbs/04_training.ipynb #3e38b15a
+# %% ../nbs/04_training.ipynb #bcb143f9
 @patch
 def train_step(self:Trainer) -> torch.Tensor:
     "One optimiser step at the current learning rate; returns the last micro-batch's loss (on device)."
     cfg = self.cfg
-    self.lr = learning_rate(self.step, cfg, self.elapsed())
+    self.lr = learning_rate(self.step, cfg, self.shared_elapsed)
     for group in self.optimizer.param_groups: group['lr'] = self.lr
     for micro in range(cfg.grad_accum):
         x, y = next(self.train_batches)
@@ -488,7 +534,7 @@ def train_step(self:Trainer) -> torch.Tensor:
     self.step += 1
     return loss.detach()
 
-# %% ../nbs/04_training.ipynb #a2fd22f7
+# %% ../nbs/04_training.ipynb #66582fc6
 def _diverged(what:str, value:float, step:int, out:Path) -> CraftError:
     return CraftError(f"{what} became {value} at step {step}: training diverged; the last good checkpoint in {out} is kept. "
                       f"Lower --lr (or raise --warmup-iters), then resume with: craft train --resume {out}")
@@ -506,15 +552,17 @@ def evaluate(self:Trainer) -> float:
 
 @patch
 def _should_stop(self:Trainer) -> str|None:
-    "Why to stop now (max_iters, max_time, interrupted), agreed across processes; None to go on."
+    "Why to stop now (max_iters, max_time, interrupted), agreed across processes; None to go on. Also agrees on the elapsed time."
     reasons = ('max_iters', 'max_time', 'interrupted')
-    flags = torch.tensor([self.step >= self.cfg.max_iters, 0 < self.cfg.max_time <= self.elapsed(), self.interrupted], dtype=torch.int32)
-    if self.dist.enabled:
+    flags = torch.tensor([self.elapsed(), self.step >= self.cfg.max_iters, self.interrupted], dtype=torch.float64)
+    if self.dist.enabled:  # the slowest clock and any rank's reason count for all: the learning rate and the stop stay in step
         flags = flags.to(self.device)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    return next((r for r, f in zip(reasons, flags.tolist()) if f), None)
+    self.shared_elapsed, at_max_iters, interrupted = flags.tolist()
+    out_of_time = 0 < self.cfg.max_time <= self.shared_elapsed
+    return next((r for r, f in zip(reasons, (at_max_iters, out_of_time, interrupted)) if f), None)
 
-# %% ../nbs/04_training.ipynb #ba9cacf0
+# %% ../nbs/04_training.ipynb #1db5f3a6
 @patch
 def fit(self:Trainer) -> Path:
     "Train until a stop condition; returns the run directory."
@@ -529,16 +577,17 @@ def fit(self:Trainer) -> Path:
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not (main and cfg.progress), unit='step', dynamic_ncols=True)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * self.run.model.block_size * self.dist.world_size
-    previous_sigint = signal.getsignal(signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     def on_sigint(signum, frame):
         if self.interrupted: raise KeyboardInterrupt   # a second Ctrl-C stops at once
         self.interrupted = True
     in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread: signal.signal(signal.SIGINT, on_sigint)
+    if in_main_thread:
+        for sig in previous: signal.signal(sig, on_sigint)   # Ctrl-C, or a polite kill: save and stop
     try:
         self.model.train()
         if self.step == 0: self.evaluate()
-        t_log, step_log = time.perf_counter(), self.step
+        t_log, step_log, loss = time.perf_counter(), self.step, None
         while (reason := self._should_stop()) is None:
             loss = self.train_step()
             bar.update(1)
@@ -551,6 +600,7 @@ def fit(self:Trainer) -> Path:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{self.lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
             if self.step % cfg.eval_interval == 0: self.evaluate()
         if reason == 'interrupted':
+            if loss is not None and not math.isfinite(loss.item()): raise _diverged('the training loss', loss.item(), self.step, self.out)
             self.save()
             self.set_status('interrupted')
             if main: print(f"interrupted at step {self.step}; resume with: craft train --resume {self.out}", file=sys.stderr)
@@ -573,12 +623,15 @@ def fit(self:Trainer) -> Path:
         self.set_status('failed', error=str(e)); raise
     except KeyboardInterrupt:
         self.set_status('interrupted'); raise
+    except Exception as e:
+        self.set_status('failed', error=f"{type(e).__name__}: {e}"); raise
     finally:
         bar.close()
         if self.writer is not None: self.writer.close()
-        if in_main_thread: signal.signal(signal.SIGINT, previous_sigint)
+        if in_main_thread:
+            for sig, handler in previous.items(): signal.signal(sig, handler)
 
-# %% ../nbs/04_training.ipynb #a9e11fbf
+# %% ../nbs/04_training.ipynb #59f923a3
 def resume_config(run_dir, **overrides) -> RunConfig:
     "The config of the run in `run_dir`, with training settings overridden; model changes are refused."
     saved = read_run_config(run_dir)
@@ -589,10 +642,14 @@ def resume_config(run_dir, **overrides) -> RunConfig:
     if changed:
         diff = ', '.join(f"{k}={v!r} (run: {getattr(saved.model, k)!r})" for k, v in changed.items())
         raise CraftError(f"cannot resume {run_dir} with a different model: {diff}; drop those flags, or start a new run")
-    train_settings = {k: v for k, v in overrides.items() if k in TRAIN_FIELDS and k not in ('out', 'preset')}
+    if 'preset' in overrides or Path(overrides.get('out', run_dir)).resolve() != Path(run_dir).resolve():
+        raise CraftError(f"--resume {run_dir} continues that run with its own preset and directory; drop --preset and --out")
+    train_settings = {k: v for k, v in overrides.items() if k in TRAIN_FIELDS and k != 'out'}
     return RunConfig(saved.model, TrainConfig(**{**asdict(saved.train), **train_settings}))
 
 def train(preset:str|None=None, config_file=None, resume=None, **overrides) -> Path:
     "Train a model and return its run directory; `resume` continues the run in that directory."
+    if resume and (preset or config_file):
+        raise CraftError(f"--resume {resume} continues that run with its own settings; drop --preset and --config (flags may change how training goes on)")
     run = resume_config(resume, **overrides) if resume else resolve_config(preset, config_file, **overrides)
     return Trainer(run, resume).fit()

@@ -112,6 +112,11 @@ def test_ddp_with_gloo_on_two_processes(env, tmp_path):
     single_val = [r['val_loss'] for r in single_rows if 'val_loss' in r][-1]
     assert ddp_val == pytest.approx(single_val, abs=0.02)    # same global batch: the same progress
     assert ddp_val < ddp_rows[0]['val_loss'] - 0.1           # and it did learn
+    resumed = subprocess.run([torchrun, '--standalone', '--nproc_per_node=2', '-m', 'craft.cli', 'train', '--resume',
+                              str(tmp_path / 'ddp'), '--max-iters', '12', '--no-progress'], env={**env, 'OMP_NUM_THREADS': '1'},
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / 'ddp' / 'status.json').read_text())['step'] == 12
 
 
 # Bad input: one clear line on stderr, a non-zero exit, and nothing lost.
@@ -147,6 +152,19 @@ def test_bad_settings(env, tmp_path, args, fragment):
 def test_bad_config_file(env, tmp_path):
     (tmp_path / 'c.yaml').write_text('n_layers: 3\n')
     assert_one_line_error(craft(env, 'train', *TINY, '--config', tmp_path / 'c.yaml'), 'unknown setting(s): n_layers')
+
+
+def test_a_new_run_never_mixes_into_an_old_one(env, tiny_run, tmp_path):
+    before = snapshot(tiny_run)
+    assert_one_line_error(craft(env, 'train', *TINY, '--out', tiny_run), 'already holds a run', '--resume')
+    assert_one_line_error(craft(env, 'train', '--resume', tiny_run, '--preset', 'nanogpt'), 'drop --preset')
+    assert_one_line_error(craft(env, 'train', '--resume', tiny_run, '--max-iters', 30), 'already at step 30')
+    assert snapshot(tiny_run) == before
+    # a run's own config.json reproduces it, in a new directory
+    result = craft(env, 'train', '--config', tiny_run / 'config.json', '--no-progress', '--out', tmp_path / 'again')
+    assert result.returncode == 0, result.stderr
+    assert metrics(tmp_path / 'again') == [dict(r, elapsed_s=r2['elapsed_s'], **({'tokens_per_sec': r2['tokens_per_sec']} if 'tokens_per_sec' in r else {}))
+                                           for r, r2 in zip(metrics(tiny_run), metrics(tmp_path / 'again'))]
 
 
 def test_resume_from_something_that_is_not_a_run(env, tmp_path):
