@@ -6,11 +6,11 @@
 __all__ = ['Parser', 'add_option', 'add_function_options', 'train_parser', 'train_command', 'print_sample', 'build_parser',
            'compare_parser', 'parse_args', 'main']
 
-# %% ../nbs/90_cli.ipynb #d664499a
+# %% ../nbs/90_cli.ipynb #96deb7d0
 import os
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch is imported: idle OpenMP threads sleep instead of spinning
 
-# %% ../nbs/90_cli.ipynb #a3557685
+# %% ../nbs/90_cli.ipynb #749efc6d
 import argparse, inspect, sys, types, typing
 from dataclasses import fields, MISSING
 from fastcore.docments import docments
@@ -22,14 +22,15 @@ from .training import TrainConfig, TRAIN_PRESETS, train, read_status, read_run_c
 from .sampling import sample_command, generate
 from .runs import runs_command, compare_command
 from .bench import bench_command
+from .serving import serve_command
 
-# %% ../nbs/90_cli.ipynb #de748097
+# %% ../nbs/90_cli.ipynb #6c07755d
 class Parser(argparse.ArgumentParser):
     "An ArgumentParser whose errors are one line on stderr, pointing at --help."
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-# %% ../nbs/90_cli.ipynb #37009a99
+# %% ../nbs/90_cli.ipynb #35ea9d4e
 def _base_type(annotation):
     "The scalar type inside an annotation like `int`, `str|None` or `list[str]|None`, and whether it is a list."
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -63,7 +64,7 @@ def add_function_options(parser, func, skip=(), positional=()):
                                 help=(docs.get(name) or '') + (f" (default: {p.default!r})" if optional else ''))
         else: add_option(parser, name, p.annotation, p.default, docs.get(name))
 
-# %% ../nbs/90_cli.ipynb #8b8f26f9
+# %% ../nbs/90_cli.ipynb #ef551dfe
 def _preset_defaults(name:str, default) -> str:
     "The default of a field as the help shows it: one value, or each preset's value."
     values = {p: {**PRESETS[p], **TRAIN_PRESETS[p]}.get(name, default) for p in TRAIN_PRESETS}
@@ -101,7 +102,7 @@ def print_sample(run_dir):
     write_sample(run_dir, text)
     print(f"\n--- a sample from {run_dir} ---\n{text}\n---")
 
-# %% ../nbs/90_cli.ipynb #01e2a603
+# %% ../nbs/90_cli.ipynb #b226de8e
 def build_parser() -> argparse.ArgumentParser:
     "The `craft` parser with one subcommand per command."
     parser = Parser(prog='craft', description='craft: a character-level GPT you can read, train and play with.')
@@ -115,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Benchmark craft on this machine: training and sampling speed, memory, ceilings, each with its ratio to a textbook PyTorch baseline.")
     add_function_options(bench, bench_command)
     bench.set_defaults(func=lambda args: bench_command(**_kwargs(args)) and 0)
+    serve = sub.add_parser('serve', help='serve a model over HTTP, with continuous batching and streaming',
+                           description="Serve a run directory or checkpoint as an HTTP API (POST /v1/generate, GET /health, GET /v1/model, /docs).")
+    add_function_options(serve, serve_command)
+    serve.set_defaults(func=lambda args: serve_command(**_kwargs(args)) and 0)
     runs = sub.add_parser('runs', help='list and compare training runs',
                           description="List the training runs in a folder, one row per run.",
                           epilog="craft runs compare RUN RUN... [--plot FILE.png] compares runs: their config diff and loss curves.")
@@ -156,5 +161,5 @@ def main(argv:list[str]|None=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
-# %% ../nbs/90_cli.ipynb #36d87f61
+# %% ../nbs/90_cli.ipynb #ed0a94d6
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

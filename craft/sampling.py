@@ -8,7 +8,7 @@ __all__ = ['SAMPLING_FIELDS', 'INFERENCE_DTYPES', 'GenerationConfig', 'apply_tem
            'RowText', 'TextStream', 'stream', 'generate', 'inference_dtype', 'sample_command', 'SamplerApp',
            'sampler_app']
 
-# %% ../nbs/05_sampling.ipynb #543a2123
+# %% ../nbs/05_sampling.ipynb #3901a9a8
 import math, secrets, sys, threading, time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -20,7 +20,7 @@ from .errors import CraftError
 from .tokenizer import CharTokenizer, load_text
 from .model import GPT, GPTConfig, load_checkpoint, pick_device, native_bf16
 
-# %% ../nbs/05_sampling.ipynb #ca37c037
+# %% ../nbs/05_sampling.ipynb #0a3b3f8d
 @dataclass
 class GenerationConfig:
     "How to generate: sampling controls (named as in Hugging Face), length, stop strings, batch and seed. Invalid values raise `CraftError` naming the field."
@@ -45,7 +45,7 @@ class GenerationConfig:
                 if isinstance(v, int) and not isinstance(v, bool): setattr(self, f.name, float(v))
         self.validate()
 
-# %% ../nbs/05_sampling.ipynb #37061694
+# %% ../nbs/05_sampling.ipynb #ca08e3e4
 def _check(ok:bool, name:str, value, why:str):
     if not ok: raise CraftError(f"invalid generation setting: {name}={value!r} {why}")
 
@@ -59,18 +59,18 @@ def validate(self:GenerationConfig):
     for name in ('temperature', 'top_p', 'min_p', 'repetition_penalty', 'window_keep'):
         _check(_is_number(getattr(self, name)), name, getattr(self, name), "must be a finite number")
     _check(self.max_new_tokens >= 0, 'max_new_tokens', self.max_new_tokens, "must be >= 0")
-    _check(self.temperature >= 0, 'temperature', self.temperature, "must be >= 0 (0 = greedy)")
+    _check(self.temperature == 0 or self.temperature >= 1e-4, 'temperature', self.temperature, "must be 0 (greedy) or >= 1e-4")
     _check(self.top_k >= 0, 'top_k', self.top_k, "must be >= 0 (0 = off)")
-    _check(0 < self.top_p <= 1, 'top_p', self.top_p, "must be in (0, 1] (1 = off)")
+    _check(1e-6 <= self.top_p <= 1, 'top_p', self.top_p, "must be in [1e-6, 1] (1 = off)")
     _check(0 <= self.min_p < 1, 'min_p', self.min_p, "must be in [0, 1) (0 = off)")
-    _check(self.repetition_penalty > 0, 'repetition_penalty', self.repetition_penalty, "must be > 0 (1 = off, > 1 penalises repeats)")
+    _check(0.01 <= self.repetition_penalty <= 100, 'repetition_penalty', self.repetition_penalty, "must be in [0.01, 100] (1 = off, > 1 penalises repeats)")
     _check(self.num_samples >= 1, 'num_samples', self.num_samples, "must be >= 1")
     _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), 'seed', self.seed, "must be an integer in [0, 2**63) or None")
     _check(isinstance(self.use_cache, bool), 'use_cache', self.use_cache, "must be True or False")
     _check(0 < self.window_keep <= 1, 'window_keep', self.window_keep, "must be in (0, 1]")
     for s in self.stop or []: _check(isinstance(s, str) and s != '', 'stop', self.stop, "must be non-empty strings")
 
-# %% ../nbs/05_sampling.ipynb #92c049ac
+# %% ../nbs/05_sampling.ipynb #e62a8f0b
 def _column(value, logits:torch.Tensor, dtype=None) -> torch.Tensor:
     "A setting as a `(B, 1)` column (or `(1, 1)` for a number) on `logits`' device, to broadcast over `(B, V)`."
     return torch.as_tensor(value, dtype=dtype or logits.dtype, device=logits.device).reshape(-1, 1)
@@ -87,7 +87,7 @@ def apply_temperature(logits:torch.Tensor, temperature) -> torch.Tensor:
     t = _column(temperature, logits)                                  # (B, 1)
     return torch.where(t > 0, logits / torch.where(t > 0, t, 1.0), _keep_max(logits))
 
-# %% ../nbs/05_sampling.ipynb #990f3046
+# %% ../nbs/05_sampling.ipynb #f59a58bc
 def apply_top_k(logits:torch.Tensor, top_k) -> torch.Tensor:
     "Logits `(B, V)` with all but the `top_k` largest of each row set to -inf; `top_k` is a number or `(B,)`, 0 = keep all."
     V = logits.size(-1)
@@ -99,7 +99,7 @@ def apply_top_k(logits:torch.Tensor, top_k) -> torch.Tensor:
         kth = logits.sort(-1, descending=True).values.gather(-1, k - 1)                    # (B, 1)
     return logits.masked_fill(logits < kth, float('-inf'))
 
-# %% ../nbs/05_sampling.ipynb #0cd79363
+# %% ../nbs/05_sampling.ipynb #43624611
 def apply_top_p(logits:torch.Tensor, top_p) -> torch.Tensor:
     "Logits `(B, V)` keeping, per row, the most likely tokens until their probability reaches `top_p` (a number or `(B,)`; 1 = all)."
     if not torch.is_tensor(top_p) and top_p >= 1: return logits
@@ -111,14 +111,14 @@ def apply_top_p(logits:torch.Tensor, top_p) -> torch.Tensor:
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted) # (B, V), back in vocabulary order
     return logits.masked_fill(drop, float('-inf'))
 
-# %% ../nbs/05_sampling.ipynb #b254ebde
+# %% ../nbs/05_sampling.ipynb #25732a30
 def apply_min_p(logits:torch.Tensor, min_p) -> torch.Tensor:
     "Logits `(B, V)` with tokens less likely than `min_p` (a number or `(B,)`; 0 = off) times the row's most likely set to -inf."
     if not torch.is_tensor(min_p) and min_p <= 0: return logits
     threshold = logits.amax(-1, keepdim=True) + _column(min_p, logits).log()   # (B, 1); log 0 = -inf keeps all
     return logits.masked_fill(logits < threshold, float('-inf'))
 
-# %% ../nbs/05_sampling.ipynb #21f4cc11
+# %% ../nbs/05_sampling.ipynb #6124073e
 def presence_mask(ids:torch.Tensor, vocab_size:int) -> torch.Tensor:
     "`(B, V)` boolean mask, True where token `v` occurs in row `b` of `ids` `(B, T)`."
     return torch.zeros(ids.size(0), vocab_size, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
@@ -130,7 +130,7 @@ def apply_repetition_penalty(logits:torch.Tensor, seen:torch.Tensor, penalty) ->
     penalised = torch.where(logits > 0, logits / r, logits * r)           # (B, V)
     return torch.where(seen, penalised, logits)
 
-# %% ../nbs/05_sampling.ipynb #f7b62952
+# %% ../nbs/05_sampling.ipynb #9984c5d0
 SAMPLING_FIELDS = ('temperature', 'top_k', 'top_p', 'min_p', 'repetition_penalty')
 
 def next_tokens(logits:torch.Tensor, generator:torch.Generator|None=None, seen:torch.Tensor|None=None,
@@ -150,7 +150,7 @@ def sampling_settings(configs:GenerationConfig|list[GenerationConfig], device=No
     return {f: torch.tensor([getattr(c, f) for c in configs], device=device, dtype=torch.long if f == 'top_k' else torch.float32)
             for f in SAMPLING_FIELDS}
 
-# %% ../nbs/05_sampling.ipynb #ca230b37
+# %% ../nbs/05_sampling.ipynb #6f8a7342
 class Decoder:
     "Feeds a GPT a batch of token sequences and returns next-token logits `(B, V)`: the prompt once (`prefill`), then one token per `step`."
     def __init__(self, model:GPT, batch_size:int, use_cache:bool=True, window_keep:float=0.75):
@@ -164,7 +164,7 @@ class Decoder:
         self.n_slides = 0       # times the window slid
         self.caches = model.new_caches(batch_size) if use_cache else None
 
-# %% ../nbs/05_sampling.ipynb #8249d904
+# %% ../nbs/05_sampling.ipynb #0724a78e
 @patch
 def _append(self:Decoder, ids:torch.Tensor):
     "Add `ids` `(B, t)`, t <= block_size, to the rolling buffer."
@@ -199,7 +199,8 @@ def step(self:Decoder, tokens:torch.Tensor) -> torch.Tensor:
     self._append(tokens[:, None])
     if not self.use_cache: return self.model(self.context(), last_only=True)[0][:, -1]
     if self.pos < self.block_size:                                     # room in the cache: one position
-        logits, _ = self.model(tokens[:, None], caches=self.caches, start=self.pos, last_only=True)
+        positions = torch.full((len(tokens),), self.pos, device=tokens.device)  # (B,): the server's per-row decode path, so both round alike
+        logits, _ = self.model(tokens[:, None], caches=self.caches, start=positions, last_only=True)
         self.pos += 1
     else:                                                              # full: slide the window
         window = self.tokens[:, self.n_tokens - self.keep:self.n_tokens]  # (B, keep)
@@ -207,7 +208,7 @@ def step(self:Decoder, tokens:torch.Tensor) -> torch.Tensor:
         self.pos, self.n_slides = self.keep, self.n_slides + 1
     return logits[:, -1]
 
-# %% ../nbs/05_sampling.ipynb #54342ef3
+# %% ../nbs/05_sampling.ipynb #74847a34
 class RowText:
     "The text generated for one row: cut before the first stop string, and released only when it cannot be the start of one."
     def __init__(self, stop:list[str]|None=None):
@@ -244,7 +245,7 @@ class RowText:
         self.parts.append(out)
         return out
 
-# %% ../nbs/05_sampling.ipynb #bda39c3c
+# %% ../nbs/05_sampling.ipynb #b2fc176a
 class _HostCopy:
     "The tokens of one step `(B,)`, copied to the host without waiting on a CUDA device; `numpy()` waits."
     def __init__(self, tokens:torch.Tensor):
@@ -257,7 +258,7 @@ class _HostCopy:
         if self.event is not None: self.event.synchronize()
         return self.tensor.numpy()
 
-# %% ../nbs/05_sampling.ipynb #8b7f6516
+# %% ../nbs/05_sampling.ipynb #936f1559
 class TextStream:
     "Generation as it happens: iterate for `(row, text)` chunks; afterwards `texts`, `n_tokens`, `seconds`, `tokens_per_s` and `seed` say what happened."
     def __init__(self, model:GPT, tokenizer:CharTokenizer, prompt:str='\n', config:GenerationConfig|None=None,
@@ -284,7 +285,7 @@ class TextStream:
         "Generated tokens (all rows) per second."
         return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
 
-# %% ../nbs/05_sampling.ipynb #6e0110e4
+# %% ../nbs/05_sampling.ipynb #34f8afc1
 @patch
 @torch.inference_mode()
 def _setup(self:TextStream):
@@ -313,7 +314,7 @@ def _release(self:TextStream, chars:str) -> Iterator[tuple[int, str]]:
     for row, (r, ch) in enumerate(zip(self.rows, chars)):
         if text := r.add(ch): yield row, text
 
-# %% ../nbs/05_sampling.ipynb #0f1b2c60
+# %% ../nbs/05_sampling.ipynb #3f6660e0
 @patch
 def __iter__(self:TextStream) -> Iterator[tuple[int, str]]:
     if self._started: raise RuntimeError("a TextStream runs once; make a new one to generate again")
@@ -338,7 +339,7 @@ def __iter__(self:TextStream) -> Iterator[tuple[int, str]]:
         self.seconds = time.perf_counter() - start
         self.model.train(was_training)
 
-# %% ../nbs/05_sampling.ipynb #d901ca82
+# %% ../nbs/05_sampling.ipynb #959a6f8e
 def _config(config:GenerationConfig|None, settings:dict) -> GenerationConfig:
     "`config` (or the defaults) with `settings` applied."
     known = {f.name for f in fields(GenerationConfig)}
@@ -358,7 +359,7 @@ def generate(model:GPT, tokenizer:CharTokenizer, prompt:str='\n', config:Generat
     for _ in s: pass
     return s.texts
 
-# %% ../nbs/05_sampling.ipynb #7812fbd7
+# %% ../nbs/05_sampling.ipynb #4bb919da
 INFERENCE_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 def inference_dtype(dtype:str, device:torch.device) -> torch.dtype:
@@ -372,7 +373,7 @@ def _read_prompt(prompt:str, prompt_file:str|None) -> str:
     try: return load_text(prompt_file)
     except CraftError as e: raise CraftError(f"prompt file: {e}") from None
 
-# %% ../nbs/05_sampling.ipynb #d4b4b2cf
+# %% ../nbs/05_sampling.ipynb #06d98e84
 def sample_command(run:str,                           # run directory or .safetensors checkpoint
                    prompt:str='\n',                   # text to continue
                    prompt_file:str|None=None,         # read the prompt from this UTF-8 file instead
@@ -416,7 +417,7 @@ def sample_command(run:str,                           # run directory or .safete
           f"(seed {s.seed}, {dev.type}, {str(torch_dtype).removeprefix('torch.')})", file=sys.stderr)
     return s.texts
 
-# %% ../nbs/05_sampling.ipynb #47327311
+# %% ../nbs/05_sampling.ipynb #eaeb8186
 class SamplerApp:
     "An ipywidgets app: a prompt box, sliders for the sampling controls, Generate and Stop buttons and the streamed output."
     def __init__(self, model:GPT, tokenizer:CharTokenizer, prompt:str='\n', max_new_tokens:int=300, temperature:float=0.8,
@@ -445,7 +446,7 @@ class SamplerApp:
         from IPython.display import display
         display(self.widget)
 
-# %% ../nbs/05_sampling.ipynb #983fb780
+# %% ../nbs/05_sampling.ipynb #e3c2b882
 def _widget_property(widget:str, doc:str):
     return property(lambda self: getattr(self, widget).value, lambda self, v: setattr(getattr(self, widget), 'value', v), doc=doc)
 
@@ -470,7 +471,7 @@ def config(self:SamplerApp) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                             top_p=self.top_p, seed=self.seed, **self.settings)
 
-# %% ../nbs/05_sampling.ipynb #a31cfb35
+# %% ../nbs/05_sampling.ipynb #9185985b
 @patch
 def _run(self:SamplerApp, s:TextStream):
     try:
@@ -520,7 +521,7 @@ def wait(self:SamplerApp, timeout:float|None=None):
     "Wait for a background generation to finish."
     if self._thread is not None: self._thread.join(timeout)
 
-# %% ../nbs/05_sampling.ipynb #2752a89e
+# %% ../nbs/05_sampling.ipynb #54630f99
 def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto', **defaults) -> SamplerApp:
     "A `SamplerApp` over a run directory or checkpoint (loaded on `device` in `dtype`), or over a model and its tokenizer."
     if isinstance(run_or_model, GPT):

@@ -65,10 +65,10 @@ def random_model(trained):
 # --- settings ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('field,value,message', [
-    ('temperature', -1, 'temperature=-1.0 must be >= 0'), ('top_k', -1, 'top_k=-1 must be >= 0'),
-    ('top_k', 1.5, 'top_k=1.5 must be an integer'), ('top_p', 0, 'top_p=0.0 must be in (0, 1]'),
-    ('top_p', 2, 'top_p=2.0 must be in (0, 1]'), ('min_p', 1, 'min_p=1.0 must be in [0, 1)'),
-    ('min_p', -0.1, 'min_p=-0.1'), ('repetition_penalty', 0, 'repetition_penalty=0.0 must be > 0'),
+    ('temperature', -1, 'temperature=-1.0 must be 0 (greedy) or >= 1e-4'), ('top_k', -1, 'top_k=-1 must be >= 0'),
+    ('top_k', 1.5, 'top_k=1.5 must be an integer'), ('top_p', 0, 'top_p=0.0 must be in [1e-6, 1]'),
+    ('top_p', 2, 'top_p=2.0 must be in [1e-6, 1]'), ('min_p', 1, 'min_p=1.0 must be in [0, 1)'),
+    ('min_p', -0.1, 'min_p=-0.1'), ('repetition_penalty', 0, 'repetition_penalty=0.0 must be in [0.01, 100]'),
     ('max_new_tokens', -1, 'max_new_tokens=-1 must be >= 0'), ('num_samples', 0, 'num_samples=0 must be >= 1'),
     ('seed', 'x', "seed='x'"), ('stop', [''], 'stop='), ('temperature', float('inf'), 'must be a finite number'),
 ])

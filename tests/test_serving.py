@@ -1,0 +1,296 @@
+"`craft serve` on loopback: the real server in a subprocess, every endpoint, bad input, 64 concurrent clients, disconnects, and a schemathesis fuzz."
+import asyncio, json, os, queue, re, shutil, subprocess, sys, threading, time
+from pathlib import Path
+
+import pytest
+import torch
+
+httpx = pytest.importorskip('httpx2')
+
+from craft.model import load_checkpoint
+from craft.sampling import generate
+from craft.training import train
+
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}   # tiny models: one thread is fastest, and robust to busy cores
+
+
+@pytest.fixture(scope='session')
+def run_dir(tmp_path_factory):
+    "A run directory with a tiny model trained for two seconds (so that samples look a little like text)."
+    root = tmp_path_factory.mktemp('serving')
+    cache, threads = os.environ.get('CRAFT_CACHE_DIR'), torch.get_num_threads()
+    os.environ['CRAFT_CACHE_DIR'] = str(root / 'cache')
+    torch.set_num_threads(1)
+    try: return train('tiny', out=root / 'tiny', max_iters=300, lr=1e-2, warmup_iters=20, progress=False, full_eval=False, eval_iters=5, sample_chars=0)
+    finally:
+        torch.set_num_threads(threads)
+        if cache is None: os.environ.pop('CRAFT_CACHE_DIR')
+        else: os.environ['CRAFT_CACHE_DIR'] = cache
+
+
+@pytest.fixture(scope='session')
+def model(run_dir):
+    "The served model, in float32 on the CPU as the servers run it."
+    return load_checkpoint(run_dir, 'cpu')[:2]
+
+
+class Server:
+    "A server subprocess: its URL, and its stderr collected by a thread (so that the pipe never fills)."
+    def __init__(self, command:list[str], timeout:float=60):
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=ENV)
+        self.lines, self.url, found = [], None, queue.Queue()
+        def read():
+            for line in self.process.stderr:
+                self.lines.append(line)
+                if m := re.search(r'craft serve: (http://\S+)', line): found.put(m.group(1))
+            found.put(None)
+        threading.Thread(target=read, daemon=True).start()
+        try: self.url = found.get(timeout=timeout)
+        except queue.Empty: pass
+        if self.url is None:
+            self.stop()
+            pytest.fail(f"the server did not start:\n{''.join(self.lines)}")
+
+    def stop(self):
+        self.process.terminate()
+        try: self.process.wait(10)
+        except subprocess.TimeoutExpired: self.process.kill(); self.process.wait(10)
+
+    @property
+    def log(self) -> str: return ''.join(self.lines)
+
+
+def serve(run_dir, **limits) -> Server:
+    "`serve_command` in a subprocess, on a free port of 127.0.0.1 (the default host)."
+    args = ', '.join(f"{k}={v!r}" for k, v in dict(port=0, device='cpu', dtype='float32', log_level='warning', **limits).items())
+    return Server([sys.executable, '-c', f"from craft.serving import serve_command; serve_command({str(run_dir)!r}, {args})"])
+
+
+@pytest.fixture(scope='module')
+def server(run_dir):
+    "The main server: 16 slots, long generations allowed (for the disconnect tests)."
+    s = serve(run_dir, max_slots=16, max_prompt_chars=300, max_new_tokens_cap=5000, max_body_bytes=4096)
+    yield s
+    s.stop()
+    assert 'Traceback' not in s.log, s.log
+
+
+def health(server) -> dict:
+    r = httpx.get(f'{server.url}/health', timeout=10)
+    assert r.status_code == 200
+    return r.json()
+
+
+def post(server, timeout=30, **body) -> httpx.Response:
+    return httpx.post(f'{server.url}/v1/generate', json=body, timeout=timeout)
+
+
+def parse_events(text:str) -> list[tuple[str, dict]]:
+    "Server-Sent Events as (event name, data)."
+    events = []
+    for block in text.split('\n\n'):
+        if not block.strip(): continue
+        fields = dict(line.split(': ', 1) for line in block.split('\n'))
+        events.append((fields['event'], json.loads(fields['data'])))
+    return events
+
+
+def wait_until_idle(server, timeout=10) -> dict:
+    "Poll /health until no rows are in use and nothing waits; return the last report."
+    deadline = time.monotonic() + timeout
+    while True:
+        h = health(server)
+        if (h['rows_in_use'], h['requests_running'], h['requests_waiting']) == (0, 0, 0) or time.monotonic() > deadline: return h
+        time.sleep(0.05)
+
+
+def test_binds_loopback_by_default(server):
+    assert server.url.startswith('http://127.0.0.1:')
+
+
+def test_health_and_model(server, model):
+    _, tok = model
+    for path in ('/health', '/v1/model'):
+        r = httpx.get(server.url + path, timeout=10)
+        assert r.status_code == 200
+        info = r.json()
+        assert info['status'] == 'ok' and info['device'] == 'cpu' and info['dtype'] == 'float32'
+        assert info['vocab_size'] == tok.vocab_size and info['vocabulary'] == ''.join(tok.chars)
+        assert info['config']['block_size'] == 32 and info['max_slots'] == 16
+        assert info['limits'] == dict(max_prompt_chars=300, max_new_tokens=5000, max_samples=16, max_body_bytes=4096)
+        assert isinstance(info['requests_served'], int)
+    before = health(server)['requests_served']
+    assert post(server, prompt='KING', max_new_tokens=5).status_code == 200
+    assert health(server)['requests_served'] == before + 1
+
+
+def test_docs_and_schema(server):
+    assert 'swagger' in httpx.get(f'{server.url}/docs', timeout=10).text.lower()
+    schema = httpx.get(f'{server.url}/openapi.json', timeout=10).json()
+    assert {'/v1/generate', '/health', '/v1/model'} <= set(schema['paths'])
+
+
+SETTINGS = [dict(prompt='KING', max_new_tokens=40, seed=1),
+            dict(prompt='ROMEO:\n', max_new_tokens=70, seed=2, temperature=1.1, top_k=10, stop=['\n\n']),
+            dict(prompt='a' * 50, max_new_tokens=50, seed=3, top_p=0.8, min_p=0.05, repetition_penalty=1.3, num_samples=3),
+            dict(prompt='First', max_new_tokens=30, temperature=0, stop='e ')]
+
+
+@pytest.mark.parametrize('settings', SETTINGS)
+def test_same_seed_same_text_as_craft_sample(server, model, settings):
+    r = post(server, **settings)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    sample = {'temperature': 0.8, **{k: v for k, v in settings.items() if k != 'prompt'}}
+    assert answer['texts'] == generate(*model, settings['prompt'], **sample)
+    n = settings.get('num_samples', 1)
+    assert len(answer['texts']) == n and answer['prompt_tokens'] == len(settings['prompt'])
+    assert answer['finish_reason'] in ('stop', 'length') and answer['generated_tokens'] <= n * settings['max_new_tokens']
+    assert set(answer['timing']) == {'queued_s', 'first_token_s', 'total_s', 'tokens_per_s'}
+    if 'seed' in settings: assert answer['seed'] == settings['seed']
+
+
+def test_stream(server):
+    body = dict(prompt='KING', max_new_tokens=60, seed=5, num_samples=2, stop=['\n\n'])
+    with httpx.stream('POST', f'{server.url}/v1/generate', json={**body, 'stream': True}, timeout=30) as r:
+        assert r.status_code == 200 and r.headers['content-type'].startswith('text/event-stream')
+        events = parse_events(r.read().decode())
+    assert [name for name, _ in events[:-1]] == ['chunk'] * (len(events) - 1) and events[-1][0] == 'done'
+    done = events[-1][1]
+    for sample in range(2):
+        assert ''.join(d['text'] for _, d in events[:-1] if d['sample'] == sample) == done['texts'][sample]
+    assert done['texts'] == post(server, **body).json()['texts']
+
+
+BAD = [  # (request keyword arguments, status, part of the message)
+    (dict(content=b'{"prompt": "KING",'), 400, 'malformed JSON'),
+    (dict(content=b'not json at all'), 400, 'malformed JSON'),
+    (dict(json={'temperature': 'hot'}), 422, 'temperature: Input should be a valid number'),
+    (dict(json={'prompt': 5}), 422, 'prompt: Input should be a valid string'),
+    (dict(json={'max_new_tokens': 1.5}), 422, 'max_new_tokens: Input should be a valid integer'),
+    (dict(json={'stream': 'yes'}), 422, 'stream: Input should be a valid boolean'),
+    (dict(json={'stop': [1]}), 422, 'stop'),
+    (dict(json={'seed': -1}), 422, 'seed: Input should be greater than or equal to 0'),
+    (dict(json={'top_p': 2}), 422, 'top_p: Input should be less than or equal to 1'),
+    (dict(json={'temperature': -1}), 422, 'temperature: Input should be greater than or equal to 0'),
+    (dict(json={'temperature': 1e-9}), 422, 'temperature: Value error, must be 0 (greedy) or at least 0.0001'),
+    (dict(json={'num_samples': 0}), 422, 'num_samples: Input should be greater than or equal to 1'),
+    (dict(json={'num_samples': 17}), 422, 'num_samples: Input should be less than or equal to 16'),
+    (dict(json={'prompt': 'Señor ¿qué?'}), 422, "prompt: text has 3 character(s) not in the tokenizer's vocabulary: 'ñ' (U+00F1) at index 2, '¿' (U+00BF) at index 6, 'é' (U+00E9) at index 9"),
+    (dict(json={'prompt': 'a' * 301}), 422, 'prompt: String should have at most 300 characters'),
+    (dict(json={'prompt': ''}), 422, 'prompt: String should have at least 1 character'),
+    (dict(json={'max_new_tokens': 5001}), 422, 'max_new_tokens: Input should be less than or equal to 5000'),
+    (dict(json={'colour': 'red'}), 422, 'colour: Extra inputs are not permitted'),
+    (dict(json=[1, 2]), 422, 'request body: Input should be a valid dictionary'),
+    (dict(json={'prompt': 'a' * 5000}), 413, "larger than this server's limit of 4096 bytes"),
+    (dict(content=(b'x' * 1000 for _ in range(5))), 413, "limit of 4096 bytes"),    # chunked: no Content-Length
+]
+
+
+@pytest.mark.parametrize('request_args, status, message', BAD)
+def test_bad_input(server, request_args, status, message):
+    r = httpx.post(f'{server.url}/v1/generate', headers={'content-type': 'application/json'}, timeout=30, **request_args)
+    assert r.status_code == status, r.text
+    assert message in r.json()['error'], r.json()
+
+
+def test_not_found_and_method(server):
+    assert httpx.get(f'{server.url}/nothing', timeout=10).json()['error'] == 'Not Found'
+    r = httpx.get(f'{server.url}/v1/generate', timeout=10)
+    assert r.status_code == 405 and 'POST' in r.headers['allow']
+
+
+def client_body(i:int) -> dict:
+    "Varied seeded settings for client `i`."
+    return dict(prompt=['KING', 'ROMEO:\n', 'a', 'First Citizen:\n'][i % 4], max_new_tokens=20 + (i * 7) % 45, seed=i,
+                temperature=[0.8, 1.0, 0.0, 1.3][i % 4], top_k=[0, 10][i % 2], top_p=[1.0, 0.9, 1.0][i % 3],
+                stop=[None, ['\n\n'], ['e ']][i % 3], num_samples=1 + (i % 9 == 0))
+
+
+async def one_client(client:httpx.AsyncClient, i:int, stream:bool, disconnect:bool=False) -> list[str]|None:
+    "Client `i`: one request, streamed or not; a disconnecting client reads two events and hangs up."
+    body = client_body(i) | ({'max_new_tokens': 5000} if disconnect else {})
+    if not stream:
+        r = await client.post('/v1/generate', json=body)
+        assert r.status_code == 200, r.text
+        return r.json()['texts']
+    async with client.stream('POST', '/v1/generate', json={**body, 'stream': True}) as r:
+        assert r.status_code == 200
+        text, n = '', 0
+        async for chunk in r.aiter_text():
+            text += chunk; n += 1
+            if disconnect and text.count('\n\n') >= 2: return None     # leaves the block: the connection closes
+    events = parse_events(text)
+    assert events[-1][0] == 'done'
+    return events[-1][1]['texts']
+
+
+async def many_clients(url:str, n:int, n_leaving:int=0) -> list:
+    "`n` clients at once, alternately plain and streaming, and `n_leaving` more that hang up mid-stream."
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=n + n_leaving + 8)) as client:
+        return await asyncio.gather(*(one_client(client, i, stream=i % 2 == 1) for i in range(n)),
+                                    *(one_client(client, 1000 + i, stream=True, disconnect=True) for i in range(n_leaving)))
+
+
+def test_64_concurrent_clients(server):
+    "64 clients at once, half of them streaming, and 4 more hanging up mid-stream: every request succeeds, seeded texts equal their one-at-a-time texts, no row leaks."
+    cancelled = health(server)['requests_by_finish_reason']['cancelled']
+    start = time.monotonic()
+    results = asyncio.run(many_clients(server.url, 64, n_leaving=4))
+    elapsed = time.monotonic() - start
+    together, left = results[:64], results[64:]
+    alone = [post(server, **client_body(i)).json()['texts'] for i in range(64)]
+    assert together == alone and left == [None] * 4
+    h = wait_until_idle(server)
+    assert (h['rows_in_use'], h['requests_running'], h['requests_waiting']) == (0, 0, 0)
+    assert h['requests_by_finish_reason']['cancelled'] == cancelled + 4
+    assert elapsed < 60
+
+
+def test_disconnect_frees_rows(server):
+    "Clients that go away (streaming or not) free their rows at once, long before their 5,000 characters."
+    cancelled = health(server)['requests_by_finish_reason']['cancelled']
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for _ in range(3):
+            with client.stream('POST', '/v1/generate', json={'prompt': 'KING', 'max_new_tokens': 5000, 'num_samples': 4, 'stream': True}) as r:
+                next(r.iter_text())
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f'{server.url}/v1/generate', json={'prompt': 'KING', 'max_new_tokens': 5000, 'num_samples': 16}, timeout=0.3)
+    h = wait_until_idle(server, timeout=5)
+    assert (h['rows_in_use'], h['requests_running']) == (0, 0)
+    assert h['requests_by_finish_reason']['cancelled'] == cancelled + 4
+
+
+@pytest.fixture(scope='module')
+def fuzz_server(run_dir):
+    "A server with small limits, so that every request the fuzzer makes is quick."
+    s = serve(run_dir, max_slots=4, max_prompt_chars=64, max_new_tokens_cap=20)
+    yield s
+    s.stop()
+
+
+def test_fuzz_openapi_schema(fuzz_server):
+    "schemathesis generates requests from the OpenAPI schema, valid and invalid: no 5xx, and the server stays up."
+    st = shutil.which('st', path=str(Path(sys.executable).parent)) or shutil.which('st')
+    if st is None: pytest.skip('schemathesis is not installed')
+    r = subprocess.run([st, 'run', f'{fuzz_server.url}/openapi.json', '--checks', 'not_a_server_error', '--max-examples', '30',
+                        '--max-time', '20', '--request-timeout', '10', '--seed', '1', '--workers', '2', '--no-color'],
+                       capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+    assert re.search(r'\d+ generated, \d+ passed', r.stdout), r.stdout[-5000:]
+    print(r.stdout[r.stdout.find('WARNINGS'):] if 'WARNINGS' in r.stdout else '')
+    assert health(fuzz_server)['requests_served'] > 0
+    assert 'Traceback' not in fuzz_server.log, fuzz_server.log
+
+
+def test_cli_serve(run_dir, tmp_path):
+    "`craft serve RUN --port 0` serves; a bad run directory is one line on stderr."
+    help = subprocess.run([sys.executable, '-m', 'craft.cli', 'serve', '--help'], capture_output=True, text=True, timeout=60, env=ENV)
+    if help.returncode != 0: pytest.skip('`craft serve` is not wired into craft.cli yet')
+    s = Server([sys.executable, '-m', 'craft.cli', 'serve', str(run_dir), '--port', '0', '--device', 'cpu'])
+    try:
+        assert s.url.startswith('http://127.0.0.1:')
+        assert health(s)['status'] == 'ok'
+    finally: s.stop()
+    bad = subprocess.run([sys.executable, '-m', 'craft.cli', 'serve', str(tmp_path / 'nowhere'), '--port', '0'], capture_output=True, text=True, timeout=60, env=ENV)
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and 'no such file or directory' in bad.stderr
