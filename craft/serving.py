@@ -6,7 +6,7 @@
 __all__ = ['prefill_rows', 'sample_rows', 'Job', 'Engine', 'request_model', 'Timing', 'GenerateResponse', 'ErrorResponse',
            'ModelInfo', 'BodyLimit', 'create_app', 'serve_command']
 
-# %% ../nbs/07_serving.ipynb #0925bed4
+# %% ../nbs/07_serving.ipynb #8e04d12f
 import asyncio, json, secrets, socket, sys, threading, time, traceback
 from collections import Counter, deque
 from contextlib import asynccontextmanager
@@ -27,7 +27,7 @@ from .model import GPT, load_checkpoint, pick_device
 from .sampling import (GenerationConfig, RowText, SAMPLING_FIELDS, presence_mask, apply_repetition_penalty, apply_temperature,
                             apply_top_k, apply_top_p, apply_min_p, inference_dtype)
 
-# %% ../nbs/07_serving.ipynb #21b11027
+# %% ../nbs/07_serving.ipynb #b76dcb68
 @torch.inference_mode()
 def prefill_rows(model:GPT, caches:list[KVCache], rows:torch.Tensor, ids:torch.Tensor) -> torch.Tensor:
     "Run `ids` `(n, t)` from position 0, store its keys and values in rows `rows` `(n,)` of `caches`; return the next-token logits `(n, V)`."
@@ -39,7 +39,7 @@ def prefill_rows(model:GPT, caches:list[KVCache], rows:torch.Tensor, ids:torch.T
         cache.v[rows, :, :t] = new.v[:, :, :t]
     return logits[:, -1]
 
-# %% ../nbs/07_serving.ipynb #75405191
+# %% ../nbs/07_serving.ipynb #c27b94b6
 def _setting(values:list, device) -> float|int|torch.Tensor:
     "One setting for all rows: a number if every row has the same value, else a `(B,)` tensor."
     if all(v == values[0] for v in values): return values[0]
@@ -60,7 +60,7 @@ def sample_rows(logits:torch.Tensor, groups:list[tuple[list[int], torch.Generato
         tokens[rows] = torch.multinomial(picked, 1, generator=generator).squeeze(-1)
     return tokens
 
-# %% ../nbs/07_serving.ipynb #83fa0532
+# %% ../nbs/07_serving.ipynb #e3690a14
 class Job:
     "One generation request inside an `Engine`: prompt, settings, random generator, rows while it runs, text and times."
     def __init__(self, id:int, prompt_ids:np.ndarray, config:GenerationConfig, device, sink=None, stream:bool=True):
@@ -89,7 +89,7 @@ class Job:
 
     def __repr__(self): return f"Job({self.id}, rows={self.rows}, steps={self.n_steps}, finish_reason={self.finish_reason!r})"
 
-# %% ../nbs/07_serving.ipynb #94f5292e
+# %% ../nbs/07_serving.ipynb #460a58fa
 @patch
 def summary(self:Job) -> dict:
     "The finished job as a JSON-able dict: texts, finish reason, seed, token counts and timing in seconds."
@@ -101,7 +101,7 @@ def summary(self:Job) -> dict:
                 timing=dict(queued_s=since(self.admitted), first_token_s=since(self.first_token), total_s=since(end),
                             tokens_per_s=round(self.n_tokens / running, 3) if running > 0 else 0.0))
 
-# %% ../nbs/07_serving.ipynb #d2184734
+# %% ../nbs/07_serving.ipynb #e40896db
 class Engine:
     "Continuous batching over one model: requests join and leave a running batch at token boundaries, each in its own rows of a shared KV cache."
     def __init__(self, model:GPT, tokenizer:CharTokenizer, max_slots:int=64, record:bool=False):
@@ -135,7 +135,7 @@ class Engine:
         "Whether jobs are running or waiting."
         return bool(self.jobs or self.waiting)
 
-# %% ../nbs/07_serving.ipynb #098631d5
+# %% ../nbs/07_serving.ipynb #663a24f0
 @patch
 def submit(self:Engine, prompt:str, config:GenerationConfig|None=None, on_unknown:str='error', sink=None, stream:bool=True) -> Job:
     "Queue a request to continue `prompt`; returns its `Job` (`stream=False`: publish no news until it finishes). Raises `CraftError` for a prompt it cannot run."
@@ -159,7 +159,7 @@ def cancel(self:Engine, job:Job):
     job.cancelled = True
     with self.lock: self.lock.notify()
 
-# %% ../nbs/07_serving.ipynb #fc25a194
+# %% ../nbs/07_serving.ipynb #e3608ed5
 @patch
 def _admit(self:Engine) -> list[tuple[Job, torch.Tensor]]:
     "Move waiting jobs into free rows and prefill them; returns each with its next-token logits `(num_samples, V)`."
@@ -187,7 +187,7 @@ def _admit(self:Engine) -> list[tuple[Job, torch.Tensor]]:
         out.append((job, prefill_rows(self.model, self.caches, rows, window)))
     return out
 
-# %% ../nbs/07_serving.ipynb #ea505084
+# %% ../nbs/07_serving.ipynb #64399439
 @patch
 def _decode(self:Engine, n:int) -> torch.Tensor:
     "Next-token logits `(n, V)` of active rows `0..n-1`: one batched decode step; rows with a full window slide it."
@@ -215,7 +215,7 @@ def _decode(self:Engine, n:int) -> torch.Tensor:
         for r in rows: owners[r][0].pos = keep
     return logits
 
-# %% ../nbs/07_serving.ipynb #b2176788
+# %% ../nbs/07_serving.ipynb #4d62ff21
 @patch
 def _finish(self:Engine, job:Job, reason:str, news:list, error:str|None=None):
     "Mark `job` finished for `reason`, flush its held text into `news`."
@@ -243,7 +243,7 @@ def _free(self:Engine, dead:list[int]):
             job.rows[i], self.row_owner[d] = d, (job, i)
     del self.row_owner[n_left:]
 
-# %% ../nbs/07_serving.ipynb #250b7db9
+# %% ../nbs/07_serving.ipynb #fe671f01
 @patch
 def _sample(self:Engine, logits:torch.Tensor) -> torch.Tensor:
     "One token per active row `(n,)` from logits `(n, V)`, with each row's settings and its job's generator."
@@ -269,7 +269,7 @@ def _release(self:Engine, tokens:torch.Tensor, news:list) -> list[Job]:
         if all(r.stopped for r in job.row_texts) or job.n_steps >= job.config.max_new_tokens: done.append(job)
     return done
 
-# %% ../nbs/07_serving.ipynb #774dfbcf
+# %% ../nbs/07_serving.ipynb #3f692ebc
 @patch
 @torch.inference_mode()
 def step(self:Engine) -> int:
@@ -301,7 +301,7 @@ def _publish(self:Engine, news:list):
     "Hand this step's news to the listener, if any."
     if news and self.listener is not None: self.listener(news)
 
-# %% ../nbs/07_serving.ipynb #04a152ef
+# %% ../nbs/07_serving.ipynb #bbfe32a7
 @patch
 def _run(self:Engine):
     "The engine thread's loop."
@@ -346,7 +346,7 @@ def stop(self:Engine, timeout:float=10.0):
     if self.jobs: self._retire(list(self.jobs), news, 'cancelled')
     self._publish(news)
 
-# %% ../nbs/07_serving.ipynb #49a75a6c
+# %% ../nbs/07_serving.ipynb #5f0e1099
 def _vocabulary_pattern(chars:list[str]) -> str:
     "A JSON-schema regex matching strings made of `chars` only."
     return '^[' + ''.join(f'\\u{ord(c):04x}' if ord(c) < 0x10000 else c for c in chars) + ']*$'
@@ -384,7 +384,7 @@ def request_model(vocabulary:list[str], max_prompt_chars:int=4096, max_new_token
             return GenerationConfig(**self.model_dump(exclude={'prompt', 'stream', 'on_unknown'}))
     return GenerateRequest
 
-# %% ../nbs/07_serving.ipynb #2b7ef9e7
+# %% ../nbs/07_serving.ipynb #8168b46f
 class Timing(BaseModel):
     "Where a request's time went, in seconds since it arrived."
     queued_s: float|None = Field(description="until it had rows and its prompt was run")
@@ -426,7 +426,7 @@ class ModelInfo(BaseModel):
     steps: int = Field(description="decode steps run since the server started")
     uptime_s: float
 
-# %% ../nbs/07_serving.ipynb #3d506b23
+# %% ../nbs/07_serving.ipynb #f07421ee
 def _safe(text:str) -> str:
     "`text` with anything UTF-8 cannot encode (lone surrogates) escaped."
     return text.encode('utf-8', 'backslashreplace').decode('utf-8')
@@ -453,7 +453,7 @@ async def _http_error(request:Request, exc:HTTPException) -> JSONResponse:
     response.headers.update(exc.headers or {})        # e.g. Allow, with 405
     return response
 
-# %% ../nbs/07_serving.ipynb #565fc711
+# %% ../nbs/07_serving.ipynb #66f7f92d
 class BodyLimit:
     "ASGI middleware: refuse a request body larger than `max_bytes` with 413 and a JSON message."
     def __init__(self, app, max_bytes:int):
@@ -474,7 +474,7 @@ class BodyLimit:
             return message
         await self.app(scope, counting_receive, send)
 
-# %% ../nbs/07_serving.ipynb #a9af9fd8
+# %% ../nbs/07_serving.ipynb #f9bc3488
 def _deliver(news:list):
     "On the event loop: put each job's news into its queue."
     for job, chunks, finished in news:
@@ -501,7 +501,7 @@ async def _watch_disconnect(request:Request, engine:Engine, job:Job):
     while (await request.receive())['type'] != 'http.disconnect': pass
     engine.cancel(job)
 
-# %% ../nbs/07_serving.ipynb #7721e0cf
+# %% ../nbs/07_serving.ipynb #3a182b2b
 def _model_info(app:FastAPI) -> dict:
     engine, model = app.state.engine, app.state.engine.model
     return dict(status='ok', config=model.config.to_dict(), vocab_size=engine.tokenizer.vocab_size, vocabulary=''.join(engine.tokenizer.chars),
@@ -572,7 +572,7 @@ def create_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, dev
         return _model_info(app)
     return app
 
-# %% ../nbs/07_serving.ipynb #55279405
+# %% ../nbs/07_serving.ipynb #30a808ef
 def serve_command(run:str,                        # run directory or .safetensors checkpoint
                   host:str='127.0.0.1',           # address to listen on: 127.0.0.1 = this machine only, 0.0.0.0 = every network
                   port:int=8000,                  # TCP port; 0 = any free port (printed)

@@ -9,27 +9,14 @@ from craft.errors import CraftError
 from craft.model import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "One torch thread: the machines that run the tests are small and shared, and two threads fight over them."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def quick(tmp_path_factory):
     "The results of one `bench_command(quick=True)` on the CPU, with what it printed."
     out = tmp_path_factory.mktemp('bench') / 'sub' / 'bench.json'
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     import contextlib, io
     stdout, stderr = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            results = bench_command(device='cpu', quick=True, out=str(out))
-    finally: torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        results = bench_command(device='cpu', quick=True, out=str(out))
     return out, results, stdout.getvalue(), stderr.getvalue()
 
 

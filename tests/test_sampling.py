@@ -33,15 +33,6 @@ def train_tiny(steps=250, seed=0):
     return model.eval(), tok
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "The tiny models run fastest on one thread, and do not then stall when other processes share the cores."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='session')
 def trained():
     return train_tiny()

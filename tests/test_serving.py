@@ -18,14 +18,7 @@ ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}   # tiny models: one thread is fast
 def run_dir(tmp_path_factory):
     "A run directory with a tiny model trained for two seconds (so that samples look a little like text)."
     root = tmp_path_factory.mktemp('serving')
-    cache, threads = os.environ.get('CRAFT_CACHE_DIR'), torch.get_num_threads()
-    os.environ['CRAFT_CACHE_DIR'] = str(root / 'cache')
-    torch.set_num_threads(1)
-    try: return train('tiny', out=root / 'tiny', max_iters=300, lr=1e-2, warmup_iters=20, progress=False, full_eval=False, eval_iters=5, sample_chars=0)
-    finally:
-        torch.set_num_threads(threads)
-        if cache is None: os.environ.pop('CRAFT_CACHE_DIR')
-        else: os.environ['CRAFT_CACHE_DIR'] = cache
+    return train('tiny', out=root / 'tiny', max_iters=300, lr=1e-2, warmup_iters=20, progress=False, full_eval=False, eval_iters=5, sample_chars=0)
 
 
 @pytest.fixture(scope='session')

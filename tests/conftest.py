@@ -1,0 +1,21 @@
+"Shared pytest fixtures: one torch thread and a private token cache for the whole session."
+import os, pytest, torch
+
+
+@pytest.fixture(scope='session', autouse=True)
+def one_thread():
+    "One torch thread in the test process: the tiny models run fastest so, and do not stall when other processes share the cores."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def token_cache(tmp_path_factory):
+    "A token cache of the session's own (CRAFT_CACHE_DIR), so tests never touch the user's ~/.cache/craft."
+    saved = os.environ.get('CRAFT_CACHE_DIR')
+    os.environ['CRAFT_CACHE_DIR'] = str(tmp_path_factory.mktemp('token-cache'))
+    yield os.environ['CRAFT_CACHE_DIR']
+    if saved is None: os.environ.pop('CRAFT_CACHE_DIR', None)
+    else: os.environ['CRAFT_CACHE_DIR'] = saved
