@@ -9,7 +9,7 @@ __all__ = ['DTYPES', 'TRAIN_PRESETS', 'MODEL_FIELDS', 'TRAIN_FIELDS', 'BITS_PER_
            'atomic_write_text', 'read_run_config', 'read_metrics', 'read_status', 'plot_metrics', 'Dist',
            'dist_from_env', 'autocast_dtype', 'Trainer', 'tensorboard_writer', 'write_sample', 'resume_config', 'train']
 
-# %% ../nbs/04_training.ipynb #4dc12d24
+# %% ../nbs/04_training.ipynb #7ee2871d
 import contextlib, hashlib, json, math, os, signal, sys, threading, time
 from dataclasses import dataclass, asdict, fields, replace
 from datetime import datetime
@@ -22,7 +22,7 @@ from .errors import CraftError
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, PRESETS, save_checkpoint, load_checkpoint, read_checkpoint_header, pick_device, native_bf16, check_field_types
 
-# %% ../nbs/04_training.ipynb #3227b53c
+# %% ../nbs/04_training.ipynb #ff24cef2
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 
 @dataclass
@@ -61,7 +61,7 @@ class TrainConfig:
             if isinstance(getattr(self, name), os.PathLike): setattr(self, name, os.fspath(getattr(self, name)))
         self.validate()
 
-# %% ../nbs/04_training.ipynb #d20ad919
+# %% ../nbs/04_training.ipynb #a03acdb8
 def _fail(field, value, why): raise CraftError(f"invalid training config: {field}={value!r} {why}")
 
 @patch
@@ -79,7 +79,7 @@ def validate(self:TrainConfig):
     if self.dtype not in DTYPES: _fail('dtype', self.dtype, f"must be one of {', '.join(DTYPES)}")
     if self.preset not in ('auto', *TRAIN_PRESETS): _fail('preset', self.preset, f"is unknown; choose one of: auto, {', '.join(TRAIN_PRESETS)}")
 
-# %% ../nbs/04_training.ipynb #be89fa36
+# %% ../nbs/04_training.ipynb #8e5d35eb
 TRAIN_PRESETS = {
     'nanogpt': dict(batch_size=64, grad_accum=1, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                     beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=200),
@@ -89,7 +89,7 @@ TRAIN_PRESETS = {
                     sample_chars=50, dtype='float32'),
 }
 
-# %% ../nbs/04_training.ipynb #ba7419c4
+# %% ../nbs/04_training.ipynb #5563f5a7
 @dataclass
 class RunConfig:
     "Everything a run needs: the model's config and the training config."
@@ -134,7 +134,7 @@ def resolve_config(preset:str|None=None, config_file=None, device:str|None=None,
     train = TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_FIELDS})
     return RunConfig(model, train)
 
-# %% ../nbs/04_training.ipynb #7ac3f1f8
+# %% ../nbs/04_training.ipynb #9910130f
 def corpus_files(data:str|Path='') -> list[Path]:
     "The text files of `data`: the file itself, a folder's visible files in sorted order, or the bundled corpus."
     if not data: return [shakespeare_path()]
@@ -149,7 +149,7 @@ def read_corpus(data:str|Path='', separator:str='\n\n') -> str:
     "The whole corpus as one string."
     return separator.join(load_text(f) for f in corpus_files(data))
 
-# %% ../nbs/04_training.ipynb #7505000f
+# %% ../nbs/04_training.ipynb #4e6eb0fa
 def cache_dir() -> Path:
     "Where token caches live: $CRAFT_CACHE_DIR, else ~/.cache/craft."
     return Path(os.environ.get('CRAFT_CACHE_DIR') or Path.home() / '.cache' / 'craft')
@@ -183,7 +183,7 @@ def load_tokens(data:str|Path='', tokenizer:CharTokenizer|None=None) -> tuple[np
     meta_path.write_text(json.dumps({'tokenizer': tok.to_dict(), 'dtype': ids.dtype.str, 'n_tokens': len(ids), 'files': [str(f) for f in files]}))
     return np.memmap(tokens_path, dtype=ids.dtype, mode='r', shape=(len(ids),)), tok
 
-# %% ../nbs/04_training.ipynb #f219172e
+# %% ../nbs/04_training.ipynb #b875a6a0
 class Batches:
     "Random `(B, T)` input/target windows from a token array, drawn with a generator whose state can be saved."
     def __init__(self, tokens:np.ndarray, block_size:int, batch_size:int, device='cpu', seed:int=0):
@@ -211,7 +211,7 @@ class Batches:
     def state(self) -> torch.Tensor: return self.generator.get_state()
     def load_state(self, state:torch.Tensor): self.generator.set_state(state)
 
-# %% ../nbs/04_training.ipynb #a882d9d3
+# %% ../nbs/04_training.ipynb #816b1578
 def split_tokens(tokens:np.ndarray, val_fraction:float, block_size:int) -> tuple[np.ndarray, np.ndarray]:
     "The contiguous train/validation split: the first `1 - val_fraction` trains, the rest validates."
     n_train = int(len(tokens) * (1 - val_fraction))
@@ -222,7 +222,7 @@ def split_tokens(tokens:np.ndarray, val_fraction:float, block_size:int) -> tuple
                              "use more text, a smaller --block-size, or a different --val-fraction")
     return train, val
 
-# %% ../nbs/04_training.ipynb #3d51319b
+# %% ../nbs/04_training.ipynb #6bc14938
 def make_optimizer(model:nn.Module, cfg:TrainConfig, device:torch.device) -> torch.optim.AdamW:
     "AdamW with weight decay on matrices only; fused on CUDA."
     params = [p for p in model.parameters() if p.requires_grad]
@@ -239,7 +239,7 @@ def learning_rate(step:int, cfg:TrainConfig, elapsed:float=0.0) -> float:
     if progress >= 1: return cfg.min_lr
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
-# %% ../nbs/04_training.ipynb #4a6a0eb0
+# %% ../nbs/04_training.ipynb #eec1331f
 BITS_PER_NAT = 1 / math.log(2)
 
 @torch.no_grad()
@@ -273,7 +273,7 @@ def full_loss(model:nn.Module, tokens:np.ndarray, block_size:int, batch_size:int
     model.train(was_training)
     return total / n_windows
 
-# %% ../nbs/04_training.ipynb #489baa93
+# %% ../nbs/04_training.ipynb #ad4fcb8f
 RUN_FORMAT, RUN_VERSION = 'craft.run', 1
 
 def atomic_write_text(path:Path, text:str):
@@ -308,7 +308,7 @@ def read_status(run_dir) -> dict:
     try: return json.loads((Path(run_dir) / 'status.json').read_text(encoding='utf-8'))
     except (OSError, ValueError): return {}
 
-# %% ../nbs/04_training.ipynb #c1717d62
+# %% ../nbs/04_training.ipynb #a6eee675
 def plot_metrics(run_dir, ax=None):
     "Plot a run's training and validation loss against steps; returns the matplotlib Axes."
     import matplotlib.pyplot as plt
@@ -321,7 +321,7 @@ def plot_metrics(run_dir, ax=None):
     ax.grid(alpha=0.3); ax.legend()
     return ax
 
-# %% ../nbs/04_training.ipynb #1706658c
+# %% ../nbs/04_training.ipynb #809c891e
 @dataclass
 class Dist:
     "This process's place in a torchrun job (rank 0 of 1 when run alone)."
@@ -338,14 +338,14 @@ def dist_from_env() -> Dist:
     if 'RANK' not in os.environ: return Dist()
     return Dist(int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', 0)), int(os.environ['WORLD_SIZE']))
 
-# %% ../nbs/04_training.ipynb #c9f59cf9
+# %% ../nbs/04_training.ipynb #ce44996e
 def autocast_dtype(name:str, device:torch.device) -> torch.dtype:
     "The autocast dtype for `name` on `device`: 'auto' is bfloat16 where the hardware computes it natively, float16 on older GPUs, else float32."
     if name != 'auto': return getattr(torch, name)
     if native_bf16(device): return torch.bfloat16
     return torch.float16 if device.type == 'cuda' else torch.float32
 
-# %% ../nbs/04_training.ipynb #c32685a5
+# %% ../nbs/04_training.ipynb #dc351f8f
 class Trainer:
     "One training run, fresh or resumed: `Trainer(run_config).fit()` returns the run directory."
     def __init__(self, run:RunConfig, resume:str|Path|None=None):
@@ -404,7 +404,7 @@ class Trainer:
         if self.dtype == torch.float32: return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-# %% ../nbs/04_training.ipynb #8f4fd608
+# %% ../nbs/04_training.ipynb #11add6e1
 @patch
 def _gather(self:Trainer, state:torch.Tensor) -> torch.Tensor:
     "Every rank's `state` (a byte tensor of the same size on each), stacked as `(world_size, n)`."
@@ -468,7 +468,7 @@ def _restore(self:Trainer):
     if 0 < cfg.max_time <= self.elapsed_before:
         raise CraftError(f"cannot resume {self.out}: it has trained {self.elapsed_before:.0f} s >= max_time={cfg.max_time:g}; pass a larger --max-time (0 = no limit)")
 
-# %% ../nbs/04_training.ipynb #34d6fabe
+# %% ../nbs/04_training.ipynb #039d843d
 @patch
 def elapsed(self:Trainer) -> float:
     "Seconds of training so far, across resumes."
@@ -493,7 +493,7 @@ def set_status(self:Trainer, status:str, **extra):
         'status': status, 'step': self.step, 'best_val_loss': best, 'elapsed_s': round(self.elapsed(), 3),
         'updated': datetime.now().isoformat(timespec='seconds'), **extra}, indent=1))
 
-# %% ../nbs/04_training.ipynb #5921bb85
+# %% ../nbs/04_training.ipynb #59554439
 def tensorboard_writer(run_dir:Path, run:RunConfig|None=None):
     "A TensorBoard `SummaryWriter` on `run_dir` (with the config as text), or a clear error if tensorboard is missing."
     try: from torch.utils.tensorboard import SummaryWriter
@@ -510,7 +510,7 @@ def write_sample(run_dir, text:str):
     if run.train.tensorboard:
         with contextlib.closing(tensorboard_writer(run_dir)) as writer: writer.add_text('sample', text, read_status(run_dir).get('step', 0))
 
-# %% ../nbs/04_training.ipynb #47b1323d
+# %% ../nbs/04_training.ipynb #aa8229de
 @patch
 def train_step(self:Trainer) -> torch.Tensor:
     "One optimiser step at the current learning rate; returns the last micro-batch's loss (on device)."
@@ -532,7 +532,7 @@ def train_step(self:Trainer) -> torch.Tensor:
     self.step += 1
     return loss.detach()
 
-# %% ../nbs/04_training.ipynb #3095647d
+# %% ../nbs/04_training.ipynb #c129d16f
 def _diverged(what:str, value:float, step:int, out:Path) -> CraftError:
     return CraftError(f"{what} became {value} at step {step}: training diverged; the last good checkpoint in {out} is kept. "
                       f"Lower --lr (or raise --warmup-iters), then resume with: craft train --resume {out}")
@@ -560,7 +560,7 @@ def _should_stop(self:Trainer) -> str|None:
     out_of_time = 0 < self.cfg.max_time <= self.shared_elapsed
     return next((r for r, f in zip(reasons, (at_max_iters, out_of_time, interrupted)) if f), None)
 
-# %% ../nbs/04_training.ipynb #d1ecac62
+# %% ../nbs/04_training.ipynb #7c4e6482
 @patch
 def fit(self:Trainer) -> Path:
     "Train until a stop condition; returns the run directory."
@@ -629,7 +629,7 @@ def fit(self:Trainer) -> Path:
         if in_main_thread:
             for sig, handler in previous.items(): signal.signal(sig, handler)
 
-# %% ../nbs/04_training.ipynb #92ea09c9
+# %% ../nbs/04_training.ipynb #35af98f6
 def resume_config(run_dir, **overrides) -> RunConfig:
     "The config of the run in `run_dir`, with training settings overridden; model changes are refused."
     saved = read_run_config(run_dir)
