@@ -6,11 +6,11 @@
 __all__ = ['Parser', 'add_option', 'add_function_options', 'train_parser', 'train_command', 'print_sample', 'build_parser',
            'compare_parser', 'parse_args', 'main']
 
-# %% ../nbs/90_cli.ipynb #87cb8a1b
+# %% ../nbs/90_cli.ipynb #c5fdeb68
 import os
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch is imported: idle OpenMP threads sleep instead of spinning
 
-# %% ../nbs/90_cli.ipynb #f1560dc8
+# %% ../nbs/90_cli.ipynb #2a144537
 import argparse, inspect, sys, types, typing
 from dataclasses import fields
 from fastcore.docments import docments
@@ -24,13 +24,13 @@ from .runs import runs_command, compare_command
 from .bench import bench_command
 from .serving import serve_command
 
-# %% ../nbs/90_cli.ipynb #d3715b52
+# %% ../nbs/90_cli.ipynb #fb85643d
 class Parser(argparse.ArgumentParser):
     "An ArgumentParser whose errors are one line on stderr, pointing at --help."
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-# %% ../nbs/90_cli.ipynb #e3c96b32
+# %% ../nbs/90_cli.ipynb #36e66b42
 def _base_type(annotation):
     "The scalar type inside an annotation like `int`, `str|None` or `list[str]|None`, and whether it is a list."
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -64,7 +64,7 @@ def add_function_options(parser, func, skip=(), positional=()):
                                 help=(docs.get(name) or '') + (f" (default: {p.default!r})" if optional else ''))
         else: add_option(parser, name, p.annotation, p.default, docs.get(name))
 
-# %% ../nbs/90_cli.ipynb #c5e3f28d
+# %% ../nbs/90_cli.ipynb #865666ed
 def _preset_defaults(name:str, default) -> str:
     "The default of a field as the help shows it: one value, or each preset's value."
     values = {p: {**PRESETS[p], **TRAIN_PRESETS[p]}.get(name, default) for p in TRAIN_PRESETS}
@@ -102,7 +102,7 @@ def print_sample(run_dir):
     write_sample(run_dir, text)
     print(f"\n--- a sample from {run_dir} ---\n{text}\n---")
 
-# %% ../nbs/90_cli.ipynb #0887f421
+# %% ../nbs/90_cli.ipynb #9449fc92
 def build_parser() -> argparse.ArgumentParser:
     "The `craft` parser with one subcommand per command."
     parser = Parser(prog='craft', description='craft: a character-level GPT you can read, train and play with.')
@@ -161,5 +161,5 @@ def main(argv:list[str]|None=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
-# %% ../nbs/90_cli.ipynb #585298b3
+# %% ../nbs/90_cli.ipynb #8ba22001
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

@@ -7,7 +7,7 @@ __all__ = ['POS_EMBS', 'PRESETS', 'DTYPE_BYTES', 'CHECKPOINT_FORMAT', 'CHECKPOIN
            'GPT', 'pick_device', 'native_bf16', 'matmul_params', 'flops_per_token', 'memory_budget', 'save_checkpoint',
            'checkpoint_file', 'read_checkpoint_header', 'load_checkpoint']
 
-# %% ../nbs/03_model.ipynb #0c4140dc
+# %% ../nbs/03_model.ipynb #93b27303
 import json, math, os
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -22,7 +22,7 @@ from .tokenizer import CharTokenizer
 from .attention import KVCache
 from .block import Block, make_norm, NORMS, MLPS
 
-# %% ../nbs/03_model.ipynb #82b969b7
+# %% ../nbs/03_model.ipynb #99dc36b0
 POS_EMBS = ('learned', 'rope')
 
 @dataclass
@@ -46,7 +46,7 @@ class GPTConfig:
 
     def __post_init__(self): self.validate()
 
-# %% ../nbs/03_model.ipynb #46bb58a1
+# %% ../nbs/03_model.ipynb #201bff5d
 def _check(ok:bool, field:str, value, why:str):
     if not ok: raise CraftError(f"invalid model config: {field}={value!r} {why}")
 
@@ -74,7 +74,7 @@ def validate(self:GPTConfig):
     _check(self.rope_base > 1, 'rope_base', self.rope_base, "must be greater than 1")
     _check(self.logit_softcap >= 0, 'logit_softcap', self.logit_softcap, "must be >= 0 (0 turns it off)")
 
-# %% ../nbs/03_model.ipynb #12b02073
+# %% ../nbs/03_model.ipynb #b9bbf6a8
 @patch
 def to_dict(self:GPTConfig) -> dict:
     "The config as a JSON-able dict."
@@ -88,10 +88,14 @@ def from_dict(cls:GPTConfig, d:dict) -> GPTConfig:
     if unknown: raise CraftError(f"unknown model config field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
     return cls(**d)
 
-# %% ../nbs/03_model.ipynb #aceebeea
+# %% ../nbs/03_model.ipynb #d7bc51d0
 PRESETS = {
     'nanogpt': dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
     'cpu':     dict(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+    'speedrun': dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.1, pos_emb='rope', norm='rmsnorm', mlp='relu2',
+                     qk_norm=True, tie_weights=False, zero_init_proj=True, logit_softcap=30.0),
+    'quality': dict(block_size=256, n_layer=8, n_head=8, n_embd=512, dropout=0.25, pos_emb='rope', norm='rmsnorm', mlp='relu2',
+                    qk_norm=True, tie_weights=False, zero_init_proj=True, logit_softcap=30.0),
     'tiny':    dict(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
 }
 
@@ -101,7 +105,7 @@ def from_preset(cls:GPTConfig, name:str, **overrides) -> GPTConfig:
     if name not in PRESETS: raise CraftError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return cls.from_dict({**PRESETS[name], **overrides})
 
-# %% ../nbs/03_model.ipynb #fefd0496
+# %% ../nbs/03_model.ipynb #2fbadf2d
 class GPT(nn.Module):
     "A decoder-only transformer language model: ids `(B, T)` -> logits `(B, T, V)` (and the loss, given targets)."
     def __init__(self, config:GPTConfig):
@@ -119,7 +123,7 @@ class GPT(nn.Module):
         if c.tie_weights: self.head.weight = self.tok_emb.weight
         self.reset_parameters()
 
-# %% ../nbs/03_model.ipynb #4d66458f
+# %% ../nbs/03_model.ipynb #32537b85
 @patch
 def reset_parameters(self:GPT):
     "GPT-2 initialisation, with scaled (or zero) residual projections."
@@ -132,7 +136,7 @@ def reset_parameters(self:GPT):
         elif isinstance(module, nn.Embedding): nn.init.normal_(module.weight, 0.0, 0.02)
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)): module.reset_parameters()
 
-# %% ../nbs/03_model.ipynb #1ad0b379
+# %% ../nbs/03_model.ipynb #27f48167
 @patch
 def forward(self:GPT, idx:torch.Tensor, targets:torch.Tensor|None=None,
             caches:list[KVCache]|None=None, start:int|torch.Tensor=0, last_only:bool=False):
@@ -158,7 +162,7 @@ def forward(self:GPT, idx:torch.Tensor, targets:torch.Tensor|None=None,
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)  # (B*T, V) vs (B*T,)
     return logits, loss
 
-# %% ../nbs/03_model.ipynb #d64ba52a
+# %% ../nbs/03_model.ipynb #d5dfbf3f
 @patch
 def new_caches(self:GPT, batch_size:int, max_len:int|None=None, dtype:torch.dtype|None=None) -> list[KVCache]:
     "One empty `KVCache` per block, `(batch_size, n_head, max_len, head_dim)` each."
@@ -166,7 +170,7 @@ def new_caches(self:GPT, batch_size:int, max_len:int|None=None, dtype:torch.dtyp
     return [KVCache(batch_size, c.n_head, max_len or c.block_size, c.n_embd // c.n_head, weight.device, dtype or weight.dtype)
             for _ in range(c.n_layer)]
 
-# %% ../nbs/03_model.ipynb #1476e17a
+# %% ../nbs/03_model.ipynb #4a49975b
 def pick_device(device:str='auto') -> torch.device:
     "Resolve 'auto' to cuda, then mps, then cpu; check that an explicit device exists."
     if device == 'auto':
@@ -180,7 +184,7 @@ def pick_device(device:str='auto') -> torch.device:
         raise CraftError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
     return dev
 
-# %% ../nbs/03_model.ipynb #e78a2d54
+# %% ../nbs/03_model.ipynb #8aee14ff
 def native_bf16(device:torch.device) -> bool:
     "Whether `device` computes in bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX."
     device = torch.device(device)
@@ -188,7 +192,7 @@ def native_bf16(device:torch.device) -> bool:
     if device.type == 'cpu': return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
 
-# %% ../nbs/03_model.ipynb #da6d3d6f
+# %% ../nbs/03_model.ipynb #3b1e0d90
 @patch
 def num_params(self:GPT, non_embedding:bool=True) -> int:
     "Number of parameters (shared ones counted once); `non_embedding` leaves out the position embedding."
@@ -196,7 +200,7 @@ def num_params(self:GPT, non_embedding:bool=True) -> int:
     if non_embedding and self.pos_emb is not None: n -= self.pos_emb.weight.numel()
     return n
 
-# %% ../nbs/03_model.ipynb #a0c18917
+# %% ../nbs/03_model.ipynb #664b29e2
 def matmul_params(config:GPTConfig) -> int:
     "Weights used in matrix products per token: all parameters but the embedding lookups, plus the head."
     c = config
@@ -210,7 +214,7 @@ def flops_per_token(config:GPTConfig) -> int:
     c = config
     return 6 * matmul_params(c) + 12 * c.n_layer * c.block_size * c.n_embd
 
-# %% ../nbs/03_model.ipynb #9c404549
+# %% ../nbs/03_model.ipynb #bb2f9603
 DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 
 def memory_budget(config:GPTConfig, batch_size:int, dtype:str='bfloat16') -> dict[str, int]:
@@ -228,7 +232,7 @@ def memory_budget(config:GPTConfig, batch_size:int, dtype:str='bfloat16') -> dic
     }
     return {**parts, 'total': sum(parts.values())}
 
-# %% ../nbs/03_model.ipynb #5d15e9d7
+# %% ../nbs/03_model.ipynb #be7e8faa
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = 'craft.checkpoint', 1
 
 def save_checkpoint(path, model:GPT, tokenizer:CharTokenizer, metadata:dict|None=None) -> Path:
@@ -242,7 +246,7 @@ def save_checkpoint(path, model:GPT, tokenizer:CharTokenizer, metadata:dict|None
     os.replace(tmp, path)
     return path
 
-# %% ../nbs/03_model.ipynb #b6747bc1
+# %% ../nbs/03_model.ipynb #6e16e9c5
 def checkpoint_file(path) -> Path:
     "The checkpoint file for `path`: the file itself, or a run directory's best (else latest) weights."
     path = Path(path)

@@ -8,7 +8,7 @@ __all__ = ['SAMPLING_FIELDS', 'INFERENCE_DTYPES', 'GenerationConfig', 'apply_tem
            'RowText', 'TextStream', 'stream', 'generate', 'inference_dtype', 'sample_command', 'SamplerApp',
            'sampler_app']
 
-# %% ../nbs/05_sampling.ipynb #3901a9a8
+# %% ../nbs/05_sampling.ipynb #cabbcba1
 import math, secrets, sys, threading, time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -20,7 +20,7 @@ from .errors import CraftError
 from .tokenizer import CharTokenizer, load_text
 from .model import GPT, GPTConfig, load_checkpoint, pick_device, native_bf16
 
-# %% ../nbs/05_sampling.ipynb #0a3b3f8d
+# %% ../nbs/05_sampling.ipynb #b7d797a7
 @dataclass
 class GenerationConfig:
     "How to generate: sampling controls (named as in Hugging Face), length, stop strings, batch and seed. Invalid values raise `CraftError` naming the field."
@@ -35,6 +35,7 @@ class GenerationConfig:
     seed: int | None = None           # random seed: the same seed gives the same text; None = a fresh one
     use_cache: bool = True            # KV cache: feed one new character per step; False recomputes the context every step
     window_keep: float = 0.75         # with the cache, the fraction of block_size kept when the window slides
+    compile: bool = False             # compile the one-token decode step (torch.compile; CUDA graphs on a GPU): a slower start, faster steps
 
     def __post_init__(self):
         if isinstance(self.stop, str): self.stop = [self.stop]
@@ -45,7 +46,7 @@ class GenerationConfig:
                 if isinstance(v, int) and not isinstance(v, bool): setattr(self, f.name, float(v))
         self.validate()
 
-# %% ../nbs/05_sampling.ipynb #ca08e3e4
+# %% ../nbs/05_sampling.ipynb #c5587933
 def _check(ok:bool, name:str, value, why:str):
     if not ok: raise CraftError(f"invalid generation setting: {name}={value!r} {why}")
 
@@ -66,11 +67,11 @@ def validate(self:GenerationConfig):
     _check(0.01 <= self.repetition_penalty <= 100, 'repetition_penalty', self.repetition_penalty, "must be in [0.01, 100] (1 = off, > 1 penalises repeats)")
     _check(self.num_samples >= 1, 'num_samples', self.num_samples, "must be >= 1")
     _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), 'seed', self.seed, "must be an integer in [0, 2**63) or None")
-    _check(isinstance(self.use_cache, bool), 'use_cache', self.use_cache, "must be True or False")
+    for name in ('use_cache', 'compile'): _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be True or False")
     _check(0 < self.window_keep <= 1, 'window_keep', self.window_keep, "must be in (0, 1]")
     for s in self.stop or []: _check(isinstance(s, str) and s != '', 'stop', self.stop, "must be non-empty strings")
 
-# %% ../nbs/05_sampling.ipynb #e62a8f0b
+# %% ../nbs/05_sampling.ipynb #52bd92ea
 def _column(value, logits:torch.Tensor, dtype=None) -> torch.Tensor:
     "A setting as a `(B, 1)` column (or `(1, 1)` for a number) on `logits`' device, to broadcast over `(B, V)`."
     return torch.as_tensor(value, dtype=dtype or logits.dtype, device=logits.device).reshape(-1, 1)
@@ -87,7 +88,7 @@ def apply_temperature(logits:torch.Tensor, temperature) -> torch.Tensor:
     t = _column(temperature, logits)                                  # (B, 1)
     return torch.where(t > 0, logits / torch.where(t > 0, t, 1.0), _keep_max(logits))
 
-# %% ../nbs/05_sampling.ipynb #f59a58bc
+# %% ../nbs/05_sampling.ipynb #b0cfca8d
 def apply_top_k(logits:torch.Tensor, top_k) -> torch.Tensor:
     "Logits `(B, V)` with all but the `top_k` largest of each row set to -inf; `top_k` is a number or `(B,)`, 0 = keep all."
     V = logits.size(-1)
@@ -99,7 +100,7 @@ def apply_top_k(logits:torch.Tensor, top_k) -> torch.Tensor:
         kth = logits.sort(-1, descending=True).values.gather(-1, k - 1)                    # (B, 1)
     return logits.masked_fill(logits < kth, float('-inf'))
 
-# %% ../nbs/05_sampling.ipynb #43624611
+# %% ../nbs/05_sampling.ipynb #755268e7
 def apply_top_p(logits:torch.Tensor, top_p) -> torch.Tensor:
     "Logits `(B, V)` keeping, per row, the most likely tokens until their probability reaches `top_p` (a number or `(B,)`; 1 = all)."
     if not torch.is_tensor(top_p) and top_p >= 1: return logits
@@ -111,14 +112,14 @@ def apply_top_p(logits:torch.Tensor, top_p) -> torch.Tensor:
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted) # (B, V), back in vocabulary order
     return logits.masked_fill(drop, float('-inf'))
 
-# %% ../nbs/05_sampling.ipynb #25732a30
+# %% ../nbs/05_sampling.ipynb #1647dd2f
 def apply_min_p(logits:torch.Tensor, min_p) -> torch.Tensor:
     "Logits `(B, V)` with tokens less likely than `min_p` (a number or `(B,)`; 0 = off) times the row's most likely set to -inf."
     if not torch.is_tensor(min_p) and min_p <= 0: return logits
     threshold = logits.amax(-1, keepdim=True) + _column(min_p, logits).log()   # (B, 1); log 0 = -inf keeps all
     return logits.masked_fill(logits < threshold, float('-inf'))
 
-# %% ../nbs/05_sampling.ipynb #6124073e
+# %% ../nbs/05_sampling.ipynb #a335ad1e
 def presence_mask(ids:torch.Tensor, vocab_size:int) -> torch.Tensor:
     "`(B, V)` boolean mask, True where token `v` occurs in row `b` of `ids` `(B, T)`."
     return torch.zeros(ids.size(0), vocab_size, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
@@ -130,7 +131,7 @@ def apply_repetition_penalty(logits:torch.Tensor, seen:torch.Tensor, penalty) ->
     penalised = torch.where(logits > 0, logits / r, logits * r)           # (B, V)
     return torch.where(seen, penalised, logits)
 
-# %% ../nbs/05_sampling.ipynb #9984c5d0
+# %% ../nbs/05_sampling.ipynb #44cd3646
 SAMPLING_FIELDS = ('temperature', 'top_k', 'top_p', 'min_p', 'repetition_penalty')
 
 def next_tokens(logits:torch.Tensor, generator:torch.Generator|None=None, seen:torch.Tensor|None=None,
@@ -150,10 +151,10 @@ def sampling_settings(configs:GenerationConfig|list[GenerationConfig], device=No
     return {f: torch.tensor([getattr(c, f) for c in configs], device=device, dtype=torch.long if f == 'top_k' else torch.float32)
             for f in SAMPLING_FIELDS}
 
-# %% ../nbs/05_sampling.ipynb #6f8a7342
+# %% ../nbs/05_sampling.ipynb #c59c8c2b
 class Decoder:
     "Feeds a GPT a batch of token sequences and returns next-token logits `(B, V)`: the prompt once (`prefill`), then one token per `step`."
-    def __init__(self, model:GPT, batch_size:int, use_cache:bool=True, window_keep:float=0.75):
+    def __init__(self, model:GPT, batch_size:int, use_cache:bool=True, window_keep:float=0.75, compile:bool=False):
         self.model, self.batch_size, self.use_cache = model, batch_size, use_cache
         self.block_size = T = model.config.block_size
         self.keep = min(T, max(1, round(window_keep * T)))      # tokens kept when the window slides
@@ -163,8 +164,9 @@ class Decoder:
         self.pos = 0            # positions filled in the caches
         self.n_slides = 0       # times the window slid
         self.caches = model.new_caches(batch_size) if use_cache else None
+        self.decode_one = self._compiled_decode() if compile and use_cache else self._decode_one
 
-# %% ../nbs/05_sampling.ipynb #0724a78e
+# %% ../nbs/05_sampling.ipynb #885baed2
 @patch
 def _append(self:Decoder, ids:torch.Tensor):
     "Add `ids` `(B, t)`, t <= block_size, to the rolling buffer."
@@ -200,15 +202,33 @@ def step(self:Decoder, tokens:torch.Tensor) -> torch.Tensor:
     if not self.use_cache: return self.model(self.context(), last_only=True)[0][:, -1]
     if self.pos < self.block_size:                                     # room in the cache: one position
         positions = torch.full((len(tokens),), self.pos, device=tokens.device)  # (B,): the server's per-row decode path, so both round alike
-        logits, _ = self.model(tokens[:, None], caches=self.caches, start=positions, last_only=True)
         self.pos += 1
-    else:                                                              # full: slide the window
-        window = self.tokens[:, self.n_tokens - self.keep:self.n_tokens]  # (B, keep)
-        logits, _ = self.model(window, caches=self.caches, start=0, last_only=True)
-        self.pos, self.n_slides = self.keep, self.n_slides + 1
+        return self.decode_one(tokens, positions)
+    window = self.tokens[:, self.n_tokens - self.keep:self.n_tokens]  # full: slide the window, (B, keep)
+    logits, _ = self.model(window, caches=self.caches, start=0, last_only=True)
+    self.pos, self.n_slides = self.keep, self.n_slides + 1
     return logits[:, -1]
 
-# %% ../nbs/05_sampling.ipynb #74847a34
+@patch
+def _decode_one(self:Decoder, tokens:torch.Tensor, positions:torch.Tensor) -> torch.Tensor:
+    "Next-token logits `(B, V)` for one token per row `(B,)` at `positions` `(B,)`, through the caches: every shape fixed."
+    return self.model(tokens[:, None], caches=self.caches, start=positions, last_only=True)[0][:, -1]
+
+# %% ../nbs/05_sampling.ipynb #5c2335e3
+@patch
+def _compiled_decode(self:Decoder):
+    "`_decode_one` compiled once for this decoder's fixed shapes: with CUDA graphs on a GPU, its caches marked as fixed addresses."
+    cuda = self.caches[0].k.device.type == 'cuda'
+    for cache in self.caches:
+        torch._dynamo.mark_static_address(cache.k); torch._dynamo.mark_static_address(cache.v)
+    compiled = torch.compile(self._decode_one, mode='reduce-overhead' if cuda else None, dynamic=False, fullgraph=True)
+    if not cuda: return compiled
+    def decode_one(tokens, positions):
+        torch.compiler.cudagraph_mark_step_begin()      # a new step: the previous outputs may be overwritten
+        return compiled(tokens, positions).clone()      # (B, V), our own copy of the graph's output buffer
+    return decode_one
+
+# %% ../nbs/05_sampling.ipynb #15d27a9f
 class RowText:
     "The text generated for one row: cut before the first stop string, and released only when it cannot be the start of one."
     def __init__(self, stop:list[str]|None=None):
@@ -245,7 +265,7 @@ class RowText:
         self.parts.append(out)
         return out
 
-# %% ../nbs/05_sampling.ipynb #b2fc176a
+# %% ../nbs/05_sampling.ipynb #6d160bc5
 class _HostCopy:
     "The tokens of one step `(B,)`, copied to the host without waiting on a CUDA device; `numpy()` waits."
     def __init__(self, tokens:torch.Tensor):
@@ -258,7 +278,7 @@ class _HostCopy:
         if self.event is not None: self.event.synchronize()
         return self.tensor.numpy()
 
-# %% ../nbs/05_sampling.ipynb #936f1559
+# %% ../nbs/05_sampling.ipynb #ac7e4e9f
 class TextStream:
     "Generation as it happens: iterate for `(row, text)` chunks; afterwards `texts`, `n_tokens`, `seconds`, `tokens_per_s` and `seed` say what happened."
     def __init__(self, model:GPT, tokenizer:CharTokenizer, prompt:str='\n', config:GenerationConfig|None=None,
@@ -285,14 +305,14 @@ class TextStream:
         "Generated tokens (all rows) per second."
         return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
 
-# %% ../nbs/05_sampling.ipynb #34f8afc1
+# %% ../nbs/05_sampling.ipynb #4749b5b3
 @patch
 @torch.inference_mode()
 def _setup(self:TextStream):
     "Device tensors for the loop: the prompt `(B, T)`, the decoder, the generator and the presence mask."
     c, device = self.config, self.model.tok_emb.weight.device
     prompt = torch.from_numpy(self.prompt_ids.astype(np.int64)).to(device).expand(c.num_samples, -1)  # (B, T)
-    self._decoder = Decoder(self.model, c.num_samples, c.use_cache, c.window_keep)
+    self._decoder = Decoder(self.model, c.num_samples, c.use_cache, c.window_keep, c.compile)
     self._generator = torch.Generator(device=device).manual_seed(self.seed)
     self._seen = presence_mask(prompt, self.model.config.vocab_size) if c.repetition_penalty != 1 else None  # (B, V)
     self._settings = sampling_settings(c)
@@ -314,7 +334,7 @@ def _release(self:TextStream, chars:str) -> Iterator[tuple[int, str]]:
     for row, (r, ch) in enumerate(zip(self.rows, chars)):
         if text := r.add(ch): yield row, text
 
-# %% ../nbs/05_sampling.ipynb #3f6660e0
+# %% ../nbs/05_sampling.ipynb #fb93e724
 @patch
 def __iter__(self:TextStream) -> Iterator[tuple[int, str]]:
     if self._started: raise RuntimeError("a TextStream runs once; make a new one to generate again")
@@ -339,7 +359,7 @@ def __iter__(self:TextStream) -> Iterator[tuple[int, str]]:
         self.seconds = time.perf_counter() - start
         self.model.train(was_training)
 
-# %% ../nbs/05_sampling.ipynb #959a6f8e
+# %% ../nbs/05_sampling.ipynb #3da52daf
 def _config(config:GenerationConfig|None, settings:dict) -> GenerationConfig:
     "`config` (or the defaults) with `settings` applied."
     known = {f.name for f in fields(GenerationConfig)}
@@ -359,7 +379,7 @@ def generate(model:GPT, tokenizer:CharTokenizer, prompt:str='\n', config:Generat
     for _ in s: pass
     return s.texts
 
-# %% ../nbs/05_sampling.ipynb #4bb919da
+# %% ../nbs/05_sampling.ipynb #ed11cac3
 INFERENCE_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 def inference_dtype(dtype:str, device:torch.device) -> torch.dtype:
@@ -373,7 +393,7 @@ def _read_prompt(prompt:str, prompt_file:str|None) -> str:
     try: return load_text(prompt_file)
     except CraftError as e: raise CraftError(f"prompt file: {e}") from None
 
-# %% ../nbs/05_sampling.ipynb #06d98e84
+# %% ../nbs/05_sampling.ipynb #231ec21e
 def sample_command(run:str,                           # run directory or .safetensors checkpoint
                    prompt:str='\n',                   # text to continue
                    prompt_file:str|None=None,         # read the prompt from this UTF-8 file instead
@@ -390,11 +410,13 @@ def sample_command(run:str,                           # run directory or .safete
                    dtype:str='auto',                  # weights: auto (bfloat16 where the GPU or CPU computes it natively, else float32), float32, bfloat16, float16
                    on_unknown:str='error',            # prompt characters outside the vocabulary: error or drop
                    cache:bool=True,                   # use the KV cache; --no-cache recomputes the whole context each step
+                   compile:bool=False,                # compile the decode step (torch.compile; CUDA graphs on a GPU): slower start, faster steps
                    echo:bool=False,                   # print the prompt before each sample
                   ) -> list[str]:
     "Stream generated text to stdout (sample 1 as it comes, then the others), the speed to stderr; returns the samples."
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              repetition_penalty=repetition_penalty, stop=stop, num_samples=num_samples, seed=seed, use_cache=cache)
+                              repetition_penalty=repetition_penalty, stop=stop, num_samples=num_samples, seed=seed, use_cache=cache,
+                              compile=compile)
     if on_unknown not in ('error', 'drop', 'unk'): raise CraftError(f"unknown on_unknown={on_unknown!r}; use error or drop")
     prompt_text = _read_prompt(prompt, prompt_file)
     dev = pick_device(device)
@@ -417,7 +439,7 @@ def sample_command(run:str,                           # run directory or .safete
           f"(seed {s.seed}, {dev.type}, {str(torch_dtype).removeprefix('torch.')})", file=sys.stderr)
     return s.texts
 
-# %% ../nbs/05_sampling.ipynb #eaeb8186
+# %% ../nbs/05_sampling.ipynb #b06d6aa6
 class SamplerApp:
     "An ipywidgets app: a prompt box, sliders for the sampling controls, Generate and Stop buttons and the streamed output."
     def __init__(self, model:GPT, tokenizer:CharTokenizer, prompt:str='\n', max_new_tokens:int=300, temperature:float=0.8,
@@ -446,7 +468,7 @@ class SamplerApp:
         from IPython.display import display
         display(self.widget)
 
-# %% ../nbs/05_sampling.ipynb #e3c2b882
+# %% ../nbs/05_sampling.ipynb #ca1b840f
 def _widget_property(widget:str, doc:str):
     return property(lambda self: getattr(self, widget).value, lambda self, v: setattr(getattr(self, widget), 'value', v), doc=doc)
 
@@ -471,7 +493,7 @@ def config(self:SamplerApp) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                             top_p=self.top_p, seed=self.seed, **self.settings)
 
-# %% ../nbs/05_sampling.ipynb #9185985b
+# %% ../nbs/05_sampling.ipynb #2c1f556a
 @patch
 def _run(self:SamplerApp, s:TextStream):
     try:
@@ -521,7 +543,7 @@ def wait(self:SamplerApp, timeout:float|None=None):
     "Wait for a background generation to finish."
     if self._thread is not None: self._thread.join(timeout)
 
-# %% ../nbs/05_sampling.ipynb #54630f99
+# %% ../nbs/05_sampling.ipynb #5dde6bed
 def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto', **defaults) -> SamplerApp:
     "A `SamplerApp` over a run directory or checkpoint (loaded on `device` in `dtype`), or over a model and its tokenizer."
     if isinstance(run_or_model, GPT):

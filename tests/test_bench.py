@@ -70,6 +70,7 @@ def test_quick_bench_prints_summary(quick):
     (dict(peak_tflops=0.0), '--peak-tflops'),
     (dict(loss_preset='giant'), "unknown --loss-preset 'giant'"),
     (dict(loss_preset='cpu'), 'give --target-loss'),
+    (dict(ladder='moon'), "unknown --ladder 'moon'"),
 ])
 def test_bad_input_fails_before_measuring(tmp_path, kwargs, message):
     with pytest.raises(CraftError, match=message.replace('(', r'\(')):

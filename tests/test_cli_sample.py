@@ -66,6 +66,14 @@ def test_sample_options(run_dir, tmp_path):
     assert a.returncode == 0 and a.stdout == b.stdout
 
 
+def test_compiled_decoding_gives_the_same_text(run_dir):
+    "`--compile` runs the decode step through torch.compile; a seeded sample is unchanged."
+    common = [run_dir, '--prompt', 'KING', '--max-new-tokens', '60', '--temperature', '1', '--seed', '3', '--device', 'cpu', '--dtype', 'float32']
+    eager, compiled = craft_sample(*common), craft_sample(*common, '--compile')
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout and len(eager.stdout.strip()) > 40
+
+
 def test_missing_run(tmp_path):
     assert_one_line_error(craft_sample(tmp_path / 'nope'))
 

@@ -83,8 +83,10 @@ def test_checkpoints_round_trip_through_the_loader(tiny_run):
     assert latest(ids)[0].shape == (1, 6, 65)
 
 
-def test_resume_continues_exactly(env, tmp_path):
-    common = [*TINY, '--lr-decay-iters', 30, '--eval-interval', 10, '--log-interval', 1, '--no-full-eval']
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_resume_continues_exactly(env, tmp_path, optimizer):
+    "N steps, then N more after a resume, give the losses of 2N straight steps: weights, optimiser states (Muon's too), RNGs."
+    common = [*TINY, '--optimizer', optimizer, '--lr-decay-iters', 30, '--eval-interval', 10, '--log-interval', 1, '--no-full-eval']
     assert craft(env, 'train', *common, '--max-iters', 30, '--out', tmp_path / 'straight').returncode == 0
     assert craft(env, 'train', *common, '--max-iters', 15, '--out', tmp_path / 'halves').returncode == 0
     result = craft(env, 'train', '--resume', tmp_path / 'halves', '--max-iters', 30, '--no-progress')
@@ -92,6 +94,36 @@ def test_resume_continues_exactly(env, tmp_path):
     losses = lambda d: [(r['step'], r['train_loss']) for r in metrics(d) if 'train_loss' in r]
     assert len(losses(tmp_path / 'straight')) == 30
     assert losses(tmp_path / 'halves') == losses(tmp_path / 'straight')
+
+
+def test_resume_refuses_another_optimizer(env, tiny_run):
+    before = snapshot(tiny_run)
+    assert_one_line_error(craft(env, 'train', '--resume', tiny_run, '--max-iters', 40, '--optimizer', 'muon'), 'cannot resume', 'adamw')
+    assert snapshot(tiny_run) == before
+
+
+def test_a_target_loss_stops_the_run_at_the_first_evaluation_that_reaches_it(env, tmp_path):
+    result = craft(env, 'train', *TINY, '--max-iters', 200, '--eval-interval', 5, '--eval-iters', 0, '--target-loss', 3.6,
+                   '--out', tmp_path / 'run')
+    assert result.returncode == 0, result.stderr
+    status = json.loads((tmp_path / 'run' / 'status.json').read_text())
+    evals = [r for r in metrics(tmp_path / 'run') if 'val_loss' in r]
+    assert status['stop_reason'] == 'target_loss' and status['step'] < 200
+    assert evals[-1]['val_loss'] <= 3.6 < min(r['val_loss'] for r in evals[:-1])
+    assert status['step'] == evals[-1]['step'] and status['step'] % 5 == 0
+    assert abs(status['target_reached_s'] - evals[-1]['elapsed_s']) < 0.5
+    assert abs(status['full_val_loss'] - evals[-1]['val_loss']) < 1e-4   # eval_iters 0: every evaluation is the exact one
+    assert 0 < status['startup_s'] < 60
+
+
+@pytest.mark.parametrize('preset', ['speedrun', 'quality'])
+def test_the_gpu_presets_also_run_on_a_cpu(env, tmp_path, preset):
+    result = craft(env, 'train', '--preset', preset, '--device', 'cpu', '--no-progress', '--max-iters', 2, '--batch-size', 2,
+                   '--eval-iters', 1, '--eval-interval', 2, '--no-full-eval', '--sample-chars', 0, '--out', tmp_path / preset, timeout=300)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / preset / 'config.json').read_text())
+    assert config['train']['optimizer'] == 'muon' and config['model']['pos_emb'] == 'rope' and config['model']['tie_weights'] is False
+    assert json.loads((tmp_path / preset / 'status.json').read_text())['step'] == 2
 
 
 def test_ddp_with_gloo_on_two_processes(env, tmp_path):
