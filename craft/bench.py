@@ -423,8 +423,9 @@ def _generation_times(generate:Callable[[int], None], device:torch.device, batch
             'first_token_s': summarize(first),
             'per_token_s': summarize([max(t - first_median, 0.0) / max(new_tokens - 1, 1) for t in total])}
 
-def bench_sampling(preset:str, device:torch.device, batch_sizes:list[int]=(1, 64), new_tokens:int=64, repeats:int=5) -> list[dict]:
-    "Generation speed and latency of craft (with and without the KV cache) and of the baseline, for `preset` at each batch size."
+def bench_sampling(preset:str, device:torch.device, batch_sizes:list[int]=(1, 64), new_tokens:int=64, repeats:int=5,
+                   compile:bool=False) -> list[dict]:
+    "Generation speed and latency of craft (with and without the KV cache, and compiled if `compile`) and of the baseline, for `preset` at each batch size."
     _, tokenizer = load_tokens('')
     config = GPTConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, dropout=0.0)
     if new_tokens > config.block_size: raise CraftError(f"new_tokens={new_tokens} is more than {preset}'s block_size {config.block_size}; use at most that")
@@ -437,9 +438,11 @@ def bench_sampling(preset:str, device:torch.device, batch_sizes:list[int]=(1, 64
     results = []
     for batch_size in batch_sizes:
         entry = {'preset': preset, 'batch_size': batch_size, 'new_tokens': new_tokens, 'dtype': str(dtype).removeprefix('torch.')}
-        for name, cache in (('craft_cache', True), ('craft_no_cache', False)):
-            def craft_generate(n, cache=cache):
-                for _ in stream(model, tokenizer, '\n', max_new_tokens=n, num_samples=batch_size, temperature=1.0, seed=0, use_cache=cache): pass
+        ways = [('craft_cache', True, False), ('craft_no_cache', False, False)] + [('craft_compiled', True, True)] * compile
+        for name, cache, compiled in ways:
+            def craft_generate(n, cache=cache, compiled=compiled):
+                for _ in stream(model, tokenizer, '\n', max_new_tokens=n, num_samples=batch_size, temperature=1.0, seed=0,
+                                use_cache=cache, compile=compiled): pass
             entry[name] = _generation_times(craft_generate, device, batch_size, new_tokens, repeats)
         prompt = torch.full((batch_size, 1), newline, dtype=torch.long, device=device)   # (B, 1)
         entry['baseline'] = _generation_times(lambda n: baseline.generate(prompt, n), device, batch_size, new_tokens, repeats)
@@ -448,6 +451,7 @@ def bench_sampling(preset:str, device:torch.device, batch_sizes:list[int]=(1, 64
                           'no_cache_tokens_per_s': _ratio(median('craft_no_cache', 'tokens_per_s'), median('baseline', 'tokens_per_s')),
                           'first_token_s': _ratio(median('craft_cache', 'first_token_s'), median('baseline', 'first_token_s')),
                           'per_token_s': _ratio(median('craft_cache', 'per_token_s'), median('baseline', 'per_token_s'))}
+        if compile: entry['ratio']['compiled_tokens_per_s'] = _ratio(median('craft_compiled', 'tokens_per_s'), median('baseline', 'tokens_per_s'))
         results.append(entry)
     return results
 
@@ -606,14 +610,17 @@ def memory_table(results:dict) -> tuple[list[str], list[list[str]]]:
 
 def sampling_table(results:dict) -> tuple[list[str], list[list[str]]]:
     "Generation throughput and latency per preset and batch size, for craft with and without the KV cache and for the baseline."
-    headers = ['preset', 'batch', 'craft cache tok/s', 'craft no-cache tok/s', 'baseline tok/s', 'cache/baseline',
-               'ceiling (cache)', 'first token ms craft / base', 'per token ms craft / base']
-    rows = [[s['preset'], str(s['batch_size']), _spread(s['craft_cache']['tokens_per_s']), _spread(s['craft_no_cache']['tokens_per_s']),
+    entries = results.get('sampling', [])
+    compiled = any('craft_compiled' in s for s in entries)
+    headers = ['preset', 'batch', 'craft cache tok/s', *['craft compiled tok/s'] * compiled, 'craft no-cache tok/s', 'baseline tok/s',
+               'cache/baseline', 'ceiling (cache)', 'first token ms craft / base', 'per token ms craft / base']
+    rows = [[s['preset'], str(s['batch_size']), _spread(s['craft_cache']['tokens_per_s']),
+             *[_spread(s['craft_compiled']['tokens_per_s']) if 'craft_compiled' in s else '–'] * compiled, _spread(s['craft_no_cache']['tokens_per_s']),
              _spread(s['baseline']['tokens_per_s']), _times(s['ratio']['cache_tokens_per_s']),
              _num(s.get('floor', {}).get('cache', {}).get('tokens_per_s')),
              f"{_ms(s['craft_cache']['first_token_s']['median'])} / {_ms(s['baseline']['first_token_s']['median'])}",
              f"{_ms(s['craft_cache']['per_token_s']['median'])} / {_ms(s['baseline']['per_token_s']['median'])}"]
-            for s in results.get('sampling', [])]
+            for s in entries]
     return headers, rows
 
 def loss_table(results:dict) -> tuple[list[str], list[list[str]]]:
@@ -746,7 +753,7 @@ def bench_command(device:str='auto',               # auto (cuda, then mps, then 
             block = PRESETS[p]['block_size']
             n = min(new_tokens or (16 if quick else block if on_gpu else 64), block)
             log(f"sampling {p}: batch {', '.join(map(str, batch_sizes))}, {n} characters")
-            results['sampling'] += bench_sampling(p, dev, batch_sizes, n, repeats)
+            results['sampling'] += bench_sampling(p, dev, batch_sizes, n, repeats, compile=use_compile)
         if loss_preset != 'none':
             log(f"training {loss_preset} to a validation loss of {target_loss or LOSS_RUNS[loss_preset][0]}")
             results['time_to_loss'].append(bench_time_to_loss(loss_preset, dev, target_loss, max_time, compile=use_compile))
@@ -786,17 +793,20 @@ def plot_training(results:dict, ax=None):
     return ax
 
 def plot_sampling(results:dict, ax=None):
-    "Generation tokens/s against the batch size, per preset: craft with and without the cache, the baseline, and the cached ceiling; returns the Axes."
+    "Generation tokens/s against the batch size, per preset: craft with and without the cache (and compiled, if measured), the baseline, and the cached ceiling; returns the Axes."
     ax, entries = _axes(ax), results.get('sampling', [])
     from matplotlib.lines import Line2D
     presets = list(dict.fromkeys(s['preset'] for s in entries))
     markers = dict(zip(presets, 'os^Dv'))
-    styles = {'craft_cache': ('-', _COLORS['craft'], 1.0, 'craft, cache'), 'craft_no_cache': ('--', _COLORS['craft'], 1.0, 'craft, no cache'),
+    styles = {'craft_cache': ('-', _COLORS['craft'], 1.0, 'craft, cache'), 'craft_compiled': ('-.', _COLORS['craft'], 1.0, 'craft, compiled'),
+              'craft_no_cache': ('--', _COLORS['craft'], 1.0, 'craft, no cache'),
               'baseline': (':', _COLORS['baseline'], 1.0, 'baseline'), 'ceiling': ('-', _COLORS['ceiling'], 0.3, 'ceiling, cache')}
+    if not any('craft_compiled' in s for s in entries): del styles['craft_compiled']
     for p in presets:
         rows = [s for s in entries if s['preset'] == p]
         batch = [s['batch_size'] for s in rows]
-        for name in ('craft_cache', 'craft_no_cache', 'baseline'):
+        for name in [n for n in styles if n.startswith('craft') or n == 'baseline']:
+            if not all(name in s for s in rows): continue
             style, color, alpha, _ = styles[name]
             ax.plot(batch, [s[name]['tokens_per_s']['median'] for s in rows], style, marker=markers[p], color=color, alpha=alpha)
         if all('floor' in s for s in rows):

@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['SAMPLING_FIELDS', 'INFERENCE_DTYPES', 'GenerationConfig', 'apply_temperature', 'apply_top_k', 'apply_top_p',
            'apply_min_p', 'presence_mask', 'apply_repetition_penalty', 'next_tokens', 'sampling_settings', 'Decoder',
-           'RowText', 'TextStream', 'stream', 'generate', 'inference_dtype', 'sample_command', 'SamplerApp',
-           'sampler_app']
+           'decode_step', 'RowText', 'TextStream', 'stream', 'generate', 'inference_dtype', 'sample_command',
+           'SamplerApp', 'sampler_app']
 
 # %% ../nbs/05_sampling.ipynb #cabbcba1
-import math, secrets, sys, threading, time
+import math, secrets, sys, threading, time, weakref
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator
@@ -209,23 +209,35 @@ def step(self:Decoder, tokens:torch.Tensor) -> torch.Tensor:
     self.pos, self.n_slides = self.keep, self.n_slides + 1
     return logits[:, -1]
 
+def decode_step(model:GPT, caches:list, tokens:torch.Tensor, positions:torch.Tensor) -> torch.Tensor:
+    "Next-token logits `(B, V)` for one token per row `(B,)` at `positions` `(B,)`, through `caches`: every shape fixed."
+    return model(tokens[:, None], caches=caches, start=positions, last_only=True)[0][:, -1]
+
 @patch
 def _decode_one(self:Decoder, tokens:torch.Tensor, positions:torch.Tensor) -> torch.Tensor:
-    "Next-token logits `(B, V)` for one token per row `(B,)` at `positions` `(B,)`, through the caches: every shape fixed."
-    return self.model(tokens[:, None], caches=self.caches, start=positions, last_only=True)[0][:, -1]
+    "`decode_step` with this decoder's model and caches."
+    return decode_step(self.model, self.caches, tokens, positions)
 
 # %% ../nbs/05_sampling.ipynb #5c2335e3
+_COMPILED_STEPS = {}                          # torch.compile mode -> compiled `decode_step`
+_FREE_CACHES = weakref.WeakKeyDictionary()    # model -> {(batch_size, dtype): [caches that no decoder is using]}
+
 @patch
 def _compiled_decode(self:Decoder):
-    "`_decode_one` compiled once for this decoder's fixed shapes: with CUDA graphs on a GPU, its caches marked as fixed addresses."
+    "`decode_step` compiled (with CUDA graphs on a GPU), on caches from the model's pool, returned to it when this decoder is gone."
     cuda = self.caches[0].k.device.type == 'cuda'
-    for cache in self.caches:
-        torch._dynamo.mark_static_address(cache.k); torch._dynamo.mark_static_address(cache.v)
-    compiled = torch.compile(self._decode_one, mode='reduce-overhead' if cuda else None, dynamic=False, fullgraph=True)
-    if not cuda: return compiled
+    free = _FREE_CACHES.setdefault(self.model, {}).setdefault((self.batch_size, self.caches[0].k.dtype), [])
+    if free: self.caches = free.pop()
+    else:
+        for cache in self.caches: torch._dynamo.mark_static_address(cache.k); torch._dynamo.mark_static_address(cache.v)
+    weakref.finalize(self, free.append, self.caches)
+    mode = 'reduce-overhead' if cuda else None
+    if mode not in _COMPILED_STEPS: _COMPILED_STEPS[mode] = torch.compile(decode_step, mode=mode, dynamic=False, fullgraph=True)
+    compiled, model, caches = _COMPILED_STEPS[mode], self.model, self.caches
+    if not cuda: return lambda tokens, positions: compiled(model, caches, tokens, positions)
     def decode_one(tokens, positions):
-        torch.compiler.cudagraph_mark_step_begin()      # a new step: the previous outputs may be overwritten
-        return compiled(tokens, positions).clone()      # (B, V), our own copy of the graph's output buffer
+        torch.compiler.cudagraph_mark_step_begin()                   # a new step: the last outputs may be overwritten
+        return compiled(model, caches, tokens, positions).clone()    # (B, V), our own copy of the graph's output buffer
     return decode_one
 
 # %% ../nbs/05_sampling.ipynb #15d27a9f

@@ -600,6 +600,13 @@ def _should_stop(self:Trainer) -> str|None:
 
 # %% ../nbs/04_training.ipynb #0ca729e3
 @patch
+def _leave_group(self:Trainer):
+    "Under torchrun, wait for every process, then close the process group: a process that exits with it open can abort."
+    if self.dist.enabled and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+@patch
 def fit(self:Trainer) -> Path:
     "Train until a stop condition; returns the run directory."
     cfg, main = self.cfg, self.dist.is_main
@@ -640,6 +647,7 @@ def fit(self:Trainer) -> Path:
             self.save()
             self.set_status('interrupted')
             if main: print(f"interrupted at step {self.step}; resume with: craft train --resume {self.out}", file=sys.stderr)
+            self._leave_group()
             return self.out
         if self.step % cfg.eval_interval: self.evaluate()
         extra = {'stop_reason': reason}
@@ -651,6 +659,7 @@ def fit(self:Trainer) -> Path:
             extra.update(full_val_loss=round(full, 6), full_val_bpc=round(full * BITS_PER_NAT, 6))
         self.set_status('finished', **extra)
         if main: plot_metrics(self.out).figure.savefig(self.out / 'loss.png', dpi=120, bbox_inches='tight')
+        self._leave_group()
         return self.out
     except torch.cuda.OutOfMemoryError:
         self.set_status('failed', error='out of memory')
