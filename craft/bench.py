@@ -388,7 +388,8 @@ def bench_training(preset:str, device:torch.device, repeats:int=5, compile:bool=
                    min_seconds:float=0.25, **overrides) -> dict:
     "Training tokens/s (median and spread of `repeats`) and peak memory of craft's `Trainer` and the baseline for `preset` on `device`, with their ratio."
     with tempfile.TemporaryDirectory() as tmp:
-        run = resolve_config(preset, device=str(device), out=str(Path(tmp) / 'run'), progress=False, compile=compile, **overrides)
+        run = resolve_config(preset, device=str(device), out=str(Path(tmp) / 'run'), progress=False, compile=compile,
+                             **{'optimizer': 'adamw', **overrides})   # the baseline's optimiser: the ratio compares implementations
     cfg = run.train
     _prime(device)
     result = {'preset': preset, 'batch_size': cfg.batch_size * cfg.grad_accum, 'block_size': run.model.block_size,
@@ -494,18 +495,20 @@ def bench_time_to_loss(preset:str, device:torch.device, target:float|None=None, 
     if target is None: raise CraftError(f"no default target loss for preset {preset!r}; give one with --target-loss")
     startup = startup_seconds() if startup_s is None else startup_s
     with tempfile.TemporaryDirectory() as tmp:
-        run = resolve_config(preset, device=str(device), out=str(Path(tmp) / 'run'), progress=False, compile=compile, **{**settings, **overrides})
+        run = resolve_config(preset, device=str(device), out=str(Path(tmp) / 'run'), progress=False, compile=compile,
+                             **{'optimizer': 'adamw', **settings, **overrides})
     cfg = run.train
+    iters = cfg.eval_iters or 200                  # a preset that evaluates exactly (0) is estimated here, alike for both
     result = {'preset': preset, 'target': target, 'max_iters': cfg.max_iters, 'max_time': max_time, 'eval_interval': cfg.eval_interval,
-              'eval_iters': cfg.eval_iters, 'batch_size': cfg.batch_size, 'startup_s': _sig(startup)}
+              'eval_iters': iters, 'batch_size': cfg.batch_size, 'startup_s': _sig(startup)}
     for name in ('craft', 'baseline'):
         begin = time.perf_counter()
         if name == 'craft':
             trainer = Trainer(run)
-            evaluate = lambda: estimate_loss(trainer.model, trainer.val_batches, cfg.eval_iters, trainer.autocast)
+            evaluate = lambda: estimate_loss(trainer.model, trainer.val_batches, iters, trainer.autocast)
         else:
             trainer = BaselineTrainer(run, device)
-            evaluate = lambda: trainer.estimate_loss(cfg.eval_iters)
+            evaluate = lambda: trainer.estimate_loss(iters)
         initial = evaluate()
         setup = time.perf_counter() - begin
         r = train_to_loss(trainer.train_step, evaluate, target, cfg.eval_interval, cfg.max_iters, max_time, device)
@@ -658,6 +661,10 @@ def summary(results:dict, markdown:bool=False) -> str:
 # %% ../nbs/06_benchmarks.ipynb #29cb3515
 BENCH_FORMAT, BENCH_VERSION = 'craft.bench', 1
 
+def _beyond_baseline(preset:str) -> str:
+    "The model options of `preset` that the baseline does not implement, as text ('' if none)."
+    return ', '.join(f"{k}={v!r}" for k, v in PRESETS.get(preset, {}).items() if k in BASELINE_OPTIONS and v != BASELINE_OPTIONS[k])
+
 def _check_out(out:str) -> Path:
     "The output path, its folder created; a `CraftError` if it cannot be written."
     path = Path(out)
@@ -706,7 +713,7 @@ def bench_command(device:str='auto',               # auto (cuda, then mps, then 
                   compile:bool|None=None,          # torch.compile craft's model for training; default: on CUDA only
                   threads:int=0,                   # CPU threads for torch; 0 = torch's default
                   quick:bool=False,                # a smoke test of a few seconds: tiny preset, 2 repeats, small batches, short generations
-                  ladder:str='none',               # instead, climb a recipe ladder, one fresh training run per rung: speedrun (a GPU's job), cpu, tiny or none
+                  ladder:str='none',               # instead, climb a recipe ladder, one fresh training run per rung: speedrun or presets (a GPU's job), cpu, tiny or none
                   quiet:bool=False,                # print nothing: only write the results
                  ) -> dict:
     "Benchmark training, sampling and time to a target loss against the textbook baseline; write the results as JSON, print a summary and return them."
@@ -720,7 +727,11 @@ def bench_command(device:str='auto',               # auto (cuda, then mps, then 
         if not quiet: print(format_table(*ladder_table(results)))
         return results
     presets = list(preset or (['tiny'] if quick else ['nanogpt'] if on_gpu else ['cpu', 'tiny']))
-    for p in presets: _check(p in PRESETS and p in TRAIN_PRESETS, f"unknown preset {p!r}; choose from: {', '.join(PRESETS)}")
+    comparable = [p for p in PRESETS if not _beyond_baseline(p)]
+    for p in presets:
+        _check(p in PRESETS and p in TRAIN_PRESETS, f"unknown preset {p!r}; choose from: {', '.join(comparable)}")
+        _check(not _beyond_baseline(p), f"preset {p} uses parts the baseline does not implement ({_beyond_baseline(p)}); "
+                                        f"benchmark one of {', '.join(comparable)}, or compare recipes with --ladder")
     batch_sizes = list(batch_size or ([1, 4] if quick else [1, 64, 256] if on_gpu else [1, 64]))
     _check(all(isinstance(b, int) and b >= 1 for b in batch_sizes), f"invalid --batch-size {batch_sizes}: each must be a positive integer")
     _check(isinstance(repeats, int) and repeats >= 1, f"invalid --repeats {repeats}: must be at least 1")
@@ -730,7 +741,8 @@ def bench_command(device:str='auto',               # auto (cuda, then mps, then 
     _check(target_loss is None or target_loss > 0, f"invalid --target-loss {target_loss}: must be > 0")
     _check(threads >= 0, f"invalid --threads {threads}: must be >= 0 (0 = torch's default)")
     if loss_preset == 'auto': loss_preset = 'tiny' if quick or not on_gpu else 'nanogpt'
-    _check(loss_preset == 'none' or loss_preset in PRESETS, f"unknown --loss-preset {loss_preset!r}; choose auto, none or one of: {', '.join(PRESETS)}")
+    _check(loss_preset == 'none' or (loss_preset in PRESETS and not _beyond_baseline(loss_preset)),
+           f"invalid --loss-preset {loss_preset!r}; choose auto, none or one of: {', '.join(comparable)}")
     _check(loss_preset == 'none' or target_loss is not None or loss_preset in LOSS_RUNS,
            f"no default target loss for --loss-preset {loss_preset}; give --target-loss, or use one of: {', '.join(LOSS_RUNS)}")
     path = _check_out(out)
@@ -877,8 +889,9 @@ LADDERS = {  # name: (base preset, target loss or None, rungs); each rung's sett
         ('exact evaluation every 50 steps', dict(eval_interval=50)),
     ]),
     'cpu': ('cpu', None, [                      # 100 s of training per rung
-        ('the first CPU recipe: AdamW', dict(optimizer='adamw')),
+        ('the first CPU recipe: AdamW, batch 32', dict(optimizer='adamw', batch_size=32)),
         ('Muon for the hidden matrices', dict(optimizer='muon')),
+        ('batch 64', dict(batch_size=64)),
     ]),
     'presets': ('nanogpt', 1.47, [              # not a climb: a rung's 'preset' replaces the base, so each is that preset as it is
         ('the nanogpt preset', dict(preset='nanogpt')),
@@ -907,7 +920,9 @@ def train_recipe(preset:str, settings:dict, out, device:str='auto', target:float
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
-    if done.returncode: raise CraftError(f"craft train --preset {preset} with {settings} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    if done.returncode:
+        why = (done.stderr.strip().splitlines() or [f"no message, exit status {done.returncode}"])[-1]
+        raise CraftError(f"craft train --preset {preset} with {settings} failed (exit status {done.returncode}): {why}")
     status, startup = read_status(out), read_status(out).get('startup_s') or 0.0
     curve = [[_sig(startup + r['elapsed_s']), r['step'], _sig(r['val_loss'])] for r in read_metrics(out) if 'val_loss' in r]
     reached = next((c[0] for c in curve if target and c[2] <= target), None)
@@ -915,25 +930,35 @@ def train_recipe(preset:str, settings:dict, out, device:str='auto', target:float
             'target_s': reached, 'full_val_loss': status.get('full_val_loss'), 'curve': curve}
 
 # %% ../nbs/06_benchmarks.ipynb #c6aeb96c
-def bench_ladder(name:str, device:str='auto', out=None, runs_dir=None, log=lambda msg: None) -> dict:
-    "Climb ladder `name` (see `LADDERS`): one `train_recipe` per rung; written to `out` after each rung, rungs already in `out` kept."
+def _recipe(preset:str, overrides:dict, device:torch.device) -> dict:
+    "The whole resolved config that `train_recipe` would train (but its output directory): what a kept rung must match."
+    run = resolve_config(preset, device=str(device), progress=False, **overrides).to_dict()
+    run['train'].pop('out')
+    return run
+
+def bench_ladder(name:str, device:str='auto', out=None, log=lambda msg: None) -> dict:
+    "Climb ladder `name` (see `LADDERS`): one `train_recipe` per rung; written to `out` after each rung; rungs of the same recipe on the same device already in `out` are kept."
     if name not in LADDERS: raise CraftError(f"unknown ladder {name!r}; choose one of: {', '.join(LADDERS)}")
     base, target, rungs = LADDERS[name]
     dev = pick_device(device)
     previous = load_results(out) if out and Path(out).exists() else {}
-    kept = {r['lever']: r for r in previous.get('rungs', []) if previous.get('ladder') == name and previous['machine']['device_name'] == device_name(dev)}
+    if previous and previous.get('ladder') != name:
+        raise CraftError(f"{out} holds other results than ladder {name!r}; choose another --out, e.g. ladder-{name}.json")
+    same_device = previous.get('machine', {}).get('device_name') == device_name(dev)
+    kept = {r['lever']: r for r in previous.get('rungs', []) if same_device}
     results = {'format': BENCH_FORMAT, 'version': BENCH_VERSION, 'machine': machine_info(dev), 'ladder': name, 'base': base, 'target': target, 'rungs': []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (lever, _) in enumerate(rungs):
-            settings = ladder_settings(rungs, i)
-            rung = kept.get(lever)
-            if rung is None or rung['settings'] != settings:
-                log(f"rung {i + 1}/{len(rungs)}: {lever}")
-                preset, overrides = settings.get('preset', base), {k: v for k, v in settings.items() if k != 'preset'}
-                rung = {'lever': lever, 'settings': settings,
-                        **train_recipe(preset, overrides, Path(runs_dir or tmp) / f"{name}-{i:02d}", str(dev), target)}
-            results['rungs'].append(rung)
-            if out: write_results(results, out)
+    for i, (lever, _) in enumerate(rungs):
+        settings = ladder_settings(rungs, i)
+        preset, overrides = settings.get('preset', base), {k: v for k, v in settings.items() if k != 'preset'}
+        recipe = _recipe(preset, overrides, dev)
+        rung = kept.get(lever)
+        if rung is None or rung.get('recipe') != recipe:         # a new rung, or its preset changed since
+            log(f"rung {i + 1}/{len(rungs)}: {lever}")
+            with tempfile.TemporaryDirectory() as tmp:               # each run's checkpoints go when its figures are in
+                rung = {'lever': lever, 'settings': settings, 'recipe': recipe,
+                        **train_recipe(preset, overrides, Path(tmp) / f"{name}-{i:02d}", str(dev), target)}
+        results['rungs'].append(rung)
+        if out: write_results(results, out)
     return results
 
 def ladder_table(results:dict) -> tuple[list[str], list[list[str]]]:

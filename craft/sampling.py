@@ -9,7 +9,7 @@ __all__ = ['SAMPLING_FIELDS', 'INFERENCE_DTYPES', 'GenerationConfig', 'apply_tem
            'SamplerApp', 'sampler_app']
 
 # %% ../nbs/05_sampling.ipynb #cabbcba1
-import math, secrets, sys, threading, time, weakref
+import functools, math, secrets, sys, threading, time, weakref
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator
@@ -163,8 +163,8 @@ class Decoder:
         self.n_tokens = 0       # tokens in self.tokens
         self.pos = 0            # positions filled in the caches
         self.n_slides = 0       # times the window slid
-        self.caches = model.new_caches(batch_size) if use_cache else None
-        self.decode_one = self._compiled_decode() if compile and use_cache else self._decode_one
+        self.caches = model.new_caches(batch_size) if use_cache and not compile else None   # compiled: from a pool, below
+        self.decode_one = self._compiled_decode() if compile and use_cache else functools.partial(decode_step, model, self.caches)
 
 # %% ../nbs/05_sampling.ipynb #885baed2
 @patch
@@ -213,22 +213,19 @@ def decode_step(model:GPT, caches:list, tokens:torch.Tensor, positions:torch.Ten
     "Next-token logits `(B, V)` for one token per row `(B,)` at `positions` `(B,)`, through `caches`: every shape fixed."
     return model(tokens[:, None], caches=caches, start=positions, last_only=True)[0][:, -1]
 
-@patch
-def _decode_one(self:Decoder, tokens:torch.Tensor, positions:torch.Tensor) -> torch.Tensor:
-    "`decode_step` with this decoder's model and caches."
-    return decode_step(self.model, self.caches, tokens, positions)
-
 # %% ../nbs/05_sampling.ipynb #5c2335e3
 _COMPILED_STEPS = {}                          # torch.compile mode -> compiled `decode_step`
-_FREE_CACHES = weakref.WeakKeyDictionary()    # model -> {(batch_size, dtype): [caches that no decoder is using]}
+_FREE_CACHES = weakref.WeakKeyDictionary()    # model -> {(batch_size, dtype, device): [caches that no decoder is using]}
 
 @patch
 def _compiled_decode(self:Decoder):
     "`decode_step` compiled (with CUDA graphs on a GPU), on caches from the model's pool, returned to it when this decoder is gone."
-    cuda = self.caches[0].k.device.type == 'cuda'
-    free = _FREE_CACHES.setdefault(self.model, {}).setdefault((self.batch_size, self.caches[0].k.dtype), [])
-    if free: self.caches = free.pop()
-    else:
+    weight = self.model.tok_emb.weight
+    cuda = weight.device.type == 'cuda'
+    free = _FREE_CACHES.setdefault(self.model, {}).setdefault((self.batch_size, weight.dtype, weight.device), [])
+    try: self.caches = free.pop()                # atomic: two threads never get the same caches
+    except IndexError:
+        self.caches = self.model.new_caches(self.batch_size)
         for cache in self.caches: torch._dynamo.mark_static_address(cache.k); torch._dynamo.mark_static_address(cache.v)
     weakref.finalize(self, free.append, self.caches)
     mode = 'reduce-overhead' if cuda else None

@@ -92,7 +92,7 @@ def validate(self:TrainConfig):
 TRAIN_PRESETS = {
     'nanogpt': dict(batch_size=64, grad_accum=1, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                     beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=200),
-    'cpu':     dict(batch_size=32, grad_accum=1, max_iters=100_000, max_time=100.0, lr=1e-2, min_lr=1e-3, warmup_iters=50,
+    'cpu':     dict(batch_size=64, grad_accum=1, max_iters=100_000, max_time=100.0, lr=1e-2, min_lr=1e-3, warmup_iters=50,
                     lr_decay_iters=0, optimizer='muon', beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=20),
     'speedrun': dict(batch_size=64, grad_accum=1, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=50, optimizer='muon',
                      beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=50, eval_iters=0, target_loss=1.47, sample_chars=0),
@@ -143,6 +143,9 @@ def resolve_config(preset:str|None=None, config_file=None, device:str|None=None,
     if name == 'auto': name = 'cpu' if pick_device(settings.get('device', 'auto')).type == 'cpu' else 'nanogpt'
     if name not in TRAIN_PRESETS: raise CraftError(f"unknown preset {name!r}; choose one of: {', '.join(TRAIN_PRESETS)}")
     merged = {**PRESETS[name], **TRAIN_PRESETS[name], **settings, 'preset': name}
+    if merged.get('optimizer') == 'muon' and 'optimizer' not in settings and not hasattr(torch.optim, 'Muon'):
+        print(f"craft: preset {name} trains with Muon, which needs torch >= 2.9 (this is {torch.__version__}); using AdamW", file=sys.stderr)
+        merged['optimizer'] = 'adamw'
     model = GPTConfig(**{k: v for k, v in merged.items() if k in MODEL_FIELDS})
     train = TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_FIELDS})
     return RunConfig(model, train)
@@ -375,9 +378,9 @@ class Trainer:
         self.cfg, self.dist = run.train, dist_from_env()
         cfg = self.cfg
         self.device = pick_device(cfg.device)
+        self.owns_group = self.dist.enabled and not torch.distributed.is_initialized()   # then fit closes it at the end
         if self.dist.enabled:
-            if not torch.distributed.is_initialized():
-                torch.distributed.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
+            if self.owns_group: torch.distributed.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
             if self.device.type == 'cuda':
                 self.device = torch.device('cuda', self.dist.local_rank); torch.cuda.set_device(self.device)
         self.dtype = autocast_dtype(cfg.dtype, self.device)
@@ -474,7 +477,10 @@ def _restore(self:Trainer):
         raise CraftError(f"cannot resume {self.out}: latest.safetensors and state.pt are from different steps (a crash between writes); start a new run")
     self.raw_model.load_state_dict(model.state_dict())
     saved_optimizers = state['optimizers'] if 'optimizers' in state else [state['optimizer']]  # runs saved before Muon had one
-    for optimizer, saved in zip(self.optimizers, saved_optimizers, strict=True): optimizer.load_state_dict(saved)
+    for optimizer, saved in zip(self.optimizers, saved_optimizers, strict=True):
+        settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+        optimizer.load_state_dict(saved)                     # the moments, and the hyperparameters they were saved with...
+        for group, setting in zip(optimizer.param_groups, settings): group.update(setting)   # ...which this run's config overrides
     if state['scaler'] and self.scaler.is_enabled(): self.scaler.load_state_dict(state['scaler'])  # empty when saved without float16
     self.step, self.best_val_loss, self.elapsed_before = state['step'], state['best_val_loss'], state['elapsed_s']
     self.shared_elapsed = self.elapsed_before
@@ -490,6 +496,9 @@ def _restore(self:Trainer):
         if self.dist.is_main: print(f"resuming {len(state['batches_rng'])} process(es)' run on {self.dist.world_size}: the batches go on from new random streams", file=sys.stderr)
     if self.step >= cfg.max_iters:
         raise CraftError(f"cannot resume {self.out}: it is already at step {self.step} >= max_iters={cfg.max_iters}; pass a larger --max-iters")
+    if 0 < self.best_val_loss <= cfg.target_loss:
+        raise CraftError(f"cannot resume {self.out}: it already reached target_loss={cfg.target_loss:g} (best {self.best_val_loss:.4f}); "
+                         "pass --target-loss 0 (off) or a lower one")
     if 0 < cfg.max_time <= self.elapsed_before:
         raise CraftError(f"cannot resume {self.out}: it has trained {self.elapsed_before:.0f} s >= max_time={cfg.max_time:g}; pass a larger --max-time (0 = no limit)")
 
@@ -498,8 +507,9 @@ def process_age() -> float|None:
     "Seconds since this process started (Linux; None elsewhere): what a run pays for Python, imports and setup before its first step."
     try:
         ticks_since_boot = int(Path('/proc/self/stat').read_text().rsplit(')', 1)[1].split()[19])  # field 22, after the command name
-        return float(Path('/proc/uptime').read_text().split()[0]) - ticks_since_boot / os.sysconf('SC_CLK_TCK')
+        age = float(Path('/proc/uptime').read_text().split()[0]) - ticks_since_boot / os.sysconf('SC_CLK_TCK')
     except (OSError, ValueError, IndexError): return None
+    return age if age >= 0 else None   # a container may show the host's uptime and its own start
 
 @patch
 def elapsed(self:Trainer) -> float:
@@ -601,8 +611,8 @@ def _should_stop(self:Trainer) -> str|None:
 # %% ../nbs/04_training.ipynb #0ca729e3
 @patch
 def _leave_group(self:Trainer):
-    "Under torchrun, wait for every process, then close the process group: a process that exits with it open can abort."
-    if self.dist.enabled and torch.distributed.is_initialized():
+    "Under torchrun, wait for every process, then close the process group we opened: a process that exits with it open can abort."
+    if self.owns_group and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 

@@ -68,7 +68,9 @@ def test_quick_bench_prints_summary(quick):
     (dict(batch_size=[1, -2]), '--batch-size'),
     (dict(new_tokens=-1), '--new-tokens'),
     (dict(peak_tflops=0.0), '--peak-tflops'),
-    (dict(loss_preset='giant'), "unknown --loss-preset 'giant'"),
+    (dict(loss_preset='giant'), "invalid --loss-preset 'giant'"),
+    (dict(loss_preset='speedrun'), "invalid --loss-preset 'speedrun'"),
+    (dict(preset=['speedrun']), 'preset speedrun uses parts the baseline does not implement'),
     (dict(loss_preset='cpu'), 'give --target-loss'),
     (dict(ladder='moon'), "unknown --ladder 'moon'"),
 ])

@@ -287,3 +287,29 @@ def test_sampler_app(run_dir, trained):
     assert len(app.output_text) < 5000 and 'stopped' in app.status.value
     app.prompt = 'é'
     with pytest.raises(CraftError, match="'é'"): app.generate()
+
+
+def test_compiled_decoding_is_compiled_and_gives_the_same_text(trained):
+    "`compile=True` traces the decode step into a graph (dynamo counts it) and changes no token, greedy or seeded."
+    from torch._dynamo.utils import counters
+    model, tok = trained
+    torch._dynamo.reset()                          # forget graphs compiled earlier in this process: this call must make one
+    before = counters['stats']['unique_graphs']
+    compiled = generate(model, tok, PROMPT, max_new_tokens=60, temperature=0, compile=True)
+    assert counters['stats']['unique_graphs'] > before
+    assert compiled == generate(model, tok, PROMPT, max_new_tokens=60, temperature=0)
+    seeded = dict(max_new_tokens=60, seed=5, num_samples=2, top_k=10)
+    assert generate(model, tok, PROMPT, compile=True, **seeded) == generate(model, tok, PROMPT, **seeded)
+
+
+def test_decoders_free_their_caches_at_once(trained):
+    "No reference cycle: a decoder's KV caches go as soon as the decoder does, without waiting for the garbage collector."
+    import gc, weakref
+    model, _ = trained
+    gc.disable()
+    try:
+        decoder = Decoder(model, 2)
+        cache = weakref.ref(decoder.caches[0].k)
+        del decoder
+        assert cache() is None
+    finally: gc.enable()
