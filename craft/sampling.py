@@ -432,6 +432,7 @@ def sample_command(run:str,                           # run directory or .safete
     torch_dtype = inference_dtype(dtype, dev)
     model, tokenizer, _ = load_checkpoint(run, dev)
     model.to(torch_dtype)
+    if compile: print("craft sample: compiling the decode step (once per process: seconds on a GPU, up to a minute on a CPU)", file=sys.stderr)
     s = TextStream(model, tokenizer, prompt_text, config, on_unknown)
     out, last = sys.stdout, ['\n']           # last: the last character written, to know when a newline is needed
     def write(chunk:str):
