@@ -22,7 +22,6 @@ from .training import TrainConfig, TRAIN_PRESETS, train, read_status, read_run_c
 from .sampling import sample_command, generate
 from .runs import runs_command, compare_command
 from .bench import bench_command
-from .serving import serve_command
 
 # %% ../nbs/90_cli.ipynb #fb85643d
 class Parser(argparse.ArgumentParser):
@@ -103,8 +102,8 @@ def print_sample(run_dir):
     print(f"\n--- a sample from {run_dir} ---\n{text}\n---")
 
 # %% ../nbs/90_cli.ipynb #9449fc92
-def build_parser() -> argparse.ArgumentParser:
-    "The `craft` parser with one subcommand per command."
+def build_parser(command:str|None=None) -> argparse.ArgumentParser:
+    "The `craft` parser with one subcommand per command; `serve`'s options, and the web stack behind them, load only when `command` is 'serve'."
     parser = Parser(prog='craft', description='craft: a character-level GPT you can read, train and play with.')
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND', parser_class=Parser)
     train_parser(sub).set_defaults(func=train_command)
@@ -118,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=lambda args: bench_command(**_kwargs(args)) and 0)
     serve = sub.add_parser('serve', help='serve a model over HTTP, with continuous batching and streaming',
                            description="Serve a run directory or checkpoint as an HTTP API (POST /v1/generate, GET /health, GET /v1/model, /docs).")
-    add_function_options(serve, serve_command)
-    serve.set_defaults(func=lambda args: serve_command(**_kwargs(args)) and 0)
+    if command == 'serve':
+        from craft.serving import serve_command   # FastAPI and pydantic: a fifth of the start-up time, for the server only
+        add_function_options(serve, serve_command)
+        serve.set_defaults(func=lambda args: serve_command(**_kwargs(args)) and 0)
     runs = sub.add_parser('runs', help='list and compare training runs',
                           description="List the training runs in a folder, one row per run.",
                           epilog="craft runs compare RUN RUN... [--plot FILE.png] compares runs: their config diff and loss curves.")
@@ -142,7 +143,7 @@ def parse_args(argv:list[str]|None=None) -> argparse.Namespace:
     "Parse `argv`; an unknown flag is reported by its subcommand's parser, which knows the right --help."
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ['runs', 'compare']: return compare_parser().parse_args(argv[2:])
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv else None)
     args, unknown = parser.parse_known_args(argv)
     if unknown: parser._subparsers._group_actions[0].choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
