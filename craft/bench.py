@@ -220,12 +220,18 @@ class BaselineBlock(nn.Module):
 # %% ../nbs/06_benchmarks.ipynb #2e023736
 BASELINE_OPTIONS = dict(pos_emb='learned', norm='layernorm', mlp='gelu', qk_norm=False, tie_weights=True, logit_softcap=0.0)
 
+def _beyond_baseline(settings:dict) -> dict:
+    "The model options among `settings` that the baseline does not implement."
+    return {k: v for k, v in settings.items() if k in BASELINE_OPTIONS and v != BASELINE_OPTIONS[k]}
+
 class BaselineGPT(nn.Module):
     "A textbook (nanoGPT-style) GPT for `config`: ids `(B, T)` -> logits `(B, T, V)`, and the loss given targets."
     def __init__(self, config:GPTConfig):
         super().__init__()
-        different = {k: getattr(config, k) for k, v in BASELINE_OPTIONS.items() if getattr(config, k) != v}
-        if different: raise CraftError(f"the baseline implements only the nanoGPT architecture, not {different}; benchmark a preset")
+        different = _beyond_baseline(config.to_dict())
+        if different:
+            comparable = ', '.join(p for p, settings in PRESETS.items() if not _beyond_baseline(settings))
+            raise CraftError(f"the baseline implements only the nanoGPT architecture, not {different}; benchmark one of {comparable}")
         self.config = c = config
         self.wte, self.wpe = nn.Embedding(c.vocab_size, c.n_embd), nn.Embedding(c.block_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
@@ -661,10 +667,6 @@ def summary(results:dict, markdown:bool=False) -> str:
 # %% ../nbs/06_benchmarks.ipynb #29cb3515
 BENCH_FORMAT, BENCH_VERSION = 'craft.bench', 1
 
-def _beyond_baseline(preset:str) -> str:
-    "The model options of `preset` that the baseline does not implement, as text ('' if none)."
-    return ', '.join(f"{k}={v!r}" for k, v in PRESETS.get(preset, {}).items() if k in BASELINE_OPTIONS and v != BASELINE_OPTIONS[k])
-
 def _check_out(out:str) -> Path:
     "The output path, its folder created; a `CraftError` if it cannot be written."
     path = Path(out)
@@ -727,11 +729,11 @@ def bench_command(device:str='auto',               # auto (cuda, then mps, then 
         if not quiet: print(format_table(*ladder_table(results)))
         return results
     presets = list(preset or (['tiny'] if quick else ['nanogpt'] if on_gpu else ['cpu', 'tiny']))
-    comparable = [p for p in PRESETS if not _beyond_baseline(p)]
+    comparable = [p for p in PRESETS if not _beyond_baseline(PRESETS[p])]
     for p in presets:
         _check(p in PRESETS and p in TRAIN_PRESETS, f"unknown preset {p!r}; choose from: {', '.join(comparable)}")
-        _check(not _beyond_baseline(p), f"preset {p} uses parts the baseline does not implement ({_beyond_baseline(p)}); "
-                                        f"benchmark one of {', '.join(comparable)}, or compare recipes with --ladder")
+        _check(p in comparable, f"preset {p} uses parts the baseline does not implement ({_beyond_baseline(PRESETS[p])}); "
+                                f"benchmark one of {', '.join(comparable)}, or compare recipes with --ladder")
     batch_sizes = list(batch_size or ([1, 4] if quick else [1, 64, 256] if on_gpu else [1, 64]))
     _check(all(isinstance(b, int) and b >= 1 for b in batch_sizes), f"invalid --batch-size {batch_sizes}: each must be a positive integer")
     _check(isinstance(repeats, int) and repeats >= 1, f"invalid --repeats {repeats}: must be at least 1")
@@ -741,7 +743,7 @@ def bench_command(device:str='auto',               # auto (cuda, then mps, then 
     _check(target_loss is None or target_loss > 0, f"invalid --target-loss {target_loss}: must be > 0")
     _check(threads >= 0, f"invalid --threads {threads}: must be >= 0 (0 = torch's default)")
     if loss_preset == 'auto': loss_preset = 'tiny' if quick or not on_gpu else 'nanogpt'
-    _check(loss_preset == 'none' or (loss_preset in PRESETS and not _beyond_baseline(loss_preset)),
+    _check(loss_preset == 'none' or loss_preset in comparable,
            f"invalid --loss-preset {loss_preset!r}; choose auto, none or one of: {', '.join(comparable)}")
     _check(loss_preset == 'none' or target_loss is not None or loss_preset in LOSS_RUNS,
            f"no default target loss for --loss-preset {loss_preset}; give --target-loss, or use one of: {', '.join(LOSS_RUNS)}")
@@ -909,7 +911,7 @@ def ladder_settings(rungs:list, upto:int) -> dict:
     return {k: v for _, settings in rungs[:upto + 1] for k, v in settings.items()}
 
 # %% ../nbs/06_benchmarks.ipynb #6ee18099
-def train_recipe(preset:str, settings:dict, out, device:str='auto', target:float|None=None, env:dict|None=None) -> dict:
+def train_recipe(preset:str, settings:dict, out, device:str='auto', target:float|None=None) -> dict:
     "Train `preset` with `settings` in a fresh `craft train` process; the run's figures, with times from process start and the time to `target`."
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -918,12 +920,13 @@ def train_recipe(preset:str, settings:dict, out, device:str='auto', target:float
     command = [sys.executable, '-m', 'craft.cli', 'train', '--preset', preset, '--config', str(config),
                '--device', str(device), '--out', str(out), '--no-progress']
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode:
         why = (done.stderr.strip().splitlines() or [f"no message, exit status {done.returncode}"])[-1]
         raise CraftError(f"craft train --preset {preset} with {settings} failed (exit status {done.returncode}): {why}")
-    status, startup = read_status(out), read_status(out).get('startup_s') or 0.0
+    status = read_status(out)
+    startup = status.get('startup_s') or 0.0
     curve = [[_sig(startup + r['elapsed_s']), r['step'], _sig(r['val_loss'])] for r in read_metrics(out) if 'val_loss' in r]
     reached = next((c[0] for c in curve if target and c[2] <= target), None)
     return {'wall_s': _sig(wall), 'startup_s': _sig(startup), 'steps': status['step'], 'stop_reason': status.get('stop_reason'),

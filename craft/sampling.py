@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['SAMPLING_FIELDS', 'INFERENCE_DTYPES', 'GenerationConfig', 'apply_temperature', 'apply_top_k', 'apply_top_p',
-           'apply_min_p', 'presence_mask', 'apply_repetition_penalty', 'next_tokens', 'sampling_settings', 'Decoder',
-           'decode_step', 'RowText', 'TextStream', 'stream', 'generate', 'inference_dtype', 'sample_command',
-           'SamplerApp', 'sampler_app']
+           'apply_min_p', 'presence_mask', 'apply_repetition_penalty', 'next_token_probs', 'next_tokens',
+           'sampling_settings', 'Decoder', 'decode_step', 'RowText', 'TextStream', 'stream', 'generate',
+           'inference_dtype', 'sample_command', 'SamplerApp', 'sampler_app']
 
 # %% ../nbs/05_sampling.ipynb #cabbcba1
 import functools, math, secrets, sys, threading, time, weakref
@@ -134,16 +134,18 @@ def apply_repetition_penalty(logits:torch.Tensor, seen:torch.Tensor, penalty) ->
 # %% ../nbs/05_sampling.ipynb #44cd3646
 SAMPLING_FIELDS = ('temperature', 'top_k', 'top_p', 'min_p', 'repetition_penalty')
 
+def next_token_probs(logits:torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
+    "Probabilities `(B, V)` to draw from: temperature, then top-k, top-p and min-p on logits `(B, V)`, then softmax; each setting a number or `(B,)`."
+    return apply_min_p(apply_top_p(apply_top_k(apply_temperature(logits, temperature), top_k), top_p), min_p).softmax(-1)
+
 def next_tokens(logits:torch.Tensor, generator:torch.Generator|None=None, seen:torch.Tensor|None=None,
                 temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0) -> torch.Tensor:
     "One next token per row, `(B,)`, from last-position logits `(B, V)`; each setting is a number or a `(B,)` tensor, `seen` the `(B, V)` presence mask."
     logits = logits.float()
     if seen is not None: logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     if not torch.is_tensor(temperature) and temperature == 0: return logits.argmax(-1)   # greedy
-    logits = apply_temperature(logits, temperature)
-    logits = apply_min_p(apply_top_p(apply_top_k(logits, top_k), top_p), min_p)
-    probs = logits.softmax(-1)                                                  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)         # (B,)
+    probs = next_token_probs(logits, temperature, top_k, top_p, min_p)                   # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)                  # (B,)
 
 def sampling_settings(configs:GenerationConfig|list[GenerationConfig], device=None) -> dict:
     "`next_tokens`' settings: numbers from one config, or one `(B,)` tensor per setting from a list of configs (one per row)."

@@ -24,8 +24,8 @@ from .errors import CraftError
 from .tokenizer import CharTokenizer
 from .attention import KVCache
 from .model import GPT, load_checkpoint, pick_device
-from .sampling import (GenerationConfig, RowText, SAMPLING_FIELDS, presence_mask, apply_repetition_penalty, apply_temperature,
-                            apply_top_k, apply_top_p, apply_min_p, inference_dtype)
+from .sampling import (GenerationConfig, RowText, SAMPLING_FIELDS, presence_mask, apply_repetition_penalty, next_token_probs,
+                            decode_step, inference_dtype)
 
 # %% ../nbs/07_serving.ipynb #b76dcb68
 @torch.inference_mode()
@@ -52,8 +52,7 @@ def sample_rows(logits:torch.Tensor, groups:list[tuple[list[int], torch.Generato
     if seen is not None: logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     tokens = logits.argmax(-1)                                                       # (B,) greedy choice
     if all(g is None for _, g in groups): return tokens
-    logits = apply_temperature(logits, temperature)
-    probs = apply_min_p(apply_top_p(apply_top_k(logits, top_k), top_p), min_p).softmax(-1)   # (B, V)
+    probs = next_token_probs(logits, temperature, top_k, top_p, min_p)                # (B, V), as `craft sample` draws
     for rows, generator in groups:
         if generator is None: continue
         picked = probs[rows[0]:rows[0] + 1] if len(rows) == 1 else probs[rows]         # (n, V)
@@ -200,7 +199,7 @@ def _decode(self:Engine, n:int) -> torch.Tensor:
     fed = self.last[:n]                                                    # (n,)
     self.tokens[rows, start] = fed
     if full.all(): logits = torch.empty(n, self.model.config.vocab_size, device=self.device)
-    else: logits = self.model(fed[:, None], caches=self.caches, start=start, last_only=True)[0][:, -1]   # (n, V)
+    else: logits = decode_step(self.model, self.caches, fed, start)        # (n, V): sampling's decode step, per-row positions
     for job in {job for job, _ in owners}:
         if job.pos < T: job.pos += 1
     sliding = {}                                                           # keep -> rows

@@ -250,9 +250,9 @@ def make_optimizers(model:nn.Module, cfg:TrainConfig, device:torch.device) -> li
     optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == 'cuda')]
     if use_muon:
         if not hasattr(torch.optim, 'Muon'): raise CraftError(f"--optimizer muon needs torch >= 2.9 (this is {torch.__version__}); upgrade torch, or use --optimizer adamw")
-        muon = torch.optim.Muon(hidden, lr=cfg.muon_lr or cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-                                adjust_lr_fn='match_rms_adamw')
-        for group in muon.param_groups: group['lr_scale'] = (cfg.muon_lr or cfg.lr) / cfg.lr  # the schedule multiplies it
+        muon_lr = cfg.muon_lr or cfg.lr
+        muon = torch.optim.Muon(hidden, lr=muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, adjust_lr_fn='match_rms_adamw')
+        for group in muon.param_groups: group['lr_scale'] = muon_lr / cfg.lr   # the schedule multiplies it
         optimizers.append(muon)
     return optimizers
 
@@ -399,6 +399,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.best_val_loss, self.elapsed_before, self.shared_elapsed = 0, float('inf'), 0.0, 0.0
         self.target_reached_s = None   # training seconds at the first evaluation at or below target_loss
+        self.best_is_exact = False     # whether best_val_loss is already the whole-split figure (an exact evaluation, in this process)
         if resume: self._restore()
         self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         if self.dist.enabled:
@@ -590,7 +591,7 @@ def evaluate(self:Trainer) -> float:
     else: val = full_loss(self.model, self.val_tokens, self.run.model.block_size, cfg.batch_size, self.device, self.autocast)
     if not math.isfinite(val): raise _diverged('the validation loss', val, self.step, self.out)
     improved = val < self.best_val_loss
-    if improved: self.best_val_loss = val
+    if improved: self.best_val_loss, self.best_is_exact = val, cfg.eval_iters == 0
     if 0 < val <= cfg.target_loss and self.target_reached_s is None: self.target_reached_s = self.elapsed()
     self.log(val_loss=val, val_bpc=val * BITS_PER_NAT)
     self.save(best=improved)
@@ -663,8 +664,10 @@ def fit(self:Trainer) -> Path:
         extra = {'stop_reason': reason}
         if self.target_reached_s is not None: extra['target_reached_s'] = round(self.target_reached_s, 3)
         if cfg.full_eval and main:
-            best_model, _, _ = load_checkpoint(self.out, self.device)
-            full = full_loss(best_model, self.val_tokens, self.run.model.block_size, cfg.batch_size, self.device, self.autocast)
+            if self.best_is_exact: full = self.best_val_loss        # the best evaluation was the exact one: no need to repeat it
+            else:
+                best_model, _, _ = load_checkpoint(self.out, self.device)
+                full = full_loss(best_model, self.val_tokens, self.run.model.block_size, cfg.batch_size, self.device, self.autocast)
             self.log(full_val_loss=full, full_val_bpc=full * BITS_PER_NAT)
             extra.update(full_val_loss=round(full, 6), full_val_bpc=round(full * BITS_PER_NAT, 6))
         self.set_status('finished', **extra)
