@@ -244,7 +244,7 @@ def test_tokenizer_must_match_model(trained):
 # --- sample_command and the app ---------------------------------------------------------------------------
 
 def test_sample_command_streams(run_dir, trained, capsys):
-    texts = sample_command(str(run_dir), prompt='KING', max_new_tokens=30, seed=3, num_samples=3, echo=True)
+    texts = sample_command(str(run_dir), prompt='KING', max_new_tokens=30, seed=3, num_samples=3, echo=True, dtype='float32')  # as `model`
     out, err = capsys.readouterr()
     assert out.startswith('--- sample 1 ---\nKING' + texts[0])
     assert all(f'--- sample {i} ---\nKING' in out for i in (2, 3)) and out.endswith('\n')
