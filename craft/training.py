@@ -4,11 +4,10 @@
 
 # %% auto #0
 __all__ = ['DTYPES', 'OPTIMIZERS', 'TRAIN_PRESETS', 'MODEL_FIELDS', 'TRAIN_FIELDS', 'BITS_PER_NAT', 'RUN_FORMAT', 'RUN_VERSION',
-           'TrainConfig', 'RunConfig', 'read_config_file', 'resolve_config', 'corpus_files', 'read_corpus', 'cache_dir',
+           'TrainConfig', 'RunConfig', 'read_config_file', 'resolve_config', 'corpus_files', 'read_corpus',
            'fingerprint', 'load_tokens', 'Batches', 'split_tokens', 'make_optimizers', 'learning_rate', 'estimate_loss',
-           'full_loss', 'atomic_write_text', 'read_run_config', 'read_metrics', 'read_status', 'plot_metrics', 'Dist',
-           'dist_from_env', 'autocast_dtype', 'Trainer', 'process_age', 'tensorboard_writer', 'write_sample',
-           'resume_config', 'train']
+           'full_loss', 'read_run_config', 'read_metrics', 'read_status', 'plot_metrics', 'Dist', 'dist_from_env',
+           'autocast_dtype', 'Trainer', 'process_age', 'tensorboard_writer', 'write_sample', 'resume_config', 'train']
 
 # %% ../nbs/04_training.ipynb #15aedaa9
 import contextlib, hashlib, json, math, os, signal, sys, threading, time
@@ -20,6 +19,7 @@ import torch
 import torch.nn as nn
 from fastcore.basics import patch
 from .errors import CraftError
+from .files import atomic_write_text, cache_dir
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, PRESETS, save_checkpoint, load_checkpoint, read_checkpoint_header, pick_device, native_bf16, check_field_types
 
@@ -166,10 +166,6 @@ def read_corpus(data:str|Path='', separator:str='\n\n') -> str:
     return separator.join(load_text(f) for f in corpus_files(data))
 
 # %% ../nbs/04_training.ipynb #1b81d9de
-def cache_dir() -> Path:
-    "Where token caches live: $CRAFT_CACHE_DIR, else ~/.cache/craft."
-    return Path(os.environ.get('CRAFT_CACHE_DIR') or Path.home() / '.cache' / 'craft')
-
 def fingerprint(files:list[Path]) -> str:
     "SHA-256 over the names' order and the bytes of the files."
     h = hashlib.sha256()
@@ -301,11 +297,6 @@ def full_loss(model:nn.Module, tokens:np.ndarray, block_size:int, batch_size:int
 
 # %% ../nbs/04_training.ipynb #400b056a
 RUN_FORMAT, RUN_VERSION = 'craft.run', 1
-
-def atomic_write_text(path:Path, text:str):
-    "Write `text` to `path` through a temporary file and a rename."
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding='utf-8'); os.replace(tmp, path)
 
 def read_run_config(run_dir) -> RunConfig:
     "The `RunConfig` stored in a run directory."
