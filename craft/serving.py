@@ -25,7 +25,7 @@ from .tokenizer import CharTokenizer
 from .attention import KVCache
 from .model import GPT, load_checkpoint, pick_device
 from .sampling import (GenerationConfig, RowText, SAMPLING_FIELDS, presence_mask, apply_repetition_penalty, next_token_probs,
-                            decode_step, inference_dtype)
+                            decode_step, load_for_sampling)
 
 # %% ../nbs/07_serving.ipynb #b76dcb68
 @torch.inference_mode()
@@ -518,9 +518,7 @@ def create_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, dev
         if tokenizer is None: raise CraftError("create_app needs the tokenizer that goes with the model: create_app(model, tokenizer)")
         model = run_or_model
     else:
-        dev = pick_device(device)
-        model, tokenizer, _ = load_checkpoint(run_or_model, dev)
-        model.to(inference_dtype(dtype, dev))
+        model, tokenizer, _ = load_for_sampling(run_or_model, device, dtype)
     engine = Engine(model, tokenizer, max_slots)
     GenerateRequest = request_model(tokenizer.chars, max_prompt_chars, max_new_tokens_cap, max_slots)
 
