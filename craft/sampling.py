@@ -482,7 +482,7 @@ def _bars_html(probs:torch.Tensor, tokenizer:CharTokenizer, after:str, n:int=10)
     rows = [f"<tr><td><code>{html.escape(_visible(tokenizer.chars[i]))}</code></td><td style='width:16em'><div style='width:{100 * p / top.values[0]:.1f}%;"
             f"height:0.9em;background:#2f5bd3'></div></td><td style='text-align:right'>{p:.1%}</td></tr>"
             for p, i in zip(top.values.tolist(), top.indices.tolist()) if p > 0]
-    return (f"<b>What the model sees</b>: the next character after <code>…{html.escape(''.join(map(_visible, after[-30:])))}</code>"
+    return (f"<b>What the model sees</b>: the next character after<br><code>…{html.escape(''.join(map(_visible, after[-20:])))}</code>"
             f"<table style='border-collapse:collapse'>{''.join(rows)}</table>")
 
 # %% ../nbs/05_sampling.ipynb #b06d6aa6
@@ -499,13 +499,14 @@ class SamplerApp:
         self.top_p_slider = W.FloatSlider(value=top_p, min=0.01, max=1, step=0.01, description='top-p', **wide())
         self.min_p_slider = W.FloatSlider(value=min_p, min=0, max=0.5, step=0.01, description='min-p', **wide())
         self.repetition_penalty_slider = W.FloatSlider(value=repetition_penalty, min=0.5, max=2, step=0.05, description='repetition penalty', **wide())
-        self.length_slider = W.IntSlider(value=max_new_tokens, min=1, max=5000, description='length (characters)', **wide())
+        self.length_slider = W.IntSlider(value=max_new_tokens, min=1, max=5000, description='length', **wide())
         self.seed_box = W.Text(value='' if seed is None else str(seed), placeholder='random', description='seed', **wide())
         self.generate_button, self.stop_button = W.Button(description='Generate', button_style='primary'), W.Button(description='Stop', disabled=True)
-        self.output_box, self.probs_view, self.status = W.HTML(layout=W.Layout(width='100%')), W.HTML(), W.Label()
+        self.output_box, self.probs_view, self.status = W.HTML(layout=W.Layout(width='100%')), W.HTML(layout=W.Layout(margin='0 0 0 2em')), W.Label()
         self.sliders = [self.temperature_slider, self.top_k_slider, self.top_p_slider, self.min_p_slider, self.repetition_penalty_slider]
-        self.widget = W.VBox([self.prompt_box, W.HBox([W.VBox(self.sliders + [self.length_slider, self.seed_box,
-                              W.HBox([self.generate_button, self.stop_button])]), self.probs_view]), self.output_box, self.status])
+        controls = W.VBox(self.sliders + [self.length_slider, self.seed_box, W.HBox([self.generate_button, self.stop_button])],
+                          layout=W.Layout(min_width='25em'))
+        self.widget = W.VBox([self.prompt_box, W.HBox([controls, self.probs_view]), self.output_box, self.status])
         self.generate_button.on_click(lambda _: self.generate(block=False))
         self.stop_button.on_click(lambda _: self.stop())
         for w in self.sliders + [self.prompt_box]: w.observe(lambda _: self._show_probs(), 'value')

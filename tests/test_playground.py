@@ -1,5 +1,5 @@
-"The pages of `craft serve` in a real browser (Debian's chromium, driven by Playwright): the playground at / and the docs at /docs, offline."
-import os, re, shutil, sys
+"Pages in a real browser (Debian's chromium, driven by Playwright): `craft serve`'s playground at / and docs at /docs, offline, and the notebook sampler in JupyterLab."
+import os, re, shutil, socket, subprocess, sys, threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -10,7 +10,7 @@ except ImportError: sync_playwright = None
 
 from craft.model import load_checkpoint
 from craft.sampling import generate
-from test_serving import Server
+from test_serving import ENV, Server
 
 # Headless, and no traffic of the browser's own: the only requests are the page's.
 FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run']
@@ -129,6 +129,51 @@ def test_playground_on_a_phone(browser, server, artifacts):
     assert boxes[0]['y'] + boxes[0]['height'] <= boxes[1]['y']             # stacked, not side by side
     p.screenshot(artifacts / 'playground-phone.png')
     assert p.elsewhere() == [] and p.errors == [], (p.elsewhere(), p.errors)
+
+
+@pytest.fixture(scope='module')
+def jupyterlab(served_run, tmp_path_factory):
+    "JupyterLab on a free port of 127.0.0.1, with its settings in a temporary folder and a notebook that shows `sampler_app`."
+    import nbformat
+    root = tmp_path_factory.mktemp('jupyterlab')
+    code = (f"import torch; torch.set_num_threads(1)\nfrom craft.sampling import sampler_app\n"
+            f"sampler_app({str(served_run)!r}, device='cpu', dtype='float32', prompt='KING', max_new_tokens=120, seed=5)")
+    kernel = {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}}
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)], metadata=kernel), root / 'sampler.ipynb')
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    env = {**ENV, **{f'JUPYTER_{d}_DIR': str(root / d.lower()) for d in ('CONFIG', 'DATA', 'RUNTIME')}}
+    lab = subprocess.Popen([sys.executable, '-m', 'jupyterlab', '--no-browser', f'--port={port}', '--ip=127.0.0.1', '--allow-root', '--IdentityProvider.token=craft',
+                            f'--ServerApp.root_dir={root}', f'--LabApp.user_settings_dir={root / "settings"}',
+                            f'--LabApp.workspaces_dir={root / "workspaces"}'], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while f'127.0.0.1:{port}' not in (line := lab.stderr.readline()): assert line, 'JupyterLab did not start'
+        threading.Thread(target=lab.stderr.read, daemon=True).start()                 # keep the pipe from filling
+        yield f'http://127.0.0.1:{port}'
+    finally:
+        lab.terminate()
+        try: lab.wait(20)
+        except subprocess.TimeoutExpired: lab.kill(); lab.wait(10)
+
+
+def test_sampler_widget_in_jupyterlab(browser, jupyterlab, artifacts):
+    "The notebook sampler in a real JupyterLab: labels in full, Generate streams the text after its prompt, and the bars show the next character."
+    page = browser.new_page(viewport={'width': 1280, 'height': 900})
+    page.route(re.compile(r'^(?!http://127\.0\.0\.1[:/]).*'), lambda route: route.abort())   # JupyterLab may look for news: nowhere but here
+    page.goto(f'{jupyterlab}/lab/tree/sampler.ipynb?token=craft')
+    page.locator('.jp-Cell .cm-content').first.click(timeout=60_000)
+    page.keyboard.press('Shift+Enter')
+    generate_button = page.get_by_role('button', name='Generate')
+    expect(generate_button).to_be_visible(timeout=60_000)
+    labels = page.locator('.widget-slider .widget-label')
+    expect(labels).to_have_count(6)
+    assert labels.evaluate_all('ls => ls.filter(l => l.scrollWidth > l.clientWidth).map(l => l.textContent)') == []   # none cut short
+    generate_button.click()
+    expect(page.locator('.widget-label', has_text='characters/s')).to_contain_text('120 characters in', timeout=60_000)
+    expect(page.locator('.widget-html pre span').first).to_have_text('KING')             # the prompt, then the text
+    assert len(page.locator('.widget-html pre').first.text_content()) == 4 + 120
+    expect(page.locator('.widget-html', has_text='What the model sees').locator('tr').first).to_be_visible()
+    page.locator('.jp-Notebook').screenshot(path=artifacts / 'sampler-widget.png')
+    print(f"screenshot: {artifacts / 'sampler-widget.png'}")
 
 
 def test_docs_try_it_out(browser, server, artifacts):
