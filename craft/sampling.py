@@ -501,22 +501,29 @@ class SamplerApp:
         self.repetition_penalty_slider = W.FloatSlider(value=repetition_penalty, min=0.5, max=2, step=0.05, description='repetition penalty', **wide())
         self.length_slider = W.IntSlider(value=max_new_tokens, min=1, max=5000, description='length', **wide())
         self.seed_box = W.Text(value='' if seed is None else str(seed), placeholder='random', description='seed', **wide())
-        self.generate_button, self.stop_button = W.Button(description='Generate', button_style='primary'), W.Button(description='Stop', disabled=True)
-        self.output_box, self.probs_view, self.status = W.HTML(layout=W.Layout(width='100%')), W.HTML(layout=W.Layout(margin='0 0 0 2em')), W.Label()
-        self.sliders = [self.temperature_slider, self.top_k_slider, self.top_p_slider, self.min_p_slider, self.repetition_penalty_slider]
-        controls = W.VBox(self.sliders + [self.length_slider, self.seed_box, W.HBox([self.generate_button, self.stop_button])],
-                          layout=W.Layout(min_width='25em'))
-        self.widget = W.VBox([self.prompt_box, W.HBox([controls, self.probs_view]), self.output_box, self.status])
-        self.generate_button.on_click(lambda _: self.generate(block=False))
-        self.stop_button.on_click(lambda _: self.stop())
-        for w in self.sliders + [self.prompt_box]: w.observe(lambda _: self._show_probs(), 'value')
-        self.output_text, self.error, self.last_stream, self._shown = '', None, None, 0.0
-        self._cancel, self._thread = threading.Event(), None
-        self._show_probs()
+        self._assemble()
 
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
+
+# %% ../nbs/05_sampling.ipynb #261ddd78
+@patch
+def _assemble(self:SamplerApp):
+    "Add the buttons and views to the setting widgets, lay them out and connect them."
+    import ipywidgets as W
+    self.generate_button, self.stop_button = W.Button(description='Generate', button_style='primary'), W.Button(description='Stop', disabled=True)
+    self.output_box, self.probs_view, self.status = W.HTML(layout=W.Layout(width='100%')), W.HTML(layout=W.Layout(margin='0 0 0 2em')), W.Label()
+    self.sliders = [self.temperature_slider, self.top_k_slider, self.top_p_slider, self.min_p_slider, self.repetition_penalty_slider]
+    controls = W.VBox(self.sliders + [self.length_slider, self.seed_box, W.HBox([self.generate_button, self.stop_button])],
+                      layout=W.Layout(min_width='25em'))
+    self.widget = W.VBox([self.prompt_box, W.HBox([controls, self.probs_view]), self.output_box, self.status])
+    self.generate_button.on_click(lambda _: self.generate(block=False))
+    self.stop_button.on_click(lambda _: self.stop())
+    for w in self.sliders + [self.prompt_box]: w.observe(lambda _: self._show_probs(), 'value')
+    self.output_text, self.error, self.last_stream, self._shown = '', None, None, 0.0
+    self._cancel, self._thread = threading.Event(), None
+    self._show_probs()
 
 # %% ../nbs/05_sampling.ipynb #ca1b840f
 def _widget_property(widget:str, doc:str):
@@ -530,6 +537,7 @@ SamplerApp.min_p = _widget_property('min_p_slider', "Min-p (0 = off).")
 SamplerApp.repetition_penalty = _widget_property('repetition_penalty_slider', "Repetition penalty (1 = off).")
 SamplerApp.max_new_tokens = _widget_property('length_slider', "Characters to generate.")
 
+# %% ../nbs/05_sampling.ipynb #e54eb05c
 def _get_seed(self:SamplerApp) -> int|None:
     text = self.seed_box.value.strip()
     if not text: return None
@@ -584,6 +592,7 @@ def _run_or_report(self:SamplerApp, s:TextStream):
         self.error = e
         self.status.value = f"error: {e}"
 
+# %% ../nbs/05_sampling.ipynb #b2aa0c31
 @patch
 def generate(self:SamplerApp, block:bool=True) -> str:
     "Generate with the current settings, streaming into the output box; `block=False` runs in a thread (as the button does)."
@@ -604,6 +613,7 @@ def generate(self:SamplerApp, block:bool=True) -> str:
         self._thread.start()
     return self.output_text
 
+# %% ../nbs/05_sampling.ipynb #70e4b372
 @patch
 def stop(self:SamplerApp):
     "Stop a running generation after its current step."

@@ -84,17 +84,19 @@ class Job:
         self.done = threading.Event()       # set when it has finished
         self.submitted, self.admitted, self.first_token, self.finished = time.perf_counter(), None, None, None
 
-    @property
-    def texts(self) -> list[str]:
-        "The text of each sample so far."
-        return [r.text for r in self.row_texts]
+# %% ../nbs/07_serving.ipynb #81d30c03
+@patch(as_prop=True)
+def texts(self:Job) -> list[str]:
+    "The text of each sample so far."
+    return [r.text for r in self.row_texts]
 
-    @property
-    def n_tokens(self) -> int:
-        "Tokens generated, all samples together."
-        return self.n_steps * self.config.num_samples
+@patch(as_prop=True)
+def n_tokens(self:Job) -> int:
+    "Tokens generated, all samples together."
+    return self.n_steps * self.config.num_samples
 
-    def __repr__(self): return f"Job({self.id}, rows={self.rows}, steps={self.n_steps}, finish_reason={self.finish_reason!r})"
+@patch
+def __repr__(self:Job): return f"Job({self.id}, rows={self.rows}, steps={self.n_steps}, finish_reason={self.finish_reason!r})"
 
 # %% ../nbs/07_serving.ipynb #460a58fa
 @patch
@@ -132,6 +134,7 @@ def memory_available(device:torch.device) -> tuple[int|None, int|None]:
     free = next((int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith('MemAvailable:')), None)
     return free or total, total
 
+# %% ../nbs/07_serving.ipynb #49d999ce
 def _gb(n:int) -> str: return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 def _check_memory(model:GPT, max_slots:int):
@@ -168,15 +171,16 @@ class Engine:
         self.listener = None                         # called from the engine's thread with each step's news
         self._thread, self._stopping, self.closing = None, False, False
 
-    @property
-    def n_active(self) -> int:
-        "Rows in use."
-        return len(self.row_owner)
+# %% ../nbs/07_serving.ipynb #69e0494a
+@patch(as_prop=True)
+def n_active(self:Engine) -> int:
+    "Rows in use."
+    return len(self.row_owner)
 
-    @property
-    def busy(self) -> bool:
-        "Whether jobs are running or waiting."
-        return bool(self.jobs or self.waiting)
+@patch(as_prop=True)
+def busy(self:Engine) -> bool:
+    "Whether jobs are running or waiting."
+    return bool(self.jobs or self.waiting)
 
 # %% ../nbs/07_serving.ipynb #663a24f0
 @patch
@@ -204,17 +208,10 @@ def cancel(self:Engine, job:Job):
     job.cancelled = True
     with self.lock: self.lock.notify()
 
-@patch
-def close(self:Engine):
-    "Shut down softly: from the next step on, every running and waiting job is cancelled, and `closing` tells callers to send no more."
-    with self.lock:
-        self.closing = True
-        self.lock.notify()
-
 # %% ../nbs/07_serving.ipynb #e3608ed5
 @patch
-def _admit(self:Engine) -> list[tuple[Job, torch.Tensor]]:
-    "Move waiting jobs into free rows and prefill them; returns each with its next-token logits `(num_samples, V)`."
+def _take_waiting(self:Engine) -> list[Job]:
+    "The waiting jobs, in order, that fit in the free rows (cancelled ones, and those asking for 0 tokens, finish at once)."
     admitted, news = [], []
     with self.lock:
         for job in [j for j in self.waiting if j.cancelled or self.closing]: self.waiting.remove(job); self._finish(job, 'cancelled', news)
@@ -224,8 +221,14 @@ def _admit(self:Engine) -> list[tuple[Job, torch.Tensor]]:
             if job.config.max_new_tokens == 0: self._finish(job, 'length', news); continue
             admitted.append(job); free -= job.config.num_samples
     self._publish(news)
+    return admitted
+
+# %% ../nbs/07_serving.ipynb #e2f5bc8c
+@patch
+def _admit(self:Engine) -> list[tuple[Job, torch.Tensor]]:
+    "Move waiting jobs into free rows and prefill them; returns each with its next-token logits `(num_samples, V)`."
     out, T = [], self.model.config.block_size
-    for job in admitted:
+    for job in self._take_waiting():
         n = job.config.num_samples
         job.rows = list(range(self.n_active, self.n_active + n))
         self.row_owner += [(job, i) for i in range(n)]
@@ -255,7 +258,13 @@ def _decode(self:Engine, n:int) -> torch.Tensor:
     else: logits = decode_step(self.model, self.caches, fed, start)        # (n, V): sampling's decode step, per-row positions
     for job in {job for job, _ in owners}:
         if job.pos < T: job.pos += 1
-    sliding = {}                                                           # keep -> rows
+    return self._slide(owners, full, logits)
+
+# %% ../nbs/07_serving.ipynb #0a80f031
+@patch
+def _slide(self:Engine, owners:list, full:np.ndarray, logits:torch.Tensor) -> torch.Tensor:
+    "`logits` `(n, V)` with those of the rows `full` `(n,)` replaced: each slides its window, in one prefill per `keep`."
+    T, sliding = self.model.config.block_size, {}                          # keep -> rows
     for r in np.flatnonzero(full).tolist():
         job = owners[r][0]
         sliding.setdefault(min(T, max(1, round(job.config.window_keep * T))), []).append(r)
@@ -277,6 +286,7 @@ def _finish(self:Engine, job:Job, reason:str, news:list, error:str|None=None):
     job.done.set()
     news.append((job, chunks, True))
 
+# %% ../nbs/07_serving.ipynb #2a63eba4
 @patch
 def _free(self:Engine, dead:list[int]):
     "Release rows `dead`; rows from the end move into the holes so that active rows stay `0..n-1`."
@@ -311,6 +321,7 @@ def _sample(self:Engine, logits:torch.Tensor) -> torch.Tensor:
     if watched: self._record_probs(watched, tokens, probs)
     return tokens
 
+# %% ../nbs/07_serving.ipynb #a5f661f7
 @patch
 def _record_probs(self:Engine, jobs:list[Job], tokens:torch.Tensor, probs:torch.Tensor):
     "Keep, for each row of `jobs`, the probability of its token `tokens` `(n,)` and its likeliest tokens (not those ruled out) in `probs` `(n, V)`."
@@ -321,6 +332,7 @@ def _record_probs(self:Engine, jobs:list[Job], tokens:torch.Tensor, probs:torch.
             top = [(chars[t], p) for t, p in zip(top_i[r][:job.top_probs], top_p[r]) if p > 0]
             job.probs[i].append((chosen[r], top))
 
+# %% ../nbs/07_serving.ipynb #e6e613ab
 @patch
 def _release(self:Engine, tokens:torch.Tensor, news:list) -> list[Job]:
     "Add each row's new character to its text; returns the jobs that are done."
@@ -352,6 +364,7 @@ def step(self:Engine) -> int:
     self._publish(news)
     return n
 
+# %% ../nbs/07_serving.ipynb #ae6ba207
 @patch
 def _retire(self:Engine, jobs:list[Job], news:list, reason:str|None=None):
     "Finish running `jobs` for `reason` (None: 'stop' if every sample stopped, else 'length') and free their rows."
@@ -388,6 +401,7 @@ def _fail_all(self:Engine, message:str):
     for job in running: self._finish(job, 'error', news, message)
     self._publish(news)
 
+# %% ../nbs/07_serving.ipynb #b3b728dc
 @patch
 def start(self:Engine) -> Engine:
     "Run the engine in a background thread."
@@ -410,10 +424,22 @@ def stop(self:Engine, timeout:float=10.0):
     if self.jobs: self._retire(list(self.jobs), news, 'cancelled')
     self._publish(news)
 
+# %% ../nbs/07_serving.ipynb #8252856f
+@patch
+def close(self:Engine):
+    "Shut down softly: from the next step on, every running and waiting job is cancelled, and `closing` tells callers to send no more."
+    with self.lock:
+        self.closing = True
+        self.lock.notify()
+
 # %% ../nbs/07_serving.ipynb #fa9c06eb
 def _integral(v):
     "An integral float such as `5.0` as the integer it is; anything else unchanged, for strict validation to judge."
     return int(v) if isinstance(v, float) and v.is_integer() else v
+
+def _vocabulary_pattern(chars:list[str]) -> str:
+    "A JSON-schema regex matching strings made of `chars` only."
+    return '^[' + ''.join(f'\\u{ord(c):04x}' if ord(c) < 0x10000 else c for c in chars) + ']*$'
 
 Integer = Annotated[int, BeforeValidator(_integral)]   # an integer field that also takes 5.0, as JSON Schema's "integer" does
 
@@ -423,44 +449,44 @@ def _example(vocabulary:list[str], max_prompt_chars:int, max_new_tokens_cap:int)
     return dict(prompt=prompt, max_new_tokens=min(100, max_new_tokens_cap), temperature=0.8, top_k=0, top_p=1.0, seed=None, stream=False)
 
 # %% ../nbs/07_serving.ipynb #5f0e1099
-def _vocabulary_pattern(chars:list[str]) -> str:
-    "A JSON-schema regex matching strings made of `chars` only."
-    return '^[' + ''.join(f'\\u{ord(c):04x}' if ord(c) < 0x10000 else c for c in chars) + ']*$'
+_defaults, _Stop = GenerationConfig(), Annotated[str, StringConstraints(min_length=1, max_length=100)]
 
+class _Settings(BaseModel):
+    "The fields of a `/v1/generate` body whose ranges are the same on every server: sampling, stop strings, seed, streaming."
+    model_config = ConfigDict(strict=True, extra='forbid')
+    temperature: float = Field(_defaults.temperature, ge=0, le=100, allow_inf_nan=False, json_schema_extra={'anyOf': [{'const': 0}, {'minimum': 1e-4}]},
+                               description="0 = greedy; else at least 0.0001: < 1 sharper, > 1 more random")
+    top_k: Integer = Field(_defaults.top_k, ge=0, le=1_000_000, description="sample from the k most likely characters only; 0 = all")
+    top_p: float = Field(_defaults.top_p, ge=1e-6, le=1, allow_inf_nan=False, description="sample from the most likely characters making up this probability; 1 = all")
+    min_p: float = Field(_defaults.min_p, ge=0, lt=1, allow_inf_nan=False, description="drop characters less likely than min_p times the most likely; 0 = none")
+    repetition_penalty: float = Field(_defaults.repetition_penalty, ge=0.01, le=100, allow_inf_nan=False, description="> 1 discourages characters already in the context; 1 = off")
+    stop: _Stop | Annotated[list[_Stop], Field(max_length=16)] | None = Field(None, description="up to 16 strings (1 to 100 characters) that end a sample; not included in the text")
+    seed: Integer | None = Field(None, ge=0, lt=2**63, description="random seed: the same seed and settings give the text `craft sample` gives; null = a fresh one (returned)")
+    stream: bool = Field(False, description="send Server-Sent Events as the text is generated")
+    on_unknown: Literal['error', 'drop'] = Field('error', description="prompt characters outside the vocabulary: error (422) or drop them")
+
+    @field_validator('temperature')
+    @classmethod
+    def _not_tiny(cls, v):
+        if 0 < v < 1e-4: raise ValueError("must be 0 (greedy) or at least 0.0001")
+        return v
+    def generation_config(self) -> GenerationConfig:
+        "The `GenerationConfig` of this request."
+        return GenerationConfig(**self.model_dump(exclude={'prompt', 'stream', 'on_unknown', 'top_probs'}))
+
+# %% ../nbs/07_serving.ipynb #977572aa
 def request_model(vocabulary:list[str], max_prompt_chars:int=4096, max_new_tokens_cap:int=4096, max_samples:int=64) -> type[BaseModel]:
     "The pydantic model of a `/v1/generate` body, with this server's limits and vocabulary in its schema."
-    d = GenerationConfig()
-    Stop = Annotated[str, StringConstraints(min_length=1, max_length=100)]
-    class GenerateRequest(BaseModel):
+    class GenerateRequest(_Settings):
         "What to generate: the prompt, the settings of `craft sample` (same names and defaults), and whether to stream."
-        model_config = ConfigDict(strict=True, extra='forbid',
-                                  json_schema_extra={'examples': [_example(vocabulary, max_prompt_chars, max_new_tokens_cap)]})
+        model_config = ConfigDict(json_schema_extra={'examples': [_example(vocabulary, max_prompt_chars, max_new_tokens_cap)]})
         prompt: str = Field('\n', min_length=1, max_length=max_prompt_chars, json_schema_extra={'pattern': _vocabulary_pattern(vocabulary)},
                             description=f"text to continue, 1 to {max_prompt_chars} characters of the vocabulary (GET /v1/model)")
-        max_new_tokens: Integer = Field(min(d.max_new_tokens, max_new_tokens_cap), ge=0, le=max_new_tokens_cap, description="characters to generate per sample")
-        temperature: float = Field(d.temperature, ge=0, le=100, allow_inf_nan=False, json_schema_extra={'anyOf': [{'const': 0}, {'minimum': 1e-4}]},
-                                   description="0 = greedy; else at least 0.0001: < 1 sharper, > 1 more random")
-        top_k: Integer = Field(d.top_k, ge=0, le=1_000_000, description="sample from the k most likely characters only; 0 = all")
-        top_p: float = Field(d.top_p, ge=1e-6, le=1, allow_inf_nan=False, description="sample from the most likely characters making up this probability; 1 = all")
-        min_p: float = Field(d.min_p, ge=0, lt=1, allow_inf_nan=False, description="drop characters less likely than min_p times the most likely; 0 = none")
-        repetition_penalty: float = Field(d.repetition_penalty, ge=0.01, le=100, allow_inf_nan=False, description="> 1 discourages characters already in the context; 1 = off")
-        stop: Stop | Annotated[list[Stop], Field(max_length=16)] | None = Field(None, description="up to 16 strings (1 to 100 characters) that end a sample; not included in the text")
-        seed: Integer | None = Field(None, ge=0, lt=2**63, description="random seed: the same seed and settings give the text `craft sample` gives; null = a fresh one (returned)")
-        num_samples: Integer = Field(d.num_samples, ge=1, le=max_samples, description=f"independent samples, 1 to {max_samples}")
-        stream: bool = Field(False, description="send Server-Sent Events as the text is generated")
-        on_unknown: Literal['error', 'drop'] = Field('error', description="prompt characters outside the vocabulary: error (422) or drop them")
+        max_new_tokens: Integer = Field(min(_defaults.max_new_tokens, max_new_tokens_cap), ge=0, le=max_new_tokens_cap,
+                                        description="characters to generate per sample")
+        num_samples: Integer = Field(_defaults.num_samples, ge=1, le=max_samples, description=f"independent samples, 1 to {max_samples}")
         top_probs: Integer = Field(0, ge=0, le=min(64, len(vocabulary)), description="also return, for each generated character, its probability "
                                    "and the `top_probs` likeliest ones, as it was drawn (after the sampling transforms); 0 = off")
-
-        @field_validator('temperature')
-        @classmethod
-        def _not_tiny(cls, v):
-            if 0 < v < 1e-4: raise ValueError("must be 0 (greedy) or at least 0.0001")
-            return v
-
-        def generation_config(self) -> GenerationConfig:
-            "The `GenerationConfig` of this request."
-            return GenerationConfig(**self.model_dump(exclude={'prompt', 'stream', 'on_unknown', 'top_probs'}))
     return GenerateRequest
 
 # %% ../nbs/07_serving.ipynb #8168b46f
@@ -494,6 +520,7 @@ class GenerateResponse(BaseModel):
     timing: Timing
     probs: list[list[TokenProbs]] | None = Field(None, description="with top_probs > 0: per sample, what the model saw at each character of its text")
 
+# %% ../nbs/07_serving.ipynb #0f1b6f7b
 class ErrorResponse(BaseModel):
     "A request the server cannot run: one line saying what is wrong, and the details of each problem."
     error: str = Field(description="what is wrong and how to fix it")
@@ -518,6 +545,7 @@ class RunInfo(BaseModel):
     train_loss: float | None = Field(description="the last training loss logged at or before that step, in nats per character")
     val_loss: float | None = Field(description="the last validation loss logged at or before that step, in nats per character")
 
+# %% ../nbs/07_serving.ipynb #79f0f0e7
 class ModelInfo(BaseModel):
     "The model being served, its limits, and what the engine is doing."
     status: str = Field('ok', description="ok while the server runs")
@@ -556,6 +584,7 @@ def _safe(text:str) -> str:
 def _error(status:int, message:str, details:list|None=None) -> JSONResponse:
     return JSONResponse({'error': _safe(message), 'details': details or []}, status_code=status)
 
+# %% ../nbs/07_serving.ipynb #873039b4
 def _location(loc) -> str:
     return '.'.join(str(p) for p in loc if p != 'body') or 'request body'
 
@@ -637,6 +666,18 @@ async def _watch_disconnect(request:Request, engine:Engine, job:Job):
     engine.cancel(job)
 
 # %% ../nbs/07_serving.ipynb #3a182b2b
+def _lifespan(engine:Engine):
+    "The app's lifespan: the engine's thread runs while the app does, and hands each step's news to the event loop."
+    @asynccontextmanager
+    async def lifespan(app:FastAPI):
+        loop = asyncio.get_running_loop()
+        engine.listener = lambda news: loop.call_soon_threadsafe(_deliver, news)
+        engine.start()
+        try: yield
+        finally: engine.stop()
+    return lifespan
+
+# %% ../nbs/07_serving.ipynb #f92138f3
 def create_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto', max_slots:int=64,
                max_prompt_chars:int=4096, max_new_tokens_cap:int=4096, max_body_bytes:int=65536) -> FastAPI:
     "A FastAPI app serving a run directory or checkpoint (loaded on `device` in `dtype`), or a model and its tokenizer, with continuous batching."
@@ -650,16 +691,7 @@ def create_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, dev
         model, tokenizer, _ = load_checkpoint(run_or_model, dev)
         model, run = model.to(inference_dtype(dtype, dev)), run_info(run_or_model)
     engine = Engine(model, tokenizer, max_slots)
-
-    @asynccontextmanager
-    async def lifespan(app:FastAPI):
-        loop = asyncio.get_running_loop()
-        engine.listener = lambda news: loop.call_soon_threadsafe(_deliver, news)
-        engine.start()
-        try: yield
-        finally: engine.stop()
-
-    app = FastAPIOffline(title='craft', summary='A character-level GPT, served with continuous batching', lifespan=lifespan,
+    app = FastAPIOffline(title='craft', summary='A character-level GPT, served with continuous batching', lifespan=_lifespan(engine),
                          description="POST /v1/generate to generate text; GET /v1/model for the model, its vocabulary and limits. "
                                      "A playground for people is at /.")
     app.state.engine, app.state.started, app.state.run = engine, time.perf_counter(), run
@@ -670,21 +702,29 @@ def create_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, dev
 
 # %% ../nbs/07_serving.ipynb #a9f8315a
 def _add_api(app:FastAPI, GenerateRequest:type[BaseModel], max_body_bytes:int):
-    "The routes of the API, its error handlers and the body limit, on `app`."
-    engine = app.state.engine
+    "The API on `app`: the body limit, the error handlers, the routes, and the schema."
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(CraftError, _craft_error)
     app.add_exception_handler(HTTPException, _http_error)
-    errors = {400: {'model': ErrorResponse, 'description': 'malformed JSON'}, 413: {'model': ErrorResponse, 'description': 'body too large'},
-              422: {'model': ErrorResponse, 'description': 'invalid settings, or prompt characters outside the vocabulary'},
-              503: {'model': ErrorResponse, 'description': 'the server is shutting down'}}
-    events = {'oneOf': [{'$ref': f'#/components/schemas/{m.__name__}'} for m in (StreamChunk, GenerateResponse, StreamError)]}
+    _add_generate(app, GenerateRequest)
+    _add_info_routes(app)
+    app.openapi = lambda: _openapi(app, GenerateRequest)
 
-    @app.post('/v1/generate', response_model=GenerateResponse, responses={**errors, 200: {
+# %% ../nbs/07_serving.ipynb #64f7d5ed
+_ERRORS = {400: {'model': ErrorResponse, 'description': 'malformed JSON'}, 413: {'model': ErrorResponse, 'description': 'body too large'},
+           422: {'model': ErrorResponse, 'description': 'invalid settings, or prompt characters outside the vocabulary'},
+           503: {'model': ErrorResponse, 'description': 'the server is shutting down'}}
+_EVENTS = {'oneOf': [{'$ref': f'#/components/schemas/{m.__name__}'} for m in (StreamChunk, GenerateResponse, StreamError)]}
+
+# %% ../nbs/07_serving.ipynb #f80180aa
+def _add_generate(app:FastAPI, GenerateRequest:type[BaseModel]):
+    "POST /v1/generate on `app`."
+    engine = app.state.engine
+    @app.post('/v1/generate', response_model=GenerateResponse, responses={**_ERRORS, 200: {
         'description': 'the texts (JSON), or with "stream": true a text/event-stream: `chunk` events (StreamChunk), then `done` '
                        '(GenerateResponse) or `error` (StreamError); each event\'s data is one JSON object',
-        'content': {'text/event-stream': {'schema': events}}}})
+        'content': {'text/event-stream': {'schema': _EVENTS}}}})
     async def generate_text(body:GenerateRequest, request:Request):
         "Continue the prompt: the texts, token counts and timing, or a stream of Server-Sent Events."
         if engine.closing: return _error(503, SHUTTING_DOWN)
@@ -699,8 +739,6 @@ def _add_api(app:FastAPI, GenerateRequest:type[BaseModel], max_body_bytes:int):
             if not job.done.is_set(): engine.cancel(job)
         if failure := _failure(engine, job): return _error(503 if failure == SHUTTING_DOWN else 500, failure)
         return job.summary()
-    _add_info_routes(app)
-    app.openapi = lambda: _openapi(app, GenerateRequest)
 
 # %% ../nbs/07_serving.ipynb #765c3fc7
 def _model_info(app:FastAPI) -> dict:
@@ -724,6 +762,7 @@ def _add_info_routes(app:FastAPI):
         "The model being served: the run it comes from, config, vocabulary, device, dtype, limits, and the requests served."
         return _model_info(app)
 
+# %% ../nbs/07_serving.ipynb #6e10c47f
 def _openapi(app:FastAPI, GenerateRequest:type[BaseModel]) -> dict:
     "FastAPI's schema of `app`, with the stream's event models and the request's example as it is."
     if app.openapi_schema is None:
@@ -744,6 +783,18 @@ def _add_playground(app:FastAPI):
     async def playground(): return FileResponse(STATIC / 'playground.html', headers={'Cache-Control': 'no-cache'})
 
 # %% ../nbs/07_serving.ipynb #55cce0fb
+def _listen(host:str, port:int) -> socket.socket:
+    "A socket listening on `host:port` (connections queue from now on, until uvicorn accepts them), or a `CraftError` saying why not."
+    try:
+        family = socket.AF_INET6 if ':' in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)   # IPPROTO_TCP: asyncio then sets TCP_NODELAY on connections
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        return sock
+    except (OSError, OverflowError) as e:
+        raise CraftError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); pick another --port or --host") from None
+
 class _Server(uvicorn.Server):
     "uvicorn's server, ending the requests in flight with 503 (`Engine.close`) as soon as it starts shutting down."
     def __init__(self, config:uvicorn.Config, engine:Engine):
@@ -771,16 +822,8 @@ def serve_command(run:str,                        # run directory or .safetensor
     if log_level not in ('critical', 'error', 'warning', 'info', 'debug', 'trace'): raise CraftError(f"log_level={log_level!r}; use critical, error, warning, info or debug")
     app = create_app(run, device=device, dtype=dtype, max_slots=max_slots, max_prompt_chars=max_prompt_chars,
                      max_new_tokens_cap=max_new_tokens_cap, max_body_bytes=max_body_bytes)
-    try:
-        family = socket.AF_INET6 if ':' in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)   # IPPROTO_TCP: asyncio then sets TCP_NODELAY on connections
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)                      # connections queue from now on, until uvicorn accepts them
-    except (OSError, OverflowError) as e:
-        raise CraftError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); pick another --port or --host") from None
+    sock, engine = _listen(host, port), app.state.engine
     port = sock.getsockname()[1]
-    engine = app.state.engine
     print(f"craft serve: http://{host}:{port} (the playground; API docs at /docs), {engine.device}, {str(engine.model.tok_emb.weight.dtype).removeprefix('torch.')}, "
           f"{max_slots} slots", file=sys.stderr, flush=True)
     _Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3), engine).run(sockets=[sock])
