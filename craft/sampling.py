@@ -461,6 +461,7 @@ import craft.attention as attention_module
 def next_char_probs(model:GPT, tokenizer:CharTokenizer, text:str, config:GenerationConfig|None=None) -> torch.Tensor:
     "Probabilities `(V,)` of the character after `text` under `config`'s settings: the model on its last `block_size` characters, then `next_tokens`' transforms."
     c, device = config or GenerationConfig(), model.tok_emb.weight.device
+    if not text: raise CraftError("there is no text to continue; give at least one character")
     ids = torch.from_numpy(tokenizer.encode(text).astype(np.int64)).to(device)[None]          # (1, t)
     logits = model(ids[:, -model.config.block_size:], last_only=True)[0][:, -1].float()       # (1, V)
     if c.repetition_penalty != 1:
@@ -559,10 +560,9 @@ def config(self:SamplerApp, fresh_seed:bool=False) -> GenerationConfig:
 def _show_probs(self:SamplerApp, config:GenerationConfig|None=None):
     "Bars of what the model sees after the prompt and the text so far (between steps while generating, else with the sliders' settings)."
     if config is None and self._thread is not None and self._thread.is_alive(): return     # the generating thread draws them
-    try: config = config or self.config()
-    except CraftError: return                                                                # a bad seed: said when generating
     text = self.prompt + self.output_text
-    if text: self.probs_view.value = _bars_html(next_char_probs(self.model, self.tokenizer, text, config), self.tokenizer, text)
+    try: self.probs_view.value = _bars_html(next_char_probs(self.model, self.tokenizer, text, config or self.config()), self.tokenizer, text)
+    except CraftError as e: self.probs_view.value = f"<b>What the model sees</b>: nothing, {html.escape(str(e).split(';')[0], quote=False)}"
 
 @patch
 def _show(self:SamplerApp, config:GenerationConfig, force:bool=False):
