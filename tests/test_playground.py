@@ -160,20 +160,31 @@ def test_sampler_widget_in_jupyterlab(browser, jupyterlab, artifacts):
     page = browser.new_page(viewport={'width': 1280, 'height': 900})
     page.route(re.compile(r'^(?!http://127\.0\.0\.1[:/]).*'), lambda route: route.abort())   # JupyterLab may look for news: nowhere but here
     page.goto(f'{jupyterlab}/lab/tree/sampler.ipynb?token=craft')
+    try: run_the_sampler(page)
+    except Exception:
+        page.screenshot(path=artifacts / 'sampler-widget-failed.png')
+        print(f"screenshot of the failure: {artifacts / 'sampler-widget-failed.png'}")
+        raise
+    page.locator('.jp-Notebook').screenshot(path=artifacts / 'sampler-widget.png')
+    print(f"screenshot: {artifacts / 'sampler-widget.png'}")
+
+
+def run_the_sampler(page):
+    "Run the notebook's cell, check the widget, press Generate, check what it shows."
     page.locator('.jp-Cell .cm-content').first.click(timeout=60_000)
     page.keyboard.press('Shift+Enter')
     generate_button = page.get_by_role('button', name='Generate')
     expect(generate_button).to_be_visible(timeout=60_000)
     labels = page.locator('.widget-slider .widget-label')
     expect(labels).to_have_count(6)
-    assert labels.evaluate_all('ls => ls.filter(l => l.scrollWidth > l.clientWidth).map(l => l.textContent)') == []   # none cut short
+    try: page.wait_for_function("[...document.querySelectorAll('.widget-slider .widget-label')].every(l => l.scrollWidth <= l.clientWidth)",
+                                timeout=10_000)                                      # once laid out, no label is cut short
+    except Exception: pytest.fail(f"labels cut short: {labels.evaluate_all('ls => ls.filter(l => l.scrollWidth > l.clientWidth).map(l => l.textContent)')}")
     generate_button.click()
     expect(page.locator('.widget-label', has_text='characters/s')).to_contain_text('120 characters in', timeout=60_000)
     expect(page.locator('.widget-html pre span').first).to_have_text('KING')             # the prompt, then the text
     assert len(page.locator('.widget-html pre').first.text_content()) == 4 + 120
     expect(page.locator('.widget-html', has_text='What the model sees').locator('tr').first).to_be_visible()
-    page.locator('.jp-Notebook').screenshot(path=artifacts / 'sampler-widget.png')
-    print(f"screenshot: {artifacts / 'sampler-widget.png'}")
 
 
 def test_docs_try_it_out(browser, server, artifacts):
