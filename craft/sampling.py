@@ -6,7 +6,8 @@
 __all__ = ['SAMPLING_FIELDS', 'GenerationConfig', 'apply_temperature', 'apply_top_k', 'apply_top_p', 'apply_min_p',
            'presence_mask', 'apply_repetition_penalty', 'next_token_probs', 'next_tokens', 'sampling_settings',
            'Decoder', 'decode_step', 'RowText', 'TextStream', 'stream', 'generate', 'decoding_profile',
-           'load_for_sampling', 'sample_command', 'SamplerApp', 'sampler_app']
+           'load_for_sampling', 'sample_command', 'next_char_probs', 'SamplerApp', 'sampler_app', 'attention_maps',
+           'plot_attention']
 
 # %% ../nbs/05_sampling.ipynb #cabbcba1
 import copy, functools, math, secrets, sys, threading, time, weakref
@@ -461,34 +462,79 @@ def sample_command(run:str,                           # run directory or .safete
           f"(seed {s.seed}, {model.tok_emb.weight.device.type}, {profile.choice})", file=sys.stderr)
     return s.texts
 
+# %% ../nbs/05_sampling.ipynb #daaccfd9
+import html
+import craft.attention as attention_module
+
+# %% ../nbs/05_sampling.ipynb #4fa73c85
+@torch.inference_mode()
+def next_char_probs(model:GPT, tokenizer:CharTokenizer, text:str, config:GenerationConfig|None=None) -> torch.Tensor:
+    "Probabilities `(V,)` of the character after `text` under `config`'s settings: the model on its last `block_size` characters, then `next_tokens`' transforms."
+    c, device = config or GenerationConfig(), model.tok_emb.weight.device
+    if not text: raise CraftError("there is no text to continue; give at least one character")
+    ids = torch.from_numpy(tokenizer.encode(text).astype(np.int64)).to(device)[None]          # (1, t)
+    logits = model(ids[:, -model.config.block_size:], last_only=True)[0][:, -1].float()       # (1, V)
+    if c.repetition_penalty != 1:
+        logits = apply_repetition_penalty(logits, presence_mask(ids, tokenizer.vocab_size), c.repetition_penalty)
+    settings = sampling_settings(c)
+    return next_token_probs(logits, *(settings[f] for f in ('temperature', 'top_k', 'top_p', 'min_p')))[0]
+
+# %% ../nbs/05_sampling.ipynb #42972ac0
+def _visible(ch:str) -> str: return {' ': '␣', '\n': '⏎', '\t': '⇥'}.get(ch, ch)
+
+def _text_html(prompt:str, text:str) -> str:
+    "The prompt (grey) and the generated text, as they are, wrapped."
+    return (f"<pre style='white-space:pre-wrap;margin:0;min-height:10em'><span style='color:#667085'>{html.escape(prompt)}</span>"
+            f"{html.escape(text)}</pre>")
+
+def _bars_html(probs:torch.Tensor, tokenizer:CharTokenizer, after:str, n:int=10) -> str:
+    "Bars of the `n` likeliest next characters (those not ruled out) after the text ending in `after`."
+    top = probs.float().topk(min(n, len(probs)))
+    rows = [f"<tr><td><code>{html.escape(_visible(tokenizer.chars[i]))}</code></td><td style='width:16em'><div style='width:{100 * p / top.values[0]:.1f}%;"
+            f"height:0.9em;background:#2f5bd3'></div></td><td style='text-align:right'>{p:.1%}</td></tr>"
+            for p, i in zip(top.values.tolist(), top.indices.tolist()) if p > 0]
+    return (f"<b>What the model sees</b>: the next character after<br><code>…{html.escape(''.join(map(_visible, after[-20:])))}</code>"
+            f"<table style='border-collapse:collapse'>{''.join(rows)}</table>")
+
 # %% ../nbs/05_sampling.ipynb #b06d6aa6
 class SamplerApp:
-    "An ipywidgets app: a prompt box, sliders for the sampling controls, Generate and Stop buttons and the streamed output."
-    def __init__(self, model:GPT, tokenizer:CharTokenizer, prompt:str='\n', max_new_tokens:int=300, temperature:float=0.8,
-                 top_k:int=0, top_p:float=1.0, seed:int|None=None, **settings):
+    "An ipywidgets app: a prompt, sliders for the sampling controls, Generate and Stop, the streamed text, and what the model sees next."
+    def __init__(self, model:GPT, tokenizer:CharTokenizer, prompt:str='\n', max_new_tokens:int=300, temperature:float=0.8, top_k:int=0,
+                 top_p:float=1.0, min_p:float=0.0, repetition_penalty:float=1.0, seed:int|None=None, **settings):
         import ipywidgets as W
         self.model, self.tokenizer, self.settings = model, tokenizer, settings   # settings: other GenerationConfig fields
+        wide = lambda: dict(style={'description_width': '9em'}, layout=W.Layout(width='24em'))   # room for every label
         self.prompt_box = W.Textarea(value=prompt, description='prompt', layout=W.Layout(width='100%', height='5em'))
-        self.temperature_slider = W.FloatSlider(value=temperature, min=0, max=2, step=0.05, description='temperature')
-        self.top_k_slider = W.IntSlider(value=top_k, min=0, max=tokenizer.vocab_size, description='top-k')
-        self.top_p_slider = W.FloatSlider(value=top_p, min=0.01, max=1, step=0.01, description='top-p')
-        self.length_slider = W.IntSlider(value=max_new_tokens, min=1, max=5000, description='length')
-        self.seed_box = W.Text(value='' if seed is None else str(seed), placeholder='random', description='seed')
-        self.generate_button = W.Button(description='Generate', button_style='primary')
-        self.stop_button = W.Button(description='Stop', disabled=True)
-        self.output_box = W.Textarea(layout=W.Layout(width='100%', height='20em'))
-        self.status = W.Label()
-        self.widget = W.VBox([self.prompt_box, W.HBox([self.temperature_slider, self.top_k_slider]),
-                              W.HBox([self.top_p_slider, self.length_slider]), W.HBox([self.seed_box, self.generate_button, self.stop_button]),
-                              self.output_box, self.status])
-        self.generate_button.on_click(lambda _: self.generate(block=False))
-        self.stop_button.on_click(lambda _: self.stop())
-        self.output_text, self.error, self.last_stream = '', None, None
-        self._cancel, self._thread = threading.Event(), None
+        self.temperature_slider = W.FloatSlider(value=temperature, min=0, max=2, step=0.05, description='temperature', **wide())
+        self.top_k_slider = W.IntSlider(value=top_k, min=0, max=tokenizer.vocab_size, description='top-k', **wide())
+        self.top_p_slider = W.FloatSlider(value=top_p, min=0.01, max=1, step=0.01, description='top-p', **wide())
+        self.min_p_slider = W.FloatSlider(value=min_p, min=0, max=0.5, step=0.01, description='min-p', **wide())
+        self.repetition_penalty_slider = W.FloatSlider(value=repetition_penalty, min=0.5, max=2, step=0.05, description='repetition penalty', **wide())
+        self.length_slider = W.IntSlider(value=max_new_tokens, min=1, max=5000, description='length', **wide())
+        self.seed_box = W.Text(value='' if seed is None else str(seed), placeholder='random', description='seed', **wide())
+        self._assemble()
 
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
+
+# %% ../nbs/05_sampling.ipynb #261ddd78
+@patch
+def _assemble(self:SamplerApp):
+    "Add the buttons and views to the setting widgets, lay them out and connect them."
+    import ipywidgets as W
+    self.generate_button, self.stop_button = W.Button(description='Generate', button_style='primary'), W.Button(description='Stop', disabled=True)
+    self.output_box, self.probs_view, self.status = W.HTML(layout=W.Layout(width='100%')), W.HTML(layout=W.Layout(margin='0 0 0 2em')), W.Label()
+    self.sliders = [self.temperature_slider, self.top_k_slider, self.top_p_slider, self.min_p_slider, self.repetition_penalty_slider]
+    controls = W.VBox(self.sliders + [self.length_slider, self.seed_box, W.HBox([self.generate_button, self.stop_button])],
+                      layout=W.Layout(min_width='25em'))
+    self.widget = W.VBox([self.prompt_box, W.HBox([controls, self.probs_view]), self.output_box, self.status])
+    self.generate_button.on_click(lambda _: self.generate(block=False))
+    self.stop_button.on_click(lambda _: self.stop())
+    for w in self.sliders + [self.prompt_box]: w.observe(lambda _: self._show_probs(), 'value')
+    self.output_text, self.error, self.last_stream, self._shown = '', None, None, 0.0
+    self._cancel, self._thread = threading.Event(), None
+    self._show_probs()
 
 # %% ../nbs/05_sampling.ipynb #ca1b840f
 def _widget_property(widget:str, doc:str):
@@ -498,8 +544,11 @@ SamplerApp.prompt = _widget_property('prompt_box', "The prompt.")
 SamplerApp.temperature = _widget_property('temperature_slider', "Temperature (0 = greedy).")
 SamplerApp.top_k = _widget_property('top_k_slider', "Top-k (0 = off).")
 SamplerApp.top_p = _widget_property('top_p_slider', "Top-p (1 = off).")
+SamplerApp.min_p = _widget_property('min_p_slider', "Min-p (0 = off).")
+SamplerApp.repetition_penalty = _widget_property('repetition_penalty_slider', "Repetition penalty (1 = off).")
 SamplerApp.max_new_tokens = _widget_property('length_slider', "Characters to generate.")
 
+# %% ../nbs/05_sampling.ipynb #e54eb05c
 def _get_seed(self:SamplerApp) -> int|None:
     text = self.seed_box.value.strip()
     if not text: return None
@@ -510,10 +559,28 @@ SamplerApp.seed = property(_get_seed, lambda self, v: setattr(self.seed_box, 'va
                            doc="The seed in the seed box, or None (an empty box) for a fresh one.")
 
 @patch
-def config(self:SamplerApp) -> GenerationConfig:
-    "The `GenerationConfig` the widgets describe."
-    return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                            top_p=self.top_p, seed=self.seed, **self.settings)
+def config(self:SamplerApp, fresh_seed:bool=False) -> GenerationConfig:
+    "The `GenerationConfig` the widgets describe (`fresh_seed`: a new short seed if the box is empty)."
+    seed = self.seed if self.seed is not None or not fresh_seed else secrets.randbelow(1_000_000)
+    return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                            min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=seed, **self.settings)
+
+# %% ../nbs/05_sampling.ipynb #ac3ff58d
+@patch
+def _show_probs(self:SamplerApp, config:GenerationConfig|None=None):
+    "Bars of what the model sees after the prompt and the text so far (between steps while generating, else with the sliders' settings)."
+    if config is None and self._thread is not None and self._thread.is_alive(): return     # the generating thread draws them
+    text = self.prompt + self.output_text
+    try: self.probs_view.value = _bars_html(next_char_probs(self.model, self.tokenizer, text, config or self.config()), self.tokenizer, text)
+    except CraftError as e: self.probs_view.value = f"<b>What the model sees</b>: nothing, {html.escape(str(e).split(';')[0], quote=False)}"
+
+@patch
+def _show(self:SamplerApp, config:GenerationConfig, force:bool=False):
+    "Show the text so far and what the model sees next, at most every 100 ms unless `force`."
+    if not force and time.perf_counter() - self._shown < 0.1: return
+    self.output_box.value = _text_html(self.prompt, self.output_text)
+    self._show_probs(config)
+    self._shown = time.perf_counter()
 
 # %% ../nbs/05_sampling.ipynb #2c1f556a
 SamplerApp.profile = None   # the machine profile whose threads generation runs on (`sampler_app` sets it)
@@ -521,14 +588,13 @@ SamplerApp.profile = None   # the machine profile whose threads generation runs 
 @patch
 def _run(self:SamplerApp, s:TextStream):
     try:
-        shown = time.perf_counter()
         with threads_of(self.profile.choice if self.profile else Setting()):
             for _, chunk in s:
                 self.output_text += chunk
-                if time.perf_counter() - shown > 0.05: self.output_box.value, shown = self.output_text, time.perf_counter()
-        self.output_box.value = self.output_text
+                self._show(s.config)
+        self._show(s.config, force=True)
         stopped = ' (stopped)' if s.finish_reason == 'cancelled' else ''
-        self.status.value = f"{s.n_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_s:.0f} tokens/s, seed {s.seed}{stopped}"
+        self.status.value = f"{s.n_tokens} characters in {s.seconds:.2f} s: {s.tokens_per_s:.0f} characters/s, seed {s.seed}{stopped}"
     finally:
         self.generate_button.disabled, self.stop_button.disabled = False, True
 
@@ -539,13 +605,15 @@ def _run_or_report(self:SamplerApp, s:TextStream):
         self.error = e
         self.status.value = f"error: {e}"
 
+# %% ../nbs/05_sampling.ipynb #b2aa0c31
 @patch
 def generate(self:SamplerApp, block:bool=True) -> str:
     "Generate with the current settings, streaming into the output box; `block=False` runs in a thread (as the button does)."
     if self._thread is not None and self._thread.is_alive(): return self.output_text   # already running
-    self.output_text, self.output_box.value, self.error = '', '', None
+    self.output_text, self.error = '', None
+    self.output_box.value = _text_html(self.prompt, '')
     self._cancel.clear()
-    try: self.last_stream = s = TextStream(self.model, self.tokenizer, self.prompt, self.config(), cancel=self._cancel)
+    try: self.last_stream = s = TextStream(self.model, self.tokenizer, self.prompt, self.config(fresh_seed=True), cancel=self._cancel)
     except CraftError as e:
         self.error, self.status.value = e, f"error: {e}"
         if block: raise
@@ -558,6 +626,7 @@ def generate(self:SamplerApp, block:bool=True) -> str:
         self._thread.start()
     return self.output_text
 
+# %% ../nbs/05_sampling.ipynb #70e4b372
 @patch
 def stop(self:SamplerApp):
     "Stop a running generation after its current step."
@@ -580,3 +649,40 @@ def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, de
     app = SamplerApp(model, tokenizer, **defaults)
     app.profile = profile
     return app
+
+# %% ../nbs/05_sampling.ipynb #f74a33e3
+@torch.inference_mode()
+def attention_maps(model:GPT, tokenizer:CharTokenizer, prompt:str) -> torch.Tensor:
+    "Attention weights `(L, H, t, t)` of `model` on `prompt` (its last `block_size` characters): layer, head, query, key."
+    layers = [m for m in model.modules() if isinstance(m, attention_module.CausalSelfAttention)]
+    scratch, fast, maps = attention_module.attention_scratch, [m.fast for m in layers], []
+    def recording(q, k, v, mask=None, dropout_p=0.0):
+        eye = torch.eye(k.size(-2), dtype=q.dtype, device=q.device).expand(*k.shape[:-1], -1)   # (B, H, Tk, Tk)
+        maps.append(scratch(q, k, eye, mask)[0])                                                 # (H, Tq, Tk): the weights
+        return scratch(q, k, v, mask, dropout_p)
+    ids = torch.from_numpy(tokenizer.encode(prompt).astype(np.int64)).to(model.tok_emb.weight.device)   # (t,)
+    try:
+        attention_module.attention_scratch = recording
+        for m in layers: m.fast = False
+        model(ids[None, -model.config.block_size:])
+    finally:
+        attention_module.attention_scratch = scratch
+        for m, f in zip(layers, fast): m.fast = f
+    return torch.stack(maps).float()                                                             # (L, H, t, t)
+
+# %% ../nbs/05_sampling.ipynb #3ed57c75
+def plot_attention(model:GPT, tokenizer:CharTokenizer, prompt:str, query:int=-1):
+    "For each layer, heads × positions: how much each head at position `query` (default: the last) attends to each character of `prompt`."
+    import matplotlib.pyplot as plt
+    maps = attention_maps(model, tokenizer, prompt)                                   # (L, H, t, t)
+    L, H, t, _ = maps.shape
+    chars, q = prompt[-t:], query % t
+    fig, axes = plt.subplots(L, 1, figsize=(max(6, 0.32 * (q + 1) + 1.5), 0.4 * H * L + 1.3), squeeze=False, sharex=True)
+    for layer, ax in enumerate(axes[:, 0]):
+        ax.imshow(maps[layer, :, q, :q + 1].cpu().numpy(), cmap='Blues', vmin=0, vmax=1, aspect='auto')   # (H, q+1)
+        ax.set_yticks(range(H), [f'head {h}' for h in range(H)])
+        ax.set_ylabel(f'layer {layer}')
+    ax.set_xticks(range(q + 1), [_visible(c) for c in chars[:q + 1]])
+    fig.suptitle(f"what {_visible(chars[q])!r} (position {q}) attends to")
+    fig.tight_layout()
+    return fig
