@@ -6,9 +6,9 @@
 __all__ = ['FINETUNE_FORMAT', 'austen_path', 'grow_tokenizer', 'grow_vocab', 'LoRALinear', 'lora_matrices', 'add_lora',
            'trainable_params', 'NewRows', 'RowsEmbedding', 'RowsHead', 'train_new_rows', 'merge_adapters',
            'parent_checkpoint', 'finetune_config', 'FinetuneTrainer', 'read_lineage', 'save_adapters', 'load_lora',
-           'finetune_resume_config', 'finetune', 'fine_tunes']
+           'finetune_resume_config', 'finetune', 'fine_tunes', 'bench_row', 'craft_train', 'finetune_bench']
 
-# %% ../nbs/09_finetune.ipynb #abc566ab
+# %% ../nbs/09_finetune.ipynb #036fc485
 import copy, json, math, sys
 from dataclasses import replace
 from pathlib import Path
@@ -18,24 +18,24 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from safetensors.torch import save_file, load_file
 from .errors import CraftError
-from .tokenizer import CharTokenizer
+from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, load_checkpoint, checkpoint_file, read_checkpoint_header, save_checkpoint
 from .training import (Trainer, RunConfig, MODEL_FIELDS, LORA_TARGETS, resolve_config, resume_config, read_config_file,
                             read_run_config, load_tokens, split_tokens, full_loss, atomic_write_text, read_metrics, read_status, train)
 
-# %% ../nbs/09_finetune.ipynb #96a24e41
+# %% ../nbs/09_finetune.ipynb #0552ece1
 def austen_path() -> Path:
     "Path of the second corpus bundled with craft: the first 25 chapters of Jane Austen's *Pride and Prejudice* (250,687 characters)."
     import craft
     return Path(craft.__file__).parent / 'data' / 'pride_and_prejudice.txt'
 
-# %% ../nbs/09_finetune.ipynb #d2f98238
+# %% ../nbs/09_finetune.ipynb #ebd3aa26
 def grow_tokenizer(tokenizer:CharTokenizer, chars) -> CharTokenizer:
     "`tokenizer`'s vocabulary with the characters of `chars` it lacks appended, in code-point order: every old id keeps its character."
     if tokenizer.unk: raise CraftError("cannot grow a tokenizer with an unknown id: it is the last id, and a new character would take it")
     return CharTokenizer(tokenizer.chars + sorted(set(chars) - set(tokenizer.chars)))
 
-# %% ../nbs/09_finetune.ipynb #75d2f724
+# %% ../nbs/09_finetune.ipynb #1aa8a2de
 @torch.no_grad()
 def grow_vocab(model:GPT, config:GPTConfig) -> GPT:
     "A GPT of `config` (`model`'s shape, a larger vocabulary) with `model`'s weights; new embedding and head rows start at the mean of the old."
@@ -50,7 +50,7 @@ def grow_vocab(model:GPT, config:GPTConfig) -> GPT:
     grown.load_state_dict(state)
     return grown
 
-# %% ../nbs/09_finetune.ipynb #dddd82bd
+# %% ../nbs/09_finetune.ipynb #9e2963ea
 class LoRALinear(nn.Module):
     "A frozen `nn.Linear` plus a trainable low-rank update: `y = base(x) + (alpha / rank) * B(A(x))`, with `B` starting at zero."
     def __init__(self, base:nn.Linear, rank:int, alpha:float):
@@ -67,7 +67,7 @@ class LoRALinear(nn.Module):
         down = x @ self.lora_A.T                                            # (..., r)
         return self.base(x) + self.scale * (down @ self.lora_B.T)           # (..., d_out)
 
-# %% ../nbs/09_finetune.ipynb #8f2103aa
+# %% ../nbs/09_finetune.ipynb #13b86793
 @patch
 @torch.no_grad()
 def merged(self:LoRALinear) -> nn.Linear:
@@ -79,7 +79,7 @@ def merged(self:LoRALinear) -> nn.Linear:
     if hasattr(self.base, 'is_residual'): linear.is_residual = self.base.is_residual
     return linear
 
-# %% ../nbs/09_finetune.ipynb #0b783f5c
+# %% ../nbs/09_finetune.ipynb #1a9b38e1
 def lora_matrices(model:nn.Module, targets:str='attn,mlp') -> list[str]:
     "Names of the blocks' `nn.Linear` layers that `targets` selects: comma-separated groups or names from `LORA_TARGETS`."
     wanted = [t.strip() for t in targets.split(',')]
@@ -105,12 +105,12 @@ def add_lora(model:nn.Module, rank:int, alpha:float=16.0, targets:str='attn,mlp'
     for name in names: model.set_submodule(name, LoRALinear(model.get_submodule(name), rank, alpha))
     return model
 
-# %% ../nbs/09_finetune.ipynb #bd33eac5
+# %% ../nbs/09_finetune.ipynb #f29b1be0
 def trainable_params(model:nn.Module) -> int:
     "Number of parameters the optimiser will update (those that require gradients; shared ones once)."
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-# %% ../nbs/09_finetune.ipynb #79ee3718
+# %% ../nbs/09_finetune.ipynb #28208d56
 class NewRows(nn.Module):
     "A `(V, C)` matrix whose first `V - n_new` rows are frozen and whose last `n_new` rows train, as a parameter of their own."
     def __init__(self, weight:torch.Tensor, n_new:int):
@@ -138,7 +138,7 @@ class RowsHead(nn.Module):
         with torch.no_grad(): head.weight.copy_(weight)
         return head
 
-# %% ../nbs/09_finetune.ipynb #d4352841
+# %% ../nbs/09_finetune.ipynb #d82fa35d
 def train_new_rows(model:GPT, n_new:int) -> GPT:
     "Make the token embedding (and an untied head) train only its last `n_new` rows, in place; a tied head shares the embedding's."
     emb_rows = NewRows(model.tok_emb.weight, n_new)
@@ -146,7 +146,7 @@ def train_new_rows(model:GPT, n_new:int) -> GPT:
     model.tok_emb, model.head = RowsEmbedding(emb_rows), RowsHead(head_rows)
     return model
 
-# %% ../nbs/09_finetune.ipynb #4f2428a1
+# %% ../nbs/09_finetune.ipynb #73a226cf
 def merge_adapters(model:GPT) -> GPT:
     "A plain `GPT` computing what `model` computes, with its adapters folded into the weights: what checkpoints hold."
     merged = copy.deepcopy(model)
@@ -155,7 +155,7 @@ def merge_adapters(model:GPT) -> GPT:
     if merged.config.tie_weights: merged.head.weight = merged.tok_emb.weight
     return merged.requires_grad_(True)
 
-# %% ../nbs/09_finetune.ipynb #1e7c73a7
+# %% ../nbs/09_finetune.ipynb #a84106b7
 def parent_checkpoint(init_from) -> Path:
     "The checkpoint a fine-tune starts from: the best weights of the run `init_from`, or the checkpoint file `init_from`."
     path = Path(init_from)
@@ -166,7 +166,7 @@ def parent_checkpoint(init_from) -> Path:
     read_checkpoint_header(file)                                   # a foreign or damaged file: one clear error, now
     return file
 
-# %% ../nbs/09_finetune.ipynb #03dcb4e4
+# %% ../nbs/09_finetune.ipynb #fa0324d2
 def finetune_config(init_from, preset:str|None=None, config_file=None, **overrides) -> RunConfig:
     "The config of a fine-tune of `init_from`: the parent's model shape (`dropout` may change), training from preset, file and flags."
     parent = GPTConfig.from_dict(read_checkpoint_header(parent_checkpoint(init_from))['config'])
@@ -179,7 +179,7 @@ def finetune_config(init_from, preset:str|None=None, config_file=None, **overrid
     train_config = resolve_config(preset, **{**settings, 'init_from': str(init_from)}).train
     return RunConfig(replace(parent, dropout=shape.get('dropout', parent.dropout)), train_config)
 
-# %% ../nbs/09_finetune.ipynb #83262411
+# %% ../nbs/09_finetune.ipynb #501ea116
 class FinetuneTrainer(Trainer):
     "A `Trainer` whose run starts from the trained run `init_from`: a grown vocabulary, the parent's weights, and LoRA adapters with `lora_rank`."
     def __init__(self, run:RunConfig, resume=None):
@@ -187,7 +187,7 @@ class FinetuneTrainer(Trainer):
         self.parent_file = None if self.resuming else parent_checkpoint(run.train.init_from)
         super().__init__(run, resume)
 
-# %% ../nbs/09_finetune.ipynb #16f1b51d
+# %% ../nbs/09_finetune.ipynb #f1cae655
 @patch
 def _make_tokenizer(self:FinetuneTrainer, resume) -> CharTokenizer:
     "The run's tokenizer when resuming; else the parent's, with the characters the corpus adds appended."
@@ -200,7 +200,7 @@ def _make_tokenizer(self:FinetuneTrainer, resume) -> CharTokenizer:
     self.parent_vocab_size = parent.vocab_size
     return grow_tokenizer(parent, corpus_chars)
 
-# %% ../nbs/09_finetune.ipynb #d0f853d5
+# %% ../nbs/09_finetune.ipynb #e62793eb
 @patch
 def _make_model(self:FinetuneTrainer) -> GPT:
     "The parent's model grown to the new vocabulary (resuming LoRA: the run's frozen base); with `lora_rank`, adapters on it."
@@ -223,7 +223,7 @@ def _frozen_base(self:FinetuneTrainer) -> GPT:
     self.parent_vocab_size = read_lineage(self.out)['vocab']['parent_size']
     return base.train()
 
-# %% ../nbs/09_finetune.ipynb #b58097b0
+# %% ../nbs/09_finetune.ipynb #20146105
 FINETUNE_FORMAT = 'craft.finetune'
 
 @patch
@@ -246,7 +246,7 @@ def read_lineage(run_dir) -> dict:
     if not isinstance(d, dict) or d.get('format') != FINETUNE_FORMAT: raise CraftError(f"{path}: not a craft fine-tuning record")
     return d
 
-# %% ../nbs/09_finetune.ipynb #dbfde411
+# %% ../nbs/09_finetune.ipynb #5e00b7d8
 def save_adapters(path, model:nn.Module, metadata:dict|None=None) -> Path:
     "Atomically write `model`'s trainable tensors (LoRA's A and B, new rows) to the small safetensors file `path`."
     path, tensors = Path(path), {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -274,7 +274,7 @@ def save(self:FinetuneTrainer, best:bool=False):
     Trainer.save(self, best)
     if best and self.cfg.lora_rank and self.dist.is_main: save_adapters(self.out / 'adapters.safetensors', self.raw_model, {'step': self.step})
 
-# %% ../nbs/09_finetune.ipynb #a637c21c
+# %% ../nbs/09_finetune.ipynb #3682e332
 @patch
 def _training_state(self:FinetuneTrainer) -> dict:
     "The trainer's state; with LoRA, also the trainable tensors (adapters, new rows)."
@@ -293,7 +293,7 @@ def _restore_weights(self:FinetuneTrainer, state:dict):
     with torch.no_grad():
         for name, p in params.items(): p.copy_(saved[name])
 
-# %% ../nbs/09_finetune.ipynb #08d8adda
+# %% ../nbs/09_finetune.ipynb #30e3d6fe
 def load_lora(run_dir, device='cpu') -> GPT:
     "The LoRA model of a fine-tuned run: base.safetensors with the best adapters (adapters.safetensors) on it, unmerged."
     run_dir, lineage = Path(run_dir), read_lineage(run_dir)
@@ -309,7 +309,7 @@ def load_lora(run_dir, device='cpu') -> GPT:
     model.load_state_dict(tensors, strict=False)                          # the adapters and new rows; the base is loaded
     return model.eval()
 
-# %% ../nbs/09_finetune.ipynb #93ca34f6
+# %% ../nbs/09_finetune.ipynb #8f07d233
 def finetune_resume_config(run_dir, init_from=None, **overrides) -> RunConfig:
     "The config of the fine-tuned run in `run_dir`, with training settings overridden; its parent and LoRA settings cannot change."
     saved = read_run_config(run_dir).train
@@ -335,3 +335,49 @@ def fine_tunes(init_from=None, config_file=None, resume=None) -> bool:
     if init_from: return True
     if resume: return bool(read_run_config(resume).train.init_from)
     return bool(config_file and read_config_file(config_file).get('init_from'))
+
+# %% ../nbs/09_finetune.ipynb #156d1cf9
+def bench_row(name:str, run_dir, forgetting_text:str) -> dict:
+    "What the transfer benchmark reports of the run in `run_dir`, with its loss on `forgetting_text` (None if it lacks some of its characters)."
+    run_dir, status = Path(run_dir), read_status(run_dir)
+    model, tok, config = load_checkpoint(run_dir)
+    lineage = read_lineage(run_dir) if read_run_config(run_dir).train.init_from else None
+    try: forgetting = full_loss(model, tok.encode(forgetting_text), config.block_size)
+    except CraftError: forgetting = None                                  # characters it never had
+    adapters = run_dir / 'adapters.safetensors'
+    return dict(name=name, steps=status.get('step'), full_val_loss=status.get('full_val_loss'),
+                curve=[[r['elapsed_s'], r['val_loss']] for r in read_metrics(run_dir) if 'val_loss' in r],
+                trainable_params=lineage['trainable_params'] if lineage else model.num_params(False), params=model.num_params(False),
+                checkpoint_bytes=(run_dir / 'best.safetensors').stat().st_size,
+                adapter_bytes=adapters.stat().st_size if adapters.is_file() else None, shakespeare_val_loss=forgetting)
+
+# %% ../nbs/09_finetune.ipynb #e4dac1cf
+def craft_train(*args) -> Path:
+    "Run `craft train ARGS` in a fresh process, as a user would; returns its `--out` directory."
+    import subprocess
+    result = subprocess.run([sys.executable, '-m', 'craft.cli', 'train', *map(str, args)], capture_output=True, text=True)
+    if result.returncode: raise CraftError(f"craft train {' '.join(map(str, args))} failed: {result.stderr.strip()[-500:]}")
+    return Path(args[list(args).index('--out') + 1])
+
+# %% ../nbs/09_finetune.ipynb #1c163615
+def finetune_bench(out='nbs/bench/finetune-cpu.json', seconds:float=75.0, parent=None, parent_seconds:float=100.0, preset:str='cpu') -> dict:
+    "Transfer from Shakespeare to Austen on this CPU: from scratch, full fine-tune, LoRA rank 4 and 16, `seconds` each; writes JSON to `out`."
+    import shutil, tempfile
+    from craft.bench import machine_info
+    work = Path(tempfile.mkdtemp(prefix='craft-finetune-bench-'))
+    try:
+        common = ['--preset', preset, '--device', 'cpu', '--no-progress', '--sample-chars', 0]
+        parent = Path(parent) if parent else craft_train(*common, '--max-time', parent_seconds, '--out', work / 'parent')
+        on_austen = [*common, '--data', austen_path(), '--max-time', seconds, '--eval-interval', 25, '--eval-iters', 10]
+        runs = {'from scratch': craft_train(*on_austen, '--out', work / 'scratch'),
+                'full fine-tune': craft_train(*on_austen, '--init-from', parent, '--out', work / 'full'),
+                'LoRA, rank 4': craft_train(*on_austen, '--init-from', parent, '--lora-rank', 4, '--out', work / 'lora4'),
+                'LoRA, rank 16': craft_train(*on_austen, '--init-from', parent, '--lora-rank', 16, '--out', work / 'lora16')}
+        text = load_text(shakespeare_path())
+        held_out = text[int(len(text) * 0.9):]                                # Shakespeare's validation split
+        result = dict(machine=machine_info(torch.device('cpu')), preset=preset, seconds=seconds, parent=bench_row('parent', parent, held_out),
+                      runs=[bench_row(name, run_dir, held_out) for name, run_dir in runs.items()])
+    finally: shutil.rmtree(work, ignore_errors=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1) + '\n', encoding='utf-8')
+    return result
