@@ -5,8 +5,9 @@
 # %% auto #0
 __all__ = ['FINETUNE_FORMAT', 'austen_path', 'grow_tokenizer', 'grow_vocab', 'LoRALinear', 'lora_matrices', 'add_lora',
            'trainable_params', 'NewRows', 'RowsEmbedding', 'RowsHead', 'train_new_rows', 'merge_adapters',
-           'parent_checkpoint', 'finetune_config', 'FinetuneTrainer', 'read_lineage', 'save_adapters', 'load_lora',
-           'finetune_resume_config', 'finetune', 'fine_tunes', 'bench_row', 'craft_train', 'finetune_bench']
+           'parent_checkpoint', 'finetune_config', 'FinetuneTrainer', 'read_lineage', 'trainable_state',
+           'save_adapters', 'load_lora', 'finetune_resume_config', 'finetune', 'fine_tunes', 'bench_row', 'craft_train',
+           'finetune_bench']
 
 # %% ../nbs/09_finetune.ipynb #036fc485
 import copy, json, math, sys
@@ -20,28 +21,29 @@ from safetensors.torch import save_file, load_file
 from .errors import CraftError
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, load_checkpoint, checkpoint_file, read_checkpoint_header, save_checkpoint
-from .training import (Trainer, RunConfig, MODEL_FIELDS, LORA_TARGETS, resolve_config, resume_config, read_config_file,
-                            read_run_config, load_tokens, split_tokens, full_loss, atomic_write_text, read_metrics, read_status, train)
+from .training import (Trainer, RunConfig, MODEL_FIELDS, LORA_TARGETS, resolve_config, resume_config,
+                            read_config_file, read_run_config, load_tokens, split_tokens, full_loss, atomic_write_text,
+                            read_metrics, read_status, train)
 
 # %% ../nbs/09_finetune.ipynb #0552ece1
 def austen_path() -> Path:
-    "Path of the second corpus bundled with craft: the first 25 chapters of Jane Austen's *Pride and Prejudice* (250,687 characters)."
+    "Path of craft's second corpus: the first 25 chapters of Jane Austen's *Pride and Prejudice* (250,687 characters)."
     import craft
     return Path(craft.__file__).parent / 'data' / 'pride_and_prejudice.txt'
 
 # %% ../nbs/09_finetune.ipynb #ebd3aa26
 def grow_tokenizer(tokenizer:CharTokenizer, chars) -> CharTokenizer:
-    "`tokenizer`'s vocabulary with the characters of `chars` it lacks appended, in code-point order: every old id keeps its character."
-    if tokenizer.unk: raise CraftError("cannot grow a tokenizer with an unknown id: it is the last id, and a new character would take it")
+    "`tokenizer`'s vocabulary, then the characters of `chars` it lacks, in code-point order: old ids keep meaning."
+    if tokenizer.unk: raise CraftError("cannot grow a tokenizer with an unknown id: a new character would take its id")
     return CharTokenizer(tokenizer.chars + sorted(set(chars) - set(tokenizer.chars)))
 
 # %% ../nbs/09_finetune.ipynb #1aa8a2de
 @torch.no_grad()
 def grow_vocab(model:GPT, config:GPTConfig) -> GPT:
-    "A GPT of `config` (`model`'s shape, a larger vocabulary) with `model`'s weights; new embedding and head rows start at the mean of the old."
+    "A GPT of `config` (`model`'s shape, more vocabulary) with `model`'s weights; new rows start as the old rows' mean."
     n_old, n_new = model.config.vocab_size, config.vocab_size - model.config.vocab_size
     if n_new < 0 or replace(config, vocab_size=n_old, dropout=model.config.dropout) != model.config:
-        raise ValueError(f"grow_vocab keeps the model's shape and only adds vocabulary: {config} does not extend {model.config}")
+        raise ValueError(f"grow_vocab only adds vocabulary: {config} does not extend {model.config}")
     state = model.state_dict()
     for key in ('tok_emb.weight', 'head.weight'):                       # tied: the same matrix twice
         old = state[key]                                                # (V_old, C)
@@ -52,11 +54,12 @@ def grow_vocab(model:GPT, config:GPTConfig) -> GPT:
 
 # %% ../nbs/09_finetune.ipynb #9e2963ea
 class LoRALinear(nn.Module):
-    "A frozen `nn.Linear` plus a trainable low-rank update: `y = base(x) + (alpha / rank) * B(A(x))`, with `B` starting at zero."
+    "A frozen `nn.Linear` plus a trainable low-rank update: `y = base(x) + (alpha / rank) * B(A(x))`; `B` starts at 0."
     def __init__(self, base:nn.Linear, rank:int, alpha:float):
         super().__init__()
         d_out, d_in = base.weight.shape
-        if not 1 <= rank <= min(d_in, d_out): raise ValueError(f"rank {rank} must be in [1, {min(d_in, d_out)}] for a {d_out}x{d_in} matrix")
+        if not 1 <= rank <= min(d_in, d_out):
+            raise ValueError(f"rank {rank} must be in [1, {min(d_in, d_out)}] for a {d_out}x{d_in} matrix")
         self.base, self.rank, self.alpha, self.scale = base.requires_grad_(False), rank, alpha, alpha / rank
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, d_in, **kw))           # (r, d_in)
@@ -73,18 +76,20 @@ class LoRALinear(nn.Module):
 def merged(self:LoRALinear) -> nn.Linear:
     "A plain `nn.Linear` with weight $W + \frac{\alpha}{r}BA$: the same function, with no adapter."
     d_out, d_in = self.base.weight.shape
-    linear = nn.Linear(d_in, d_out, bias=self.base.bias is not None, device=self.base.weight.device, dtype=self.base.weight.dtype)
-    linear.weight.copy_(self.base.weight + self.scale * (self.lora_B @ self.lora_A))   # (d_out, r) @ (r, d_in)
+    weight = self.base.weight                                                  # (d_out, d_in)
+    linear = nn.Linear(d_in, d_out, bias=self.base.bias is not None, device=weight.device, dtype=weight.dtype)
+    linear.weight.copy_(weight + self.scale * (self.lora_B @ self.lora_A))      # (d_out, r) @ (r, d_in)
     if self.base.bias is not None: linear.bias.copy_(self.base.bias)
     if hasattr(self.base, 'is_residual'): linear.is_residual = self.base.is_residual
     return linear
 
 # %% ../nbs/09_finetune.ipynb #1a9b38e1
 def lora_matrices(model:nn.Module, targets:str='attn,mlp') -> list[str]:
-    "Names of the blocks' `nn.Linear` layers that `targets` selects: comma-separated groups or names from `LORA_TARGETS`."
+    "Names of the blocks' `nn.Linear` layers that `targets` selects: comma-separated groups or names of `LORA_TARGETS`."
     wanted = [t.strip() for t in targets.split(',')]
     if unknown := [t for t in wanted if t not in LORA_TARGETS]:
-        raise CraftError(f"unknown LoRA target(s) {', '.join(map(repr, unknown))}; choose from {', '.join(LORA_TARGETS)}")
+        raise CraftError(f"unknown LoRA target(s) {', '.join(map(repr, unknown))}; "
+                         f"choose from {', '.join(LORA_TARGETS)}")
     names = []
     for name, module in model.named_modules():
         parts = name.split('.')                                               # blocks, i, attn|mlp, layer
@@ -93,14 +98,16 @@ def lora_matrices(model:nn.Module, targets:str='attn,mlp') -> list[str]:
             if any(local == t or local.startswith(t + '.') for t in wanted): names.append(name)
     return names
 
+# %% ../nbs/09_finetune.ipynb #e3269af6
 def add_lora(model:nn.Module, rank:int, alpha:float=16.0, targets:str='attn,mlp') -> nn.Module:
     "Freeze every weight of `model` and wrap the layers `targets` selects in `LoRALinear` adapters of `rank`, in place."
-    if rank < 1: raise CraftError(f"lora_rank={rank} must be at least 1 (leave --lora-rank out to fine-tune every weight)")
+    if rank < 1: raise CraftError(f"lora_rank={rank} must be at least 1 (leave --lora-rank out to train every weight)")
     names = lora_matrices(model, targets)
     for name in names:
         d_out, d_in = model.get_submodule(name).weight.shape
-        if rank > min(d_in, d_out): raise CraftError(f"lora_rank={rank} is larger than the matrix {name} ({d_out}x{d_in}): "
-                                                     f"BA has rank at most {min(d_in, d_out)}; choose --lora-rank {min(d_in, d_out)} or less")
+        if rank > (most := min(d_in, d_out)):
+            raise CraftError(f"lora_rank={rank} is larger than the matrix {name} ({d_out}x{d_in}): BA has rank at most "
+                             f"{most}; choose --lora-rank {most} or less")
     model.requires_grad_(False)
     for name in names: model.set_submodule(name, LoRALinear(model.get_submodule(name), rank, alpha))
     return model
@@ -112,7 +119,7 @@ def trainable_params(model:nn.Module) -> int:
 
 # %% ../nbs/09_finetune.ipynb #28208d56
 class NewRows(nn.Module):
-    "A `(V, C)` matrix whose first `V - n_new` rows are frozen and whose last `n_new` rows train, as a parameter of their own."
+    "A `(V, C)` matrix whose first `V - n_new` rows are frozen and whose last `n_new` rows, a parameter apart, train."
     def __init__(self, weight:torch.Tensor, n_new:int):
         super().__init__()
         if not 0 < n_new < len(weight): raise ValueError(f"n_new={n_new} must be in [1, {len(weight) - 1}]")
@@ -120,11 +127,12 @@ class NewRows(nn.Module):
         self.new = nn.Parameter(weight[-n_new:].detach().clone())                        # (n_new, C)
     def forward(self) -> torch.Tensor: return torch.cat([self.old, self.new])           # (V, C)
 
+# %% ../nbs/09_finetune.ipynb #4d7679ce
 class RowsEmbedding(nn.Module):
     "A token embedding that looks ids `(B, T)` up in a `NewRows` matrix: `(B, T, C)`."
     def __init__(self, rows:NewRows): super().__init__(); self.rows = rows
     @property
-    def weight(self) -> torch.Tensor: return self.rows()
+    def weight(self) -> torch.Tensor: return self.rows()                                # (V, C)
     def forward(self, idx:torch.Tensor) -> torch.Tensor: return F.embedding(idx, self.rows())   # (B, T, C)
     def merged(self) -> nn.Embedding: return nn.Embedding.from_pretrained(self.rows().detach().clone(), freeze=False)
 
@@ -140,7 +148,7 @@ class RowsHead(nn.Module):
 
 # %% ../nbs/09_finetune.ipynb #d82fa35d
 def train_new_rows(model:GPT, n_new:int) -> GPT:
-    "Make the token embedding (and an untied head) train only its last `n_new` rows, in place; a tied head shares the embedding's."
+    "Make the embedding (and an untied head) train only its last `n_new` rows, in place; a tied head shares them."
     emb_rows = NewRows(model.tok_emb.weight, n_new)
     head_rows = emb_rows if model.config.tie_weights else NewRows(model.head.weight, n_new)
     model.tok_emb, model.head = RowsEmbedding(emb_rows), RowsHead(head_rows)
@@ -157,31 +165,36 @@ def merge_adapters(model:GPT) -> GPT:
 
 # %% ../nbs/09_finetune.ipynb #a84106b7
 def parent_checkpoint(init_from) -> Path:
-    "The checkpoint a fine-tune starts from: the best weights of the run `init_from`, or the checkpoint file `init_from`."
+    "The checkpoint a fine-tune starts from: the best weights of the run `init_from` (or the checkpoint `init_from`)."
     path = Path(init_from)
-    if not path.exists(): raise CraftError(f"--init-from {path}: no such run directory; pass a run that craft train wrote (craft runs lists them)")
+    if not path.exists():
+        raise CraftError(f"--init-from {path}: no such run directory; pass a run craft train wrote (see craft runs)")
     if path.is_dir() and not any((path / name).is_file() for name in ('best.safetensors', 'latest.safetensors')):
-        raise CraftError(f"--init-from {path} is not a craft run (no best.safetensors or latest.safetensors); pass a run that craft train wrote")
+        raise CraftError(f"--init-from {path} is not a craft run (no best.safetensors or latest.safetensors); "
+                         "pass a run that craft train wrote")
     file = checkpoint_file(path)
     read_checkpoint_header(file)                                   # a foreign or damaged file: one clear error, now
     return file
 
 # %% ../nbs/09_finetune.ipynb #fa0324d2
 def finetune_config(init_from, preset:str|None=None, config_file=None, **overrides) -> RunConfig:
-    "The config of a fine-tune of `init_from`: the parent's model shape (`dropout` may change), training from preset, file and flags."
+    "The config of a fine-tune of `init_from`: its model's shape (`dropout` may change); training settings as usual."
     parent = GPTConfig.from_dict(read_checkpoint_header(parent_checkpoint(init_from))['config'])
-    settings = {**(read_config_file(config_file) if config_file else {}), **{k: v for k, v in overrides.items() if v is not None}}
+    settings = read_config_file(config_file) if config_file else {}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
     shape = {k: settings.pop(k) for k in list(settings) if k in MODEL_FIELDS}
     if clash := {k: v for k, v in shape.items() if k not in ('dropout', 'vocab_size') and v != getattr(parent, k)}:
         said = ', '.join(f"{k}={v!r} (the run: {getattr(parent, k)!r})" for k, v in clash.items())
-        raise CraftError(f"--init-from {init_from}: a fine-tune keeps its parent's shape, and {said} contradicts it; drop those flags")
-    if settings.get('lora_rank') == 0: raise CraftError("lora_rank=0 must be at least 1; leave --lora-rank out to fine-tune every weight")
+        raise CraftError(f"--init-from {init_from}: a fine-tune keeps its parent's shape, and {said} contradicts it; "
+                         "drop those flags")
+    if settings.get('lora_rank') == 0:
+        raise CraftError("lora_rank=0 must be at least 1; leave --lora-rank out to fine-tune every weight")
     train_config = resolve_config(preset, **{**settings, 'init_from': str(init_from)}).train
     return RunConfig(replace(parent, dropout=shape.get('dropout', parent.dropout)), train_config)
 
 # %% ../nbs/09_finetune.ipynb #501ea116
 class FinetuneTrainer(Trainer):
-    "A `Trainer` whose run starts from the trained run `init_from`: a grown vocabulary, the parent's weights, and LoRA adapters with `lora_rank`."
+    "A `Trainer` whose run starts from the run `init_from`: a grown vocabulary, its weights, LoRA with `lora_rank`."
     def __init__(self, run:RunConfig, resume=None):
         self.resuming = resume is not None
         self.parent_file = None if self.resuming else parent_checkpoint(run.train.init_from)
@@ -203,7 +216,7 @@ def _make_tokenizer(self:FinetuneTrainer, resume) -> CharTokenizer:
 # %% ../nbs/09_finetune.ipynb #e62793eb
 @patch
 def _make_model(self:FinetuneTrainer) -> GPT:
-    "The parent's model grown to the new vocabulary (resuming LoRA: the run's frozen base); with `lora_rank`, adapters on it."
+    "The parent's model grown to the new vocabulary (resuming LoRA: the frozen base); with `lora_rank`, adapters on it."
     cfg = self.cfg
     if not self.resuming: base = grow_vocab(load_checkpoint(self.parent_file)[0], self.run.model).train()
     elif not cfg.lora_rank: return GPT(self.run.model)                     # latest.safetensors fills it
@@ -217,44 +230,55 @@ def _make_model(self:FinetuneTrainer) -> GPT:
 def _frozen_base(self:FinetuneTrainer) -> GPT:
     "Resuming a LoRA run: the weights its adapters adapt, from base.safetensors."
     file = self.out / 'base.safetensors'
-    if not file.is_file(): raise CraftError(f"cannot resume {self.out}: no base.safetensors, the frozen weights its LoRA adapters adapt")
+    if not file.is_file():
+        raise CraftError(f"cannot resume {self.out}: no base.safetensors, the frozen weights its LoRA adapters adapt")
     base, _, config = load_checkpoint(file)
-    if config != self.run.model: raise CraftError(f"cannot resume {self.out}: base.safetensors does not fit the run's model config")
+    if config != self.run.model:
+        raise CraftError(f"cannot resume {self.out}: base.safetensors does not fit the run's model config")
     self.parent_vocab_size = read_lineage(self.out)['vocab']['parent_size']
     return base.train()
 
-# %% ../nbs/09_finetune.ipynb #20146105
+# %% ../nbs/09_finetune.ipynb #fd6dacfb
 FINETUNE_FORMAT = 'craft.finetune'
 
 @patch
 def lineage(self:FinetuneTrainer) -> dict:
     "The record of finetune.json: the parent, the vocabulary mapping, and what trains."
-    n_old, n, cfg = self.parent_vocab_size, self.tokenizer.vocab_size, self.cfg
-    lora = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, matrices=[n for n, m in self.raw_model.named_modules() if isinstance(m, LoRALinear)])
+    n_old, n, cfg, model = self.parent_vocab_size, self.tokenizer.vocab_size, self.cfg, self.raw_model
+    adapted = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
     return {'format': FINETUNE_FORMAT, 'version': 1, 'parent': str(Path(cfg.init_from).resolve()),
-            'parent_checkpoint': str(self.parent_file.resolve()), 'parent_step': read_checkpoint_header(self.parent_file)['metadata'].get('step'),
+            'parent_checkpoint': str(self.parent_file.resolve()),
+            'parent_step': read_checkpoint_header(self.parent_file)['metadata'].get('step'),
             'vocab': {'parent_size': n_old, 'size': n, 'parent_ids': [0, n_old], 'new_ids': [n_old, n],
                       'new_chars': ''.join(self.tokenizer.chars[n_old:]), 'new_rows': 'the mean of the parent rows'},
-            'lora': lora if cfg.lora_rank else None,
-            'trainable_params': trainable_params(self.raw_model), 'params': sum(p.numel() for p in self.raw_model.parameters())}
+            'lora': dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, matrices=adapted) if cfg.lora_rank else None,
+            'trainable_params': trainable_params(model), 'params': sum(p.numel() for p in model.parameters())}
 
+# %% ../nbs/09_finetune.ipynb #8cdb91c3
 def read_lineage(run_dir) -> dict:
     "A fine-tuned run's finetune.json: its parent, the vocabulary it added, what trains."
     path = Path(run_dir) / 'finetune.json'
     try: d = json.loads(path.read_text(encoding='utf-8'))
-    except (OSError, ValueError) as e: raise CraftError(f"{path}: missing or unreadable ({type(e).__name__}); is {run_dir} a fine-tuned run?") from None
-    if not isinstance(d, dict) or d.get('format') != FINETUNE_FORMAT: raise CraftError(f"{path}: not a craft fine-tuning record")
+    except (OSError, ValueError) as e:
+        raise CraftError(f"{path}: missing or unreadable ({type(e).__name__}); is {run_dir} a fine-tune?") from None
+    if not isinstance(d, dict) or d.get('format') != FINETUNE_FORMAT:
+        raise CraftError(f"{path}: not a craft fine-tuning record")
     return d
 
 # %% ../nbs/09_finetune.ipynb #5e00b7d8
+def trainable_state(model:nn.Module) -> dict[str, torch.Tensor]:
+    "The tensors of `model` that train, by name (shared ones once): LoRA's A and B, new rows."
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
 def save_adapters(path, model:nn.Module, metadata:dict|None=None) -> Path:
-    "Atomically write `model`'s trainable tensors (LoRA's A and B, new rows) to the small safetensors file `path`."
-    path, tensors = Path(path), {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    "Atomically write `model`'s trainable tensors to the small safetensors file `path`."
+    path, tensors = Path(path), {name: t.contiguous() for name, t in trainable_state(model).items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={'format': 'craft.adapters', 'metadata': json.dumps(metadata or {})})
     tmp.replace(path)
     return path
 
+# %% ../nbs/09_finetune.ipynb #37caa8a1
 @patch
 def _checkpoint_model(self:FinetuneTrainer) -> GPT:
     "What checkpoints hold: the model, with a LoRA run's adapters merged in."
@@ -266,38 +290,41 @@ def _write_run_files(self:FinetuneTrainer):
     Trainer._write_run_files(self)
     if self.resuming: return
     atomic_write_text(self.out / 'finetune.json', json.dumps(self.lineage(), indent=1, ensure_ascii=False))
-    if self.cfg.lora_rank: save_checkpoint(self.out / 'base.safetensors', merge_adapters(self.raw_model), self.tokenizer, {'step': 0})
+    if self.cfg.lora_rank:
+        save_checkpoint(self.out / 'base.safetensors', merge_adapters(self.raw_model), self.tokenizer, {'step': 0})
 
 @patch
 def save(self:FinetuneTrainer, best:bool=False):
     "Save as `Trainer.save` does; with LoRA, the best adapters also go to adapters.safetensors."
     Trainer.save(self, best)
-    if best and self.cfg.lora_rank and self.dist.is_main: save_adapters(self.out / 'adapters.safetensors', self.raw_model, {'step': self.step})
+    if best and self.cfg.lora_rank and self.dist.is_main:
+        save_adapters(self.out / 'adapters.safetensors', self.raw_model, {'step': self.step})
 
 # %% ../nbs/09_finetune.ipynb #3682e332
 @patch
 def _training_state(self:FinetuneTrainer) -> dict:
     "The trainer's state; with LoRA, also the trainable tensors (adapters, new rows)."
     state = Trainer._training_state(self)
-    if self.cfg.lora_rank: state['adapters'] = {n: p.detach() for n, p in self.raw_model.named_parameters() if p.requires_grad}
+    if self.cfg.lora_rank: state['adapters'] = trainable_state(self.raw_model)
     return state
 
 @patch
 def _restore_weights(self:FinetuneTrainer, state:dict):
-    "Full fine-tune: latest.safetensors, as `Trainer`. LoRA: the adapters and new rows from `state`, on the frozen base."
+    "Full fine-tune: latest.safetensors, as `Trainer`. LoRA: the adapters and new rows from `state`, on the base."
     if not self.cfg.lora_rank: return Trainer._restore_weights(self, state)
-    params = {n: p for n, p in self.raw_model.named_parameters() if p.requires_grad}
-    saved = state.get('adapters') or {}
+    params, saved = trainable_state(self.raw_model), state.get('adapters') or {}
     if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
-        raise CraftError(f"cannot resume {self.out}: the adapters in state.pt do not fit the run's LoRA settings; start a new run")
+        raise CraftError(f"cannot resume {self.out}: the adapters in state.pt do not fit the run's LoRA settings; "
+                         "start a new run")
     with torch.no_grad():
         for name, p in params.items(): p.copy_(saved[name])
 
 # %% ../nbs/09_finetune.ipynb #30e3d6fe
 def load_lora(run_dir, device='cpu') -> GPT:
-    "The LoRA model of a fine-tuned run: base.safetensors with the best adapters (adapters.safetensors) on it, unmerged."
+    "The LoRA model of a fine-tuned run: base.safetensors with its best adapters (adapters.safetensors), unmerged."
     run_dir, lineage = Path(run_dir), read_lineage(run_dir)
-    if not lineage['lora']: raise CraftError(f"{run_dir} fine-tuned every weight: it has no adapters; load it with load_checkpoint")
+    if not lineage['lora']:
+        raise CraftError(f"{run_dir} fine-tuned every weight: it has no adapters; load it with load_checkpoint")
     model, _, _ = load_checkpoint(run_dir / 'base.safetensors', device)
     add_lora(model, lineage['lora']['rank'], lineage['lora']['alpha'], read_run_config(run_dir).train.lora_targets)
     n_new = lineage['vocab']['size'] - lineage['vocab']['parent_size']
@@ -306,39 +333,43 @@ def load_lora(run_dir, device='cpu') -> GPT:
     try: tensors = load_file(str(file), device=str(device))
     except Exception as e: raise CraftError(f"{file}: missing or damaged ({type(e).__name__})") from None
     if set(tensors) != trainable: raise CraftError(f"{file}: these adapters are not this run's (other tensor names)")
-    model.load_state_dict(tensors, strict=False)                          # the adapters and new rows; the base is loaded
+    model.load_state_dict(tensors, strict=False)                          # the adapters and new rows; the base is in
     return model.eval()
 
 # %% ../nbs/09_finetune.ipynb #8f07d233
 def finetune_resume_config(run_dir, init_from=None, **overrides) -> RunConfig:
-    "The config of the fine-tuned run in `run_dir`, with training settings overridden; its parent and LoRA settings cannot change."
+    "The config of the fine-tune in `run_dir`, with training settings overridden; its parent and LoRA settings stay."
     saved = read_run_config(run_dir).train
-    if not saved.init_from: raise CraftError(f"{run_dir} was trained from scratch, not fine-tuned; resume it without --init-from")
+    if not saved.init_from:
+        raise CraftError(f"{run_dir} was trained from scratch, not fine-tuned; resume it without --init-from")
     run = resume_config(run_dir, **overrides)
     changed = [k for k in ('lora_rank', 'lora_alpha', 'lora_targets') if getattr(run.train, k) != getattr(saved, k)]
     if init_from and Path(init_from).resolve() != Path(saved.init_from).resolve(): changed.insert(0, 'init_from')
-    if changed: raise CraftError(f"cannot resume {run_dir} with another {', '.join(changed)}: its weights depend on them; "
+    if changed: raise CraftError(f"cannot resume {run_dir} with another {', '.join(changed)}: its weights depend on it; "
                                  "drop those flags, or start a new fine-tune")
     return run
 
+# %% ../nbs/09_finetune.ipynb #d11ba422
 def finetune(init_from=None, preset:str|None=None, config_file=None, resume=None, **overrides) -> Path:
-    "Fine-tune the run `init_from` on `data` (every weight, or LoRA with `lora_rank`); returns the new run directory. `resume` continues one."
+    "Fine-tune the run `init_from` on `data` (every weight, or LoRA with `lora_rank`); returns the new run directory."
     if resume and (preset or config_file):
-        raise CraftError(f"--resume {resume} continues that run with its own settings; drop --preset and --config (flags may change how training goes on)")
+        raise CraftError(f"--resume {resume} continues that run with its own settings; drop --preset and --config "
+                         "(flags may change how training goes on)")
     if resume: return FinetuneTrainer(finetune_resume_config(resume, init_from, **overrides), resume).fit()
     init_from = init_from or (read_config_file(config_file).get('init_from') if config_file else None)
     if not init_from: raise CraftError("fine-tuning needs --init-from RUN: the run to start from")
     return FinetuneTrainer(finetune_config(init_from, preset, config_file, **overrides)).fit()
 
+# %% ../nbs/09_finetune.ipynb #2b3e763e
 def fine_tunes(init_from=None, config_file=None, resume=None) -> bool:
-    "Whether `craft train` with these arguments fine-tunes: `--init-from` given, in the config file, or in the resumed run's config."
+    "Whether `craft train` with these arguments fine-tunes: `--init-from` given, in the config file or in the run resumed."
     if init_from: return True
     if resume: return bool(read_run_config(resume).train.init_from)
     return bool(config_file and read_config_file(config_file).get('init_from'))
 
 # %% ../nbs/09_finetune.ipynb #156d1cf9
 def bench_row(name:str, run_dir, forgetting_text:str) -> dict:
-    "What the transfer benchmark reports of the run in `run_dir`, with its loss on `forgetting_text` (None if it lacks some of its characters)."
+    "What the transfer benchmark reports of a run, and its loss on `forgetting_text` (None if it lacks characters)."
     run_dir, status = Path(run_dir), read_status(run_dir)
     model, tok, config = load_checkpoint(run_dir)
     lineage = read_lineage(run_dir) if read_run_config(run_dir).train.init_from else None
@@ -347,35 +378,39 @@ def bench_row(name:str, run_dir, forgetting_text:str) -> dict:
     adapters = run_dir / 'adapters.safetensors'
     return dict(name=name, steps=status.get('step'), full_val_loss=status.get('full_val_loss'),
                 curve=[[r['elapsed_s'], r['val_loss']] for r in read_metrics(run_dir) if 'val_loss' in r],
-                trainable_params=lineage['trainable_params'] if lineage else model.num_params(False), params=model.num_params(False),
-                checkpoint_bytes=(run_dir / 'best.safetensors').stat().st_size,
+                trainable_params=lineage['trainable_params'] if lineage else model.num_params(False),
+                params=model.num_params(False), checkpoint_bytes=(run_dir / 'best.safetensors').stat().st_size,
                 adapter_bytes=adapters.stat().st_size if adapters.is_file() else None, shakespeare_val_loss=forgetting)
 
-# %% ../nbs/09_finetune.ipynb #e4dac1cf
+# %% ../nbs/09_finetune.ipynb #58c26164
 def craft_train(*args) -> Path:
     "Run `craft train ARGS` in a fresh process, as a user would; returns its `--out` directory."
     import subprocess
-    result = subprocess.run([sys.executable, '-m', 'craft.cli', 'train', *map(str, args)], capture_output=True, text=True)
-    if result.returncode: raise CraftError(f"craft train {' '.join(map(str, args))} failed: {result.stderr.strip()[-500:]}")
+    command = [sys.executable, '-m', 'craft.cli', 'train', *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise CraftError(f"craft train {' '.join(map(str, args))} failed: {result.stderr.strip()[-500:]}")
     return Path(args[list(args).index('--out') + 1])
 
-# %% ../nbs/09_finetune.ipynb #1c163615
-def finetune_bench(out='nbs/bench/finetune-cpu.json', seconds:float=75.0, parent=None, parent_seconds:float=100.0, preset:str='cpu') -> dict:
-    "Transfer from Shakespeare to Austen on this CPU: from scratch, full fine-tune, LoRA rank 4 and 16, `seconds` each; writes JSON to `out`."
+# %% ../nbs/09_finetune.ipynb #293e05ae
+def finetune_bench(out='nbs/bench/finetune-cpu.json', seconds:float=75.0, parent=None, parent_seconds:float=100.0,
+                   preset:str='cpu') -> dict:
+    "Transfer from Shakespeare to Austen: from scratch, full fine-tune, LoRA rank 4 and 16, `seconds` each, on the CPU."
     import shutil, tempfile
     from craft.bench import machine_info
     work = Path(tempfile.mkdtemp(prefix='craft-finetune-bench-'))
     try:
         common = ['--preset', preset, '--device', 'cpu', '--no-progress', '--sample-chars', 0]
-        parent = Path(parent) if parent else craft_train(*common, '--max-time', parent_seconds, '--out', work / 'parent')
-        on_austen = [*common, '--data', austen_path(), '--max-time', seconds, '--eval-interval', 25, '--eval-iters', 10]
-        runs = {'from scratch': craft_train(*on_austen, '--out', work / 'scratch'),
-                'full fine-tune': craft_train(*on_austen, '--init-from', parent, '--out', work / 'full'),
-                'LoRA, rank 4': craft_train(*on_austen, '--init-from', parent, '--lora-rank', 4, '--out', work / 'lora4'),
-                'LoRA, rank 16': craft_train(*on_austen, '--init-from', parent, '--lora-rank', 16, '--out', work / 'lora16')}
+        parent = Path(parent or craft_train(*common, '--max-time', parent_seconds, '--out', work / 'parent'))
+        austen = [*common, '--data', austen_path(), '--max-time', seconds, '--eval-interval', 25, '--eval-iters', 10]
+        lora = lambda r: craft_train(*austen, '--init-from', parent, '--lora-rank', r, '--out', work / f"lora{r}")
+        runs = {'from scratch': craft_train(*austen, '--out', work / 'scratch'),
+                'full fine-tune': craft_train(*austen, '--init-from', parent, '--out', work / 'full'),
+                'LoRA, rank 4': lora(4), 'LoRA, rank 16': lora(16)}
         text = load_text(shakespeare_path())
         held_out = text[int(len(text) * 0.9):]                                # Shakespeare's validation split
-        result = dict(machine=machine_info(torch.device('cpu')), preset=preset, seconds=seconds, parent=bench_row('parent', parent, held_out),
+        result = dict(machine=machine_info(torch.device('cpu')), preset=preset, seconds=seconds,
+                      parent=bench_row('parent', parent, held_out),
                       runs=[bench_row(name, run_dir, held_out) for name, run_dir in runs.items()])
     finally: shutil.rmtree(work, ignore_errors=True)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
