@@ -98,7 +98,7 @@ def lora_matrices(model:nn.Module, targets:str='attn,mlp') -> list[str]:
             if any(local == t or local.startswith(t + '.') for t in wanted): names.append(name)
     return names
 
-# %% ../nbs/09_finetune.ipynb #e3269af6
+# %% ../nbs/09_finetune.ipynb #9a13391f
 def add_lora(model:nn.Module, rank:int, alpha:float=16.0, targets:str='attn,mlp') -> nn.Module:
     "Freeze every weight of `model` and wrap the layers `targets` selects in `LoRALinear` adapters of `rank`, in place."
     if rank < 1: raise CraftError(f"lora_rank={rank} must be at least 1 (leave --lora-rank out to train every weight)")
@@ -127,7 +127,7 @@ class NewRows(nn.Module):
         self.new = nn.Parameter(weight[-n_new:].detach().clone())                        # (n_new, C)
     def forward(self) -> torch.Tensor: return torch.cat([self.old, self.new])           # (V, C)
 
-# %% ../nbs/09_finetune.ipynb #4d7679ce
+# %% ../nbs/09_finetune.ipynb #d42fffa0
 class RowsEmbedding(nn.Module):
     "A token embedding that looks ids `(B, T)` up in a `NewRows` matrix: `(B, T, C)`."
     def __init__(self, rows:NewRows): super().__init__(); self.rows = rows
@@ -187,8 +187,9 @@ def finetune_config(init_from, preset:str|None=None, config_file=None, **overrid
         said = ', '.join(f"{k}={v!r} (the run: {getattr(parent, k)!r})" for k, v in clash.items())
         raise CraftError(f"--init-from {init_from}: a fine-tune keeps its parent's shape, and {said} contradicts it; "
                          "drop those flags")
-    if settings.get('lora_rank') == 0:
+    if overrides.get('lora_rank') == 0:                                    # a flag; in a run's config.json, 0 is "no LoRA"
         raise CraftError("lora_rank=0 must be at least 1; leave --lora-rank out to fine-tune every weight")
+    preset = preset or settings.pop('preset', None)                       # a config file may name one too
     train_config = resolve_config(preset, **{**settings, 'init_from': str(init_from)}).train
     return RunConfig(replace(parent, dropout=shape.get('dropout', parent.dropout)), train_config)
 
@@ -238,7 +239,7 @@ def _frozen_base(self:FinetuneTrainer) -> GPT:
     self.parent_vocab_size = read_lineage(self.out)['vocab']['parent_size']
     return base.train()
 
-# %% ../nbs/09_finetune.ipynb #fd6dacfb
+# %% ../nbs/09_finetune.ipynb #bd8cc6b5
 FINETUNE_FORMAT = 'craft.finetune'
 
 @patch
@@ -254,7 +255,7 @@ def lineage(self:FinetuneTrainer) -> dict:
             'lora': dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, matrices=adapted) if cfg.lora_rank else None,
             'trainable_params': trainable_params(model), 'params': sum(p.numel() for p in model.parameters())}
 
-# %% ../nbs/09_finetune.ipynb #8cdb91c3
+# %% ../nbs/09_finetune.ipynb #87f13d07
 def read_lineage(run_dir) -> dict:
     "A fine-tuned run's finetune.json: its parent, the vocabulary it added, what trains."
     path = Path(run_dir) / 'finetune.json'
@@ -278,7 +279,7 @@ def save_adapters(path, model:nn.Module, metadata:dict|None=None) -> Path:
     tmp.replace(path)
     return path
 
-# %% ../nbs/09_finetune.ipynb #37caa8a1
+# %% ../nbs/09_finetune.ipynb #886cbb2f
 @patch
 def _checkpoint_model(self:FinetuneTrainer) -> GPT:
     "What checkpoints hold: the model, with a LoRA run's adapters merged in."
@@ -349,7 +350,7 @@ def finetune_resume_config(run_dir, init_from=None, **overrides) -> RunConfig:
                                  "drop those flags, or start a new fine-tune")
     return run
 
-# %% ../nbs/09_finetune.ipynb #d11ba422
+# %% ../nbs/09_finetune.ipynb #af9090da
 def finetune(init_from=None, preset:str|None=None, config_file=None, resume=None, **overrides) -> Path:
     "Fine-tune the run `init_from` on `data` (every weight, or LoRA with `lora_rank`); returns the new run directory."
     if resume and (preset or config_file):
@@ -360,7 +361,7 @@ def finetune(init_from=None, preset:str|None=None, config_file=None, resume=None
     if not init_from: raise CraftError("fine-tuning needs --init-from RUN: the run to start from")
     return FinetuneTrainer(finetune_config(init_from, preset, config_file, **overrides)).fit()
 
-# %% ../nbs/09_finetune.ipynb #2b3e763e
+# %% ../nbs/09_finetune.ipynb #3b0a3897
 def fine_tunes(init_from=None, config_file=None, resume=None) -> bool:
     "Whether `craft train` with these arguments fine-tunes: `--init-from` given, in the config file or in the run resumed."
     if init_from: return True
@@ -382,7 +383,7 @@ def bench_row(name:str, run_dir, forgetting_text:str) -> dict:
                 params=model.num_params(False), checkpoint_bytes=(run_dir / 'best.safetensors').stat().st_size,
                 adapter_bytes=adapters.stat().st_size if adapters.is_file() else None, shakespeare_val_loss=forgetting)
 
-# %% ../nbs/09_finetune.ipynb #58c26164
+# %% ../nbs/09_finetune.ipynb #84d39a87
 def craft_train(*args) -> Path:
     "Run `craft train ARGS` in a fresh process, as a user would; returns its `--out` directory."
     import subprocess
@@ -392,7 +393,7 @@ def craft_train(*args) -> Path:
         raise CraftError(f"craft train {' '.join(map(str, args))} failed: {result.stderr.strip()[-500:]}")
     return Path(args[list(args).index('--out') + 1])
 
-# %% ../nbs/09_finetune.ipynb #293e05ae
+# %% ../nbs/09_finetune.ipynb #33c287ef
 def finetune_bench(out='nbs/bench/finetune-cpu.json', seconds:float=75.0, parent=None, parent_seconds:float=100.0,
                    preset:str='cpu') -> dict:
     "Transfer from Shakespeare to Austen: from scratch, full fine-tune, LoRA rank 4 and 16, `seconds` each, on the CPU."

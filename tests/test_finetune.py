@@ -2,6 +2,7 @@
 import json, os, subprocess, sys
 from pathlib import Path
 import pytest
+from test_cli_train import craft, assert_one_line_error, metrics   # the same helpers as the other `craft train` tests
 
 TINY = ['--preset', 'tiny', '--device', 'cpu', '--no-progress', '--dtype', 'float32']
 
@@ -11,23 +12,6 @@ def env(tmp_path_factory):
     "Environment for the subprocesses: a private token cache, no GPU, one thread, a non-interactive plot backend."
     return {**os.environ, 'CRAFT_CACHE_DIR': str(tmp_path_factory.mktemp('cache')), 'CUDA_VISIBLE_DEVICES': '',
             'MPLBACKEND': 'Agg', 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
-
-
-def craft(env, *args, timeout=180):
-    return subprocess.run([sys.executable, '-m', 'craft.cli', *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(result, *fragments):
-    "A user error: non-zero exit, exactly one line on stderr, no traceback, and the line says what is wrong."
-    assert result.returncode != 0, result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert 'Traceback' not in result.stderr
-    for fragment in fragments: assert fragment in lines[0], lines[0]
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / 'metrics.jsonl').read_text().splitlines()]
 
 
 def austen():
