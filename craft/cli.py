@@ -21,6 +21,7 @@ from .training import TrainConfig, TRAIN_PRESETS, train, read_status, read_run_c
 from .sampling import sample_command, generate
 from .runs import runs_command, compare_command
 from .bench import bench_command
+from .finetune import finetune, fine_tunes
 
 # %% ../nbs/90_cli.ipynb #fb85643d
 class Parser(argparse.ArgumentParser):
@@ -85,8 +86,9 @@ def train_parser(sub=None) -> argparse.ArgumentParser:
 def train_command(args:argparse.Namespace) -> int:
     "Run `craft train` from parsed arguments, then write and print a sample; exit status 130 if interrupted (Ctrl-C), else 0."
     settings = {k: v for k, v in vars(args).items() if k not in ('command', 'config', 'resume', 'func')}
-    if args.resume: run_dir = train(resume=args.resume, **settings)
-    else: run_dir = train(settings.pop('preset'), args.config, **settings)
+    run = finetune if fine_tunes(settings.get('init_from'), args.config, args.resume) else train   # 09_finetune, or 04_training
+    if args.resume: run_dir = run(resume=args.resume, **settings)
+    else: run_dir = run(preset=settings.pop('preset'), config_file=args.config, **settings)
     if read_status(run_dir).get('status') == 'interrupted': return 130
     if int(os.environ.get('RANK', 0)) == 0: print_sample(run_dir)
     return 0
