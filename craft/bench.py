@@ -7,13 +7,13 @@ __all__ = ['PEAKS', 'LOSS_RUNS', 'BENCH_FORMAT', 'BENCH_VERSION', 'SPEEDRUN_RUNG
            'NANOGPT_CPU', 'CPU_SUITE', 'CPU_SUITE_QUICK', 'SUITES', 'summarize', 'synchronize', 'time_calls',
            'device_name', 'load_average', 'machine_info', 'peak_rates', 'matmul_rate', 'copy_bandwidth',
            'training_cost', 'floor_seconds', 'training_floor', 'decode_cost', 'generation_floor', 'start_memory',
-           'peak_memory', 'bench_training', 'bench_sampling', 'startup_seconds', 'train_to_loss', 'bench_time_to_loss',
-           'bench_ceilings', 'flop_rate', 'attach_floors', 'format_table', 'training_table', 'memory_table',
-           'sampling_table', 'loss_table', 'summary', 'write_results', 'load_results', 'bench_command', 'plot_training',
-           'plot_sampling', 'plot_time_to_loss', 'plot_memory', 'plot_results', 'ladder_settings', 'train_recipe',
-           'bench_ladder', 'ladder_table', 'plot_curves', 'plot_ladder', 'PartTimeout', 'time_limit', 'run_part',
-           'served', 'load_test', 'baseline_recipe', 'cli_sample_speed', 'bench_suite', 'load_suite', 'on_gpu',
-           'recipes_table', 'serving_table', 'plot_serving', 'nanogpt_table', 'cli_table']
+           'peak_memory', 'bench_training', 'random_model', 'bench_sampling', 'startup_seconds', 'train_to_loss',
+           'bench_time_to_loss', 'bench_ceilings', 'flop_rate', 'attach_floors', 'format_table', 'training_table',
+           'memory_table', 'sampling_table', 'loss_table', 'summary', 'write_results', 'load_results', 'bench_command',
+           'plot_training', 'plot_sampling', 'plot_time_to_loss', 'plot_memory', 'plot_results', 'ladder_settings',
+           'train_recipe', 'bench_ladder', 'ladder_table', 'plot_curves', 'plot_ladder', 'PartTimeout', 'time_limit',
+           'run_part', 'served', 'load_test', 'baseline_recipe', 'cli_sample_speed', 'bench_suite', 'load_suite',
+           'on_gpu', 'recipes_table', 'serving_table', 'plot_serving', 'nanogpt_table', 'cli_table']
 
 # %% ../nbs/06_benchmarks.ipynb #da61ba18
 import contextlib, ctypes, gc, json, math, os, platform, re, signal, statistics, subprocess, sys, tempfile, threading
@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 from .errors import CraftError
+from .tokenizer import CharTokenizer
 from .files import atomic_write_text
 from .model import GPT, GPTConfig, PRESETS, DTYPE_BYTES, flops_per_token, matmul_params, memory_budget
 from .model import pick_device, save_checkpoint
@@ -82,7 +83,7 @@ def device_name(device:torch.device) -> str:
     except OSError: pass
     return platform.processor() or platform.machine() or 'unknown CPU'
 
-# %% ../nbs/06_benchmarks.ipynb #df0efaf9
+# %% ../nbs/06_benchmarks.ipynb #cde1b92f
 def load_average() -> list[float]|None:
     "The 1, 5 and 15-minute load averages, or None where the OS does not tell."
     try: return [round(x, 2) for x in os.getloadavg()]
@@ -203,7 +204,7 @@ def _release_memory():
     try: ctypes.CDLL('libc.so.6').malloc_trim(0)
     except (OSError, AttributeError): pass
 
-# %% ../nbs/06_benchmarks.ipynb #38317aa7
+# %% ../nbs/06_benchmarks.ipynb #1d7e1cd5
 def start_memory(device:torch.device) -> dict:
     "Begin measuring peak memory on `device`: the bytes in use now, and whether the peak could be reset."
     _release_memory()
@@ -235,7 +236,7 @@ def _prime(device:torch.device):
     synchronize(device)
     _PRIMED.add(str(device))
 
-# %% ../nbs/06_benchmarks.ipynb #34be7f7f
+# %% ../nbs/06_benchmarks.ipynb #50a65d5e
 def _time_training(name:str, run, device:torch.device, repeats:int, warmup:int, min_seconds:float) -> dict:
     "Tokens/s, step time and peak memory (measured, predicted) of implementation `name` (craft or baseline) on `run`."
     started = start_memory(device)
@@ -251,7 +252,7 @@ def _time_training(name:str, run, device:torch.device, repeats:int, warmup:int, 
             'steps_per_repeat': calls, 'peak_memory_bytes': peak, 'predicted_memory_bytes': predicted,
             'memory_peak_reset': started['reset']}
 
-# %% ../nbs/06_benchmarks.ipynb #c771cac3
+# %% ../nbs/06_benchmarks.ipynb #ca3d3a43
 def bench_training(preset:str, device:torch.device, repeats:int=5, compile:bool=False, warmup:int=2,
                    min_seconds:float=0.25, **overrides) -> dict:
     "Training tokens/s (median, spread of `repeats`) and peak memory of craft's `Trainer` and the baseline on `preset`."
@@ -291,17 +292,21 @@ def _sampling_ratios(entry:dict) -> dict:
     ratios = {f"{name.removeprefix('craft_')}_tokens_per_s": ratio(name, 'tokens_per_s') for name in ways}
     return {**ratios, **{key: ratio('craft_cache', key) for key in ('first_token_s', 'per_token_s')}}
 
-# %% ../nbs/06_benchmarks.ipynb #1ab03c75
+# %% ../nbs/06_benchmarks.ipynb #5f063ffa
+def random_model(preset:str) -> tuple[GPT, CharTokenizer]:
+    "A `preset` GPT with random weights (seed 0, no dropout), in eval mode, and the corpus's tokenizer."
+    _, tokenizer = load_tokens('')
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, dropout=0.0)).eval(), tokenizer
+
+# %% ../nbs/06_benchmarks.ipynb #7512686c
 def bench_sampling(preset:str, device:torch.device, batch_sizes:list[int]=(1, 64), new_tokens:int=64, repeats:int=5,
                    compile:bool=False, baseline:bool=True, each:Callable[[dict], None]|None=None) -> list[dict]:
     "Generation speed and latency of craft (with and without the KV cache; compiled if `compile`) and of the baseline."
-    _, tokenizer = load_tokens('')
-    config = GPTConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, dropout=0.0)
-    if new_tokens > config.block_size:
-        raise CraftError(f"new_tokens={new_tokens} is more than {preset}'s block_size {config.block_size}; use at most that")
-    torch.manual_seed(0)
-    model = GPT(config).to(device).eval()
-    reference = baseline_from_craft(model).eval()                              # fp32, same weights
+    model, tokenizer = random_model(preset)
+    if new_tokens > (block := model.config.block_size):
+        raise CraftError(f"new_tokens={new_tokens} is more than {preset}'s block_size {block}; use at most that")
+    reference = baseline_from_craft(model.to(device)).eval()                   # fp32, same weights
     dtype = inference_dtype('auto', device)                                    # as `craft sample` does
     model.to(dtype)
     ways = [('craft_cache', True, False)] + [('craft_no_cache', False, False)] * baseline
@@ -336,7 +341,7 @@ def startup_seconds(repeats:int=2) -> float:
         seconds.append(time.perf_counter() - start)
     return min(seconds)
 
-# %% ../nbs/06_benchmarks.ipynb #6f386e85
+# %% ../nbs/06_benchmarks.ipynb #e015f38a
 def train_to_loss(step:Callable, evaluate:Callable[[], float], target:float, eval_interval:int, max_iters:int,
                   max_time:float, device:torch.device) -> dict:
     "Call `step()` until `evaluate()`, every `eval_interval` steps, is at most `target` (or a limit is hit); the curve."
@@ -352,7 +357,7 @@ def train_to_loss(step:Callable, evaluate:Callable[[], float], target:float, eva
     return {'reached': reached is not None, 'seconds_from_first_step': _sig(reached), 'steps': steps,
             'best_loss': min((c[2] for c in curve), default=None), 'first_step_s': _sig(first_step_s), 'curve': curve}
 
-# %% ../nbs/06_benchmarks.ipynb #befcd43c
+# %% ../nbs/06_benchmarks.ipynb #6f28ea80
 def _racer(name:str, run, device:torch.device, iters:int) -> tuple:
     "craft's `Trainer` or the baseline's, and a function that estimates its validation loss on `iters` batches."
     if name == 'craft':
@@ -410,7 +415,7 @@ def bench_ceilings(device:torch.device, repeats:int=5, quick:bool=False, peak_tf
             'peak_gbs': sheet[1] if sheet else None, 'flop_rates': rates, 'flop_rate_source': source,
             'bandwidth_gbs': bandwidth, 'bandwidth_source': bandwidth_source}
 
-# %% ../nbs/06_benchmarks.ipynb #8504da5f
+# %% ../nbs/06_benchmarks.ipynb #8deb61c4
 def flop_rate(ceilings:dict, dtype:str) -> float:
     "The arithmetic rate (TFLOP/s) the floors use for work in `dtype`: its rate in `ceilings`, else craft's dtype's."
     rates = ceilings['flop_rates']
@@ -431,7 +436,7 @@ def _training_floors(t:dict, c:dict):
                  of_matmul=_sig(achieved / measured) if measured else None,
                  of_ceiling=_sig(r['tokens_per_s']['median'] / t['floor']['tokens_per_s']))
 
-# %% ../nbs/06_benchmarks.ipynb #eddd4412
+# %% ../nbs/06_benchmarks.ipynb #4eca5aa5
 _FLOOR_OF = {'craft_cache': 'cache', 'craft_compiled': 'cache', 'craft_no_cache': 'no_cache', 'baseline': 'no_cache'}
 
 def _sampling_floors(s:dict, c:dict):
@@ -465,7 +470,7 @@ def _percent(x) -> str: return '–' if x is None else f"{x:.1%}" if x < 0.1 els
 def _mib(n) -> str: return '–' if n is None else f"{n / 2**20:,.0f} MiB"
 def _ms(seconds) -> str: return '–' if seconds is None else f"{seconds * 1e3:.3g}"
 
-# %% ../nbs/06_benchmarks.ipynb #f39727fa
+# %% ../nbs/06_benchmarks.ipynb #7ec67909
 def format_table(headers:list[str], rows:list[list[str]], markdown:bool=False) -> str:
     "`rows` under `headers`, as aligned text (first column left, the others right) or as a Markdown table."
     if markdown:
@@ -487,7 +492,7 @@ def training_table(results:dict) -> tuple[list[str], list[list[str]]]:
             for t in results.get('training', [])]
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #d3369fdd
+# %% ../nbs/06_benchmarks.ipynb #96750109
 def memory_table(results:dict) -> tuple[list[str], list[list[str]]]:
     "Peak training memory per preset, predicted and measured, for craft and the baseline."
     headers = ['preset', 'craft predicted', 'craft measured', 'baseline predicted', 'baseline measured',
@@ -497,7 +502,7 @@ def memory_table(results:dict) -> tuple[list[str], list[list[str]]]:
             for t in results.get('training', [])]
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #00395fd1
+# %% ../nbs/06_benchmarks.ipynb #2ed5b769
 def _stats(entry:dict, name:str, key:str='tokens_per_s') -> dict|None: return entry.get(name, {}).get(key)
 def _median(entry:dict, name:str, key:str) -> float|None: return (_stats(entry, name, key) or {}).get('median')
 
@@ -517,7 +522,7 @@ def sampling_table(results:dict) -> tuple[list[str], list[list[str]]]:
             for s in entries]
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #ce16ff55
+# %% ../nbs/06_benchmarks.ipynb #541c49dd
 def loss_table(results:dict) -> tuple[list[str], list[list[str]]]:
     "Time to the target validation loss, for craft and the baseline, and their ratio."
     headers = ['preset', 'target', 'implementation', 'reached', 'steps', 'best loss', 'from first step (s)',
@@ -585,7 +590,7 @@ def load_results(path) -> dict:
         raise CraftError(f"{path} has results version {results.get('version')}; this craft reads {BENCH_VERSION}")
     return results
 
-# %% ../nbs/06_benchmarks.ipynb #1a5b4c86
+# %% ../nbs/06_benchmarks.ipynb #95a2a715
 def _check(ok:bool, message:str):
     "Raise a `CraftError` saying `message` unless `ok`."
     if not ok: raise CraftError(message)
@@ -601,6 +606,11 @@ def _check_out(out:str) -> Path:
         raise CraftError(f"cannot write --out {out}: {e.strerror or e}; choose a writable path") from None
     return path
 
+# %% ../nbs/06_benchmarks.ipynb #02d2cbe9
+def _logger(quiet:bool) -> Callable[[str], None]:
+    "A function that prints `craft bench: msg` on stderr at once, or does nothing if `quiet`."
+    return (lambda msg: None) if quiet else (lambda msg: print(f"craft bench: {msg}", file=sys.stderr, flush=True))
+
 @contextlib.contextmanager
 def _threads(n:int):
     "Run the block with `n` torch threads (0: as they are), and restore the number there was."
@@ -609,7 +619,7 @@ def _threads(n:int):
     try: yield
     finally: torch.set_num_threads(previous)
 
-# %% ../nbs/06_benchmarks.ipynb #17282e95
+# %% ../nbs/06_benchmarks.ipynb #49287143
 def _comparable() -> list[str]: return [p for p in PRESETS if not beyond_baseline(PRESETS[p])]
 
 def _check_presets(presets:list[str]):
@@ -620,7 +630,7 @@ def _check_presets(presets:list[str]):
                                    f"({beyond_baseline(PRESETS[p])}); benchmark one of {', '.join(_comparable())}, "
                                    "or compare recipes with --ladder")
 
-# %% ../nbs/06_benchmarks.ipynb #06bac423
+# %% ../nbs/06_benchmarks.ipynb #7176a620
 def _bench_settings(on_gpu:bool, preset, repeats, batch_size, new_tokens, loss_preset, target_loss, max_time, compile,
                     threads, quick, peak_tflops) -> dict:
     "Every setting of a `craft bench` run, defaults filled in, each checked (a `CraftError` names the first bad one)."
@@ -646,7 +656,7 @@ def _bench_settings(on_gpu:bool, preset, repeats, batch_size, new_tokens, loss_p
                 loss_preset=loss_preset, target_loss=target_loss, max_time=max_time,
                 compile=on_gpu if compile is None else compile, threads=threads, quick=quick, peak_tflops=peak_tflops)
 
-# %% ../nbs/06_benchmarks.ipynb #12eae3f0
+# %% ../nbs/06_benchmarks.ipynb #10874652
 def _bench_measure(dev:torch.device, s:dict, log:Callable[[str], None]) -> dict:
     "Measure what the settings `s` ask for on `dev`: the results, floors attached."
     on_gpu, quick, begin = dev.type == 'cuda', s['quick'], time.perf_counter()
@@ -672,10 +682,6 @@ def _bench_measure(dev:torch.device, s:dict, log:Callable[[str], None]) -> dict:
     return results
 
 # %% ../nbs/06_benchmarks.ipynb #17803a1a
-def _logger(quiet:bool) -> Callable[[str], None]:
-    "A function that prints `craft bench: msg` on stderr at once, or does nothing if `quiet`."
-    return (lambda msg: None) if quiet else (lambda msg: print(f"craft bench: {msg}", file=sys.stderr, flush=True))
-
 def bench_command(
     device:str='auto',               # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     # preset to benchmark; default: cpu and tiny on a CPU, nanogpt on a GPU, tiny with --quick
@@ -719,7 +725,7 @@ def _axes(ax, figsize=(6, 3.5)):
     import matplotlib.pyplot as plt
     return ax if ax is not None else plt.subplots(figsize=figsize)[1]
 
-# %% ../nbs/06_benchmarks.ipynb #b8478acc
+# %% ../nbs/06_benchmarks.ipynb #c6e64770
 def plot_training(results:dict, ax=None):
     "Training tokens/s per preset, craft and the baseline (bars: median; whiskers: min to max), the ceiling; the Axes."
     ax, entries = _axes(ax), results.get('training', [])
@@ -742,7 +748,7 @@ def plot_training(results:dict, ax=None):
         ax.legend(fontsize=8, loc='upper left', ncols=3)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #8b928161
+# %% ../nbs/06_benchmarks.ipynb #a31fc492
 _WAYS = {'craft_cache': ('-', 'craft', 'craft, cache'), 'craft_compiled': ('-.', 'craft', 'craft, compiled'),
          'craft_no_cache': ('--', 'craft', 'craft, no cache'), 'baseline': (':', 'baseline', 'baseline')}
 
@@ -757,7 +763,7 @@ def _sampling_legends(ax, ways:list[str], presets:list[str], markers:dict):
     marks = [Line2D([], [], ls='', marker=markers[p], color='gray', label=p) for p in presets]
     ax.legend(handles=marks, fontsize=7, loc='upper right')
 
-# %% ../nbs/06_benchmarks.ipynb #e655684d
+# %% ../nbs/06_benchmarks.ipynb #bb270413
 def plot_sampling(results:dict, ax=None):
     "Generation tokens/s against the batch size per preset: each way measured, and the cached ceiling; the Axes."
     ax, entries = _axes(ax), results.get('sampling', [])
@@ -779,7 +785,7 @@ def plot_sampling(results:dict, ax=None):
     if entries: _sampling_legends(ax, ways, presets, markers)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #ac6526cb
+# %% ../nbs/06_benchmarks.ipynb #716785f5
 def plot_time_to_loss(results:dict, ax=None):
     "Validation loss against seconds from the first step, for craft and the baseline, with the target; the Axes."
     ax, entries = _axes(ax), results.get('time_to_loss', [])
@@ -795,7 +801,7 @@ def plot_time_to_loss(results:dict, ax=None):
     ax.set_title('time to the target loss'); ax.grid(alpha=0.3)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #3fc7b0ce
+# %% ../nbs/06_benchmarks.ipynb #77ce6b4d
 def plot_memory(results:dict, ax=None):
     "Peak training memory per preset: predicted (hatched) and measured, for craft and the baseline; the Axes."
     ax, entries = _axes(ax), results.get('training', [])
@@ -812,7 +818,7 @@ def plot_memory(results:dict, ax=None):
     if entries: ax.legend(fontsize=7)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #e939be5c
+# %% ../nbs/06_benchmarks.ipynb #aa907e2f
 def plot_results(results:dict):
     "The four plots of a results dict in one figure; returns the Figure."
     import matplotlib.pyplot as plt
@@ -823,7 +829,7 @@ def plot_results(results:dict):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/06_benchmarks.ipynb #ea27629d
+# %% ../nbs/06_benchmarks.ipynb #eb745506
 SPEEDRUN_RUNGS = [
     ("nanoGPT's recipe", {}),
     ('exact evaluation every 100 steps, stop at 1.47',
@@ -861,17 +867,17 @@ def ladder_settings(rungs:list, upto:int) -> dict:
     "The settings of rung `upto`: those of every rung up to it, later ones winning."
     return {k: v for _, settings in rungs[:upto + 1] for k, v in settings.items()}
 
-# %% ../nbs/06_benchmarks.ipynb #aa43be29
-def _run_process(command:list[str], what:str) -> float:
-    "Run `command` with its output captured; its wall time in seconds, or a `CraftError` with its last line on stderr."
+# %% ../nbs/06_benchmarks.ipynb #6761502c
+def _run_process(command:list[str], what:str) -> tuple[float, str]:
+    "Run `command`, its output captured: its wall time in seconds and its stderr, or a `CraftError` with its last line."
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         why = (done.stderr.strip().splitlines() or ['no message'])[-1]
         raise CraftError(f"{what} failed (exit status {done.returncode}): {why}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, done.stderr
 
-# %% ../nbs/06_benchmarks.ipynb #99046c72
+# %% ../nbs/06_benchmarks.ipynb #77e5a307
 def _run_figures(out, target:float|None=None) -> dict:
     "The figures of the finished run in `out`: start-up, training time, steps, curve, time to `target`, loss, speed."
     status, metrics = read_status(out), read_metrics(out)
@@ -897,7 +903,8 @@ def train_recipe(preset:str|None, settings:dict, out, device:str='auto', target:
         config.write_text(json.dumps(settings))                     # JSON is YAML: `--config` reads it
         command += ['--config', str(config)]
     what = 'craft train' + (f" --preset {preset}" if preset else '') + (f" with {settings}" if settings else '')
-    return {'wall_s': _sig(_run_process(command, what)), **_run_figures(out, target)}
+    seconds, _ = _run_process(command, what)
+    return {'wall_s': _sig(seconds), **_run_figures(out, target)}
 
 # %% ../nbs/06_benchmarks.ipynb #c6aeb96c
 def _recipe(preset:str, overrides:dict, device:torch.device) -> dict:
@@ -914,7 +921,7 @@ def _kept_rungs(name:str, out, device:torch.device) -> dict:
     same_device = previous.get('machine', {}).get('device_name') == device_name(device)
     return {r['lever']: r for r in previous.get('rungs', []) if same_device}
 
-# %% ../nbs/06_benchmarks.ipynb #20265e87
+# %% ../nbs/06_benchmarks.ipynb #a2ea13b3
 def bench_ladder(name:str, device:str='auto', out=None, log=lambda msg: None) -> dict:
     "Climb ladder `name` (`LADDERS`), one `train_recipe` per rung, written to `out` after each; rungs there are kept."
     if name not in LADDERS: raise CraftError(f"unknown ladder {name!r}; choose one of: {', '.join(LADDERS)}")
@@ -936,7 +943,7 @@ def bench_ladder(name:str, device:str='auto', out=None, log=lambda msg: None) ->
         if out: write_results(results, out)
     return results
 
-# %% ../nbs/06_benchmarks.ipynb #9ca994bb
+# %% ../nbs/06_benchmarks.ipynb #ea8c2476
 def ladder_table(results:dict) -> tuple[list[str], list[list[str]]]:
     "One row per rung: lever, time to the target from process start, best full validation loss, change, steps, wall."
     target = f"s to {results['target']:g}" if results['target'] else 's to target'
@@ -950,7 +957,7 @@ def ladder_table(results:dict) -> tuple[list[str], list[list[str]]]:
         before = loss
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #f1cb742a
+# %% ../nbs/06_benchmarks.ipynb #0b34628e
 def plot_curves(curves:list[tuple[str, list]], target:float|None=None, title:str='', ax=None):
     "Validation loss against seconds from process start, one line per `(label, curve)`, with the target; the Axes."
     import matplotlib.pyplot as plt
@@ -969,7 +976,7 @@ def plot_ladder(results:dict, ax=None):
     title = f"ladder {results['ladder']} on {results['machine']['device_name']}"
     return plot_curves([(r['lever'], r['curve']) for r in results['rungs']], results['target'], title, ax)
 
-# %% ../nbs/06_benchmarks.ipynb #45efebfc
+# %% ../nbs/06_benchmarks.ipynb #3926e87f
 def _ladder_command(name:str, dev:torch.device, out:str, log:Callable[[str], None], quiet:bool) -> dict:
     "`craft bench --ladder NAME`: climb it into `out`, print its table."
     _check(name in LADDERS, f"unknown --ladder {name!r}; choose none or one of: {', '.join(LADDERS)}")
@@ -978,7 +985,7 @@ def _ladder_command(name:str, dev:torch.device, out:str, log:Callable[[str], Non
     if not quiet: print(format_table(*ladder_table(results)))
     return results
 
-# %% ../nbs/06_benchmarks.ipynb #06edcf85
+# %% ../nbs/06_benchmarks.ipynb #744d0551
 class PartTimeout(Exception): "A part of a suite ran past its time limit."
 
 @contextlib.contextmanager
@@ -994,7 +1001,7 @@ def time_limit(seconds:float|None):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
-# %% ../nbs/06_benchmarks.ipynb #21f3c4d3
+# %% ../nbs/06_benchmarks.ipynb #ecd95830
 def _error_text(e:BaseException) -> str:
     "An exception on one line: its type and the first line of its message."
     message = str(e).strip().splitlines()
@@ -1013,11 +1020,12 @@ def run_part(header:dict, name:str, measure:Callable[[dict, Callable], None], pa
         part['status'] = 'interrupted'; save(); raise
     except Exception as e:
         part.update(status='failed', error=_error_text(e), traceback=traceback.format_exc().splitlines()[-12:])
+    if 'machine' in part: part['machine']['load_avg_end'] = load_average()
     save()
     _release_memory()
     return part
 
-# %% ../nbs/06_benchmarks.ipynb #94fefcb5
+# %% ../nbs/06_benchmarks.ipynb #c4ddb16d
 GPU_SUITE = dict(preset='nanogpt', repeats=3, batch_sizes=[1, 64, 256], new_tokens=128, clients=[1, 8, 32, 128],
                  request_tokens=100, budgets={'training': 30, 'sampling': 90, 'serving': 45}, target=1.47,
                  recipes=[('speedrun', 'speedrun', {}, 40.0),             # label, preset, settings, seconds of training
@@ -1030,7 +1038,7 @@ GPU_SUITE_QUICK = {**GPU_SUITE, 'preset': 'tiny', 'repeats': 2, 'batch_sizes': [
                    'clients': [1, 4], 'request_tokens': 20, 'target': 3.3, 'run_overhead_s': 8.0, 'shortest_run_s': 1.0,
                    'recipes': [(label, 'tiny', _TINY_RUN, seconds) for label, _, _, seconds in GPU_SUITE['recipes']]}
 
-# %% ../nbs/06_benchmarks.ipynb #dfb43bb7
+# %% ../nbs/06_benchmarks.ipynb #60450077
 def _ceilings(ctx:dict) -> dict:
     "The machine's ceilings, measured once per suite."
     if 'ceilings' not in ctx:
@@ -1046,7 +1054,7 @@ def _suite_training(part:dict, save:Callable, ctx:dict):
     part['training'] = [bench_training(plan['preset'], ctx['dev'], plan['repeats'], min_seconds=seconds)]
     attach_floors(part)
 
-# %% ../nbs/06_benchmarks.ipynb #4b779125
+# %% ../nbs/06_benchmarks.ipynb #3edf859e
 def _suite_sampling(part:dict, save:Callable, ctx:dict):
     "Generation at each batch size of the plan: craft eager and compiled, without the cache, and the baseline."
     plan = ctx['plan']
@@ -1057,7 +1065,7 @@ def _suite_sampling(part:dict, save:Callable, ctx:dict):
     bench_sampling(plan['preset'], ctx['dev'], plan['batch_sizes'], plan['new_tokens'], plan['repeats'], compile=True,
                    each=each)
 
-# %% ../nbs/06_benchmarks.ipynb #49d4d678
+# %% ../nbs/06_benchmarks.ipynb #c9a859a6
 def _server_url(lines:Queue, timeout:float) -> str:
     "The URL that `craft serve` prints when it listens, read from its stderr `lines` (None: it ended)."
     last, end = '', time.monotonic() + timeout
@@ -1082,7 +1090,7 @@ def served(checkpoint, device:str='auto', max_slots:int=64, timeout:float=120.0)
         try: server.wait(10)
         except subprocess.TimeoutExpired: server.kill(); server.wait()
 
-# %% ../nbs/06_benchmarks.ipynb #bcebe3b0
+# %% ../nbs/06_benchmarks.ipynb #35cd77c7
 def _generate_request(url:str, body:dict, timeout:float) -> dict:
     "POST `body` to `url`/v1/generate; the answer, or a `CraftError` for any status but 200."
     host, port = url.removeprefix('http://').rstrip('/').rsplit(':', 1)
@@ -1109,21 +1117,18 @@ def load_test(url:str, clients:int, new_tokens:int=100, timeout:float=300.0) -> 
             'tokens_per_s': _sig(tokens / seconds), 'latency_s': summarize([a['timing']['total_s'] for a in answers]),
             'first_token_s': _summary_or_none(firsts)}
 
-# %% ../nbs/06_benchmarks.ipynb #292cb6a2
+# %% ../nbs/06_benchmarks.ipynb #fef582ab
 def _suite_serving(part:dict, save:Callable, ctx:dict):
     "A random model of the plan's preset, served; a warm-up, then the load of each number of clients in the plan."
     plan = ctx['plan']
-    _, tokenizer = load_tokens('')
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset(plan['preset'], vocab_size=tokenizer.vocab_size, dropout=0.0)).eval()
-    checkpoint = save_checkpoint(ctx['tmp'] / 'served.safetensors', model, tokenizer)
+    checkpoint = save_checkpoint(ctx['tmp'] / 'served.safetensors', *random_model(plan['preset']))
     part['serving'] = {'preset': plan['preset'], 'new_tokens': plan['request_tokens'], 'loads': []}
     with served(checkpoint, str(ctx['dev']), max_slots=max(plan['clients'])) as url:
         load_test(url, min(8, max(plan['clients'])), plan['request_tokens'])          # warm-up: first calls, memory
         for n in plan['clients']:
             part['serving']['loads'].append(load_test(url, n, plan['request_tokens'])); save()
 
-# %% ../nbs/06_benchmarks.ipynb #ef2cb18c
+# %% ../nbs/06_benchmarks.ipynb #b2e12d04
 def _run_budget(ctx:dict, i:int, overhead:float) -> tuple[float, float]:
     "Seconds of training for recipe `i` of the plan, and the seconds left for it, given each run's `overhead`."
     recipes = ctx['plan']['recipes']
@@ -1132,6 +1137,7 @@ def _run_budget(ctx:dict, i:int, overhead:float) -> tuple[float, float]:
     want = recipes[i][3]
     return (left if want is None else min(want, left)), left
 
+# %% ../nbs/06_benchmarks.ipynb #dfb82656
 def _suite_recipes(part:dict, save:Callable, ctx:dict):
     "The plan's recipes, each a fresh `craft train` with a `max_time` that fits the suite's deadline."
     plan, overhead = ctx['plan'], ctx['plan']['run_overhead_s']
@@ -1151,7 +1157,7 @@ def _suite_recipes(part:dict, save:Callable, ctx:dict):
     failed = [r['label'] for r in part['recipes'] if r['status'] == 'failed']
     if failed: raise CraftError(f"the training runs of {', '.join(failed)} failed; their errors are in the file")
 
-# %% ../nbs/06_benchmarks.ipynb #063e2d4f
+# %% ../nbs/06_benchmarks.ipynb #8fa6d5bd
 NANOGPT_CPU = dict(  # nanoGPT's documented CPU recipe for shakespeare_char: its README's flags on its config's defaults
     block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False, batch_size=12, grad_accum=1,
     max_iters=2000, lr_decay_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9, beta2=0.99,
@@ -1163,7 +1169,7 @@ _SHORT = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=2)
 CPU_SUITE_QUICK = {**CPU_SUITE, 'nanogpt': {**NANOGPT_CPU, **_SHORT}, 'finish_s': 4.0, 'presets': ['tiny'],
                    'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50}
 
-# %% ../nbs/06_benchmarks.ipynb #56853478
+# %% ../nbs/06_benchmarks.ipynb #cec94a4e
 def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
     "Train the textbook baseline on `preset` with `settings` in a fresh process; its figures, times from process start."
     out = Path(out)
@@ -1171,10 +1177,10 @@ def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
     run = resolve_config(preset, device=str(device), out=str(out), progress=False, **settings)
     atomic_write_text(out / 'config.json', json.dumps(run.to_dict(), indent=1))
     code = 'import sys; from craft.baseline import train_baseline; train_baseline(sys.argv[1])'
-    seconds = _run_process([sys.executable, '-c', code, str(out)], f"the baseline's run of {preset} with {settings}")
+    seconds, _ = _run_process([sys.executable, '-c', code, str(out)], f"the baseline's run of {preset} with {settings}")
     return {'wall_s': _sig(seconds), **json.loads((out / 'baseline.json').read_text(encoding='utf-8'))}
 
-# %% ../nbs/06_benchmarks.ipynb #f0a87eb1
+# %% ../nbs/06_benchmarks.ipynb #b4f5f9b6
 def _suite_nanogpt(part:dict, save:Callable, ctx:dict):
     "nanoGPT's CPU recipe on the baseline, then `craft train`'s default for as long, each in a fresh process."
     plan, device = ctx['plan'], ctx['device']
@@ -1187,7 +1193,7 @@ def _suite_nanogpt(part:dict, save:Callable, ctx:dict):
     part['craft'] = craft = {'max_time': _sig(max_time), **craft}
     part['craft_minus_nanogpt'] = {k: _sig(craft[k] - nano[k]) for k in ('full_val_loss', 'wall_s')}
 
-# %% ../nbs/06_benchmarks.ipynb #1db72ef2
+# %% ../nbs/06_benchmarks.ipynb #882f9273
 _SPEED = re.compile(r'(\d+) tokens in ([\d.]+) s: (\d+) tokens/s \(seed \d+, (\w+), (\w+)\)')
 
 def cli_sample_speed(checkpoint, new_tokens:int=500, device:str='auto') -> dict:
@@ -1195,24 +1201,19 @@ def cli_sample_speed(checkpoint, new_tokens:int=500, device:str='auto') -> dict:
     command = [sys.executable, '-m', 'craft.cli', 'sample', str(checkpoint), '--max-new-tokens', str(new_tokens),
                '--seed', '0']
     if str(device) != 'auto': command += ['--device', str(device)]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall, found = time.perf_counter() - start, _SPEED.search(done.stderr)
-    if done.returncode or not found:
-        why = (done.stderr.strip().splitlines() or ['no message'])[-1]
-        raise CraftError(f"craft sample failed (exit status {done.returncode}): {why}")
+    wall, said = _run_process(command, 'craft sample')
+    if not (found := _SPEED.search(said)):
+        raise CraftError(f"craft sample did not report its speed: {said.strip()[-200:]}")
     tokens, seconds, _, dev, dtype = found.groups()
     return {'tokens': int(tokens), 'seconds': float(seconds), 'tokens_per_s': _sig(int(tokens) / float(seconds)),
             'wall_s': _sig(wall), 'device': dev, 'dtype': dtype}
 
-# %% ../nbs/06_benchmarks.ipynb #777e9164
+# %% ../nbs/06_benchmarks.ipynb #088adb69
 def _cli_against_baseline(ctx:dict) -> dict:
     "`craft sample` on a random model of the plan's `cli_preset` against the no-cache baseline, and the cached ceiling."
-    plan, dev = ctx['plan'], ctx['dev']
-    _, tokenizer = load_tokens('')
-    config = GPTConfig.from_preset(plan['cli_preset'], vocab_size=tokenizer.vocab_size, dropout=0.0)
-    torch.manual_seed(0)
-    model, n = GPT(config).eval(), plan['cli_tokens']
+    plan, dev, n = ctx['plan'], ctx['dev'], ctx['plan']['cli_tokens']
+    model, tokenizer = random_model(plan['cli_preset'])
+    config = model.config
     cli = cli_sample_speed(save_checkpoint(ctx['tmp'] / 'sampled.safetensors', model, tokenizer), n, ctx['device'])
     reference = baseline_from_craft(model.to(dev)).eval()
     prompt = torch.full((1, 1), int(tokenizer.encode('\n')[0]), dtype=torch.long, device=dev)   # (1, 1)
@@ -1226,6 +1227,7 @@ def _cli_against_baseline(ctx:dict) -> dict:
     return {'preset': plan['cli_preset'], 'new_tokens': n, 'craft_sample': cli, 'baseline_no_cache': baseline,
             'ratio': _ratio(cli['tokens_per_s'], baseline['tokens_per_s']), 'floor': floor}
 
+# %% ../nbs/06_benchmarks.ipynb #9dba3980
 def _suite_cpu_sampling(part:dict, save:Callable, ctx:dict):
     "Batch-1 sampling of the plan's presets against the ceilings, then `craft sample` against the baseline."
     plan = ctx['plan']
@@ -1236,7 +1238,7 @@ def _suite_cpu_sampling(part:dict, save:Callable, ctx:dict):
         attach_floors(part); save()
     part['cli'] = _cli_against_baseline(ctx)
 
-# %% ../nbs/06_benchmarks.ipynb #8733956a
+# %% ../nbs/06_benchmarks.ipynb #14b52032
 SUITES = {'gpu': {'training': _suite_training, 'sampling': _suite_sampling, 'serving': _suite_serving,
                   'recipes': _suite_recipes},
           'cpu': {'nanogpt': _suite_nanogpt, 'sampling': _suite_cpu_sampling}}
@@ -1263,7 +1265,7 @@ def _sigterm_interrupts():
     try: yield
     finally: signal.signal(signal.SIGTERM, previous)
 
-# %% ../nbs/06_benchmarks.ipynb #80ff6c78
+# %% ../nbs/06_benchmarks.ipynb #1ba75124
 def _suite_plan(suite:str, part, quick:bool, minutes:float, peak_tflops, threads:int) -> tuple[list[str], dict]:
     "The parts to run and the plan of `suite`, every argument checked."
     _check(suite in SUITES, f"unknown --suite {suite!r}; choose one of: {', '.join(SUITES)}")
@@ -1271,7 +1273,7 @@ def _suite_plan(suite:str, part, quick:bool, minutes:float, peak_tflops, threads
     unknown = [p for p in parts if p not in SUITES[suite]]
     _check(not unknown, f"unknown --part {', '.join(unknown)} for --suite {suite}; choose from: "
                         f"{', '.join(SUITES[suite])}")
-    _check(minutes > 0, f"invalid --minutes {minutes}: must be > 0")
+    _check(math.isfinite(minutes) and minutes > 0, f"invalid --minutes {minutes}: must be a number > 0")
     _check(peak_tflops is None or peak_tflops > 0, f"invalid --peak-tflops {peak_tflops}: must be > 0")
     _check(threads >= 0, f"invalid --threads {threads}: must be >= 0 (0 = torch's default)")
     plan = {**_PLANS[suite, quick], 'quick': quick, 'minutes': minutes, 'peak_tflops': peak_tflops, 'threads': threads}
@@ -1283,7 +1285,20 @@ def _part_limit(plan:dict, name:str, deadline:float) -> float|None:
     budget = plan.get('budgets', {}).get(name)
     return 2 * budget if budget else None
 
-# %% ../nbs/06_benchmarks.ipynb #f0e8f2d4
+# %% ../nbs/06_benchmarks.ipynb #34f4fdc7
+def _suite_part(ctx:dict, suite:str, name:str, number:str, folder:Path) -> str:
+    "Run part `name` of `suite` into `folder`, between two progress lines (`number`: its place, '2/4'); its status."
+    log, plan, since = ctx['log'], ctx['plan'], lambda: f"{time.monotonic() - ctx['start']:.0f} s"
+    log(f"[{number}] {suite} suite, {name}: started at {since()}")
+    header = {'format': BENCH_FORMAT, 'version': BENCH_VERSION, 'suite': suite, 'machine': machine_info(ctx['dev']),
+              'settings': plan}
+    path, measure = folder / f"{suite}-{name}.json", SUITES[suite][name]
+    r = run_part(header, name, lambda p, save: measure(p, save, ctx), path, _part_limit(plan, name, ctx['deadline']))
+    error = f" ({r['error']})" if 'error' in r else ''
+    log(f"[{number}] {suite} suite, {name}: {r['status']} in {r['seconds']:.0f} s{error}, written to {path}")
+    return r['status']
+
+# %% ../nbs/06_benchmarks.ipynb #651aab6a
 def bench_suite(
     # gpu: training speed and MFU, sampling, serving, the presets' runs; cpu: nanoGPT's CPU recipe vs craft, sampling
     suite:str='gpu',
@@ -1300,26 +1315,20 @@ def bench_suite(
     "Run the parts of `suite` in turn, each written to `out/<suite>-<part>.json` as it ends; a failure stops none."
     parts, plan = _suite_plan(suite, part, quick, minutes, peak_tflops, threads)
     dev, log, folder, start = pick_device(device), _logger(quiet), _check_folder(out), time.monotonic()
-    ctx, statuses = {'dev': dev, 'device': device, 'plan': plan, 'log': log, 'deadline': start + 60 * minutes}, {}
+    ctx = {'dev': dev, 'device': device, 'plan': plan, 'log': log, 'deadline': start + 60 * minutes, 'start': start}
+    if suite == 'gpu' and dev.type != 'cuda' and not quick:
+        log(f"the gpu suite at full size on {dev}: its parts are sized for a GPU (--quick runs them at toy sizes)")
     with tempfile.TemporaryDirectory() as tmp, _threads(threads), _sigterm_interrupts():
         ctx['tmp'] = Path(tmp)
-        for i, name in enumerate(parts):
-            log(f"[{i + 1}/{len(parts)}] {suite} suite, {name}: started at {time.monotonic() - start:.0f} s")
-            header = {'format': BENCH_FORMAT, 'version': BENCH_VERSION, 'suite': suite, 'machine': machine_info(dev),
-                      'settings': plan}
-            path, measure = folder / f"{suite}-{name}.json", SUITES[suite][name]
-            limit = _part_limit(plan, name, ctx['deadline'])
-            r = run_part(header, name, lambda p, save: measure(p, save, ctx), path, limit)
-            statuses[name] = r['status']
-            log(f"[{i + 1}/{len(parts)}] {suite} suite, {name}: {r['status']} in {r['seconds']:.0f} s"
-                + (f" ({r['error']})" if 'error' in r else '') + f", written to {path}")
+        statuses = {name: _suite_part(ctx, suite, name, f"{i + 1}/{len(parts)}", folder)
+                    for i, name in enumerate(parts)}
     log(f"{suite} suite: {len(parts)} part(s) in {time.monotonic() - start:.0f} s")
     failed = [name for name, status in statuses.items() if status != 'done']
     _check(not failed, f"{len(failed)} of {len(parts)} parts failed ({', '.join(failed)}); "
                        f"each file in {folder} says why")
     return statuses
 
-# %% ../nbs/06_benchmarks.ipynb #5e852271
+# %% ../nbs/06_benchmarks.ipynb #cf05b6b3
 def load_suite(folder, suite:str) -> dict:
     "The parts of `suite` whose files are in `folder`: {part: results}."
     files = {name: Path(folder) / f"{suite}-{name}.json" for name in SUITES[suite]}
@@ -1329,7 +1338,7 @@ def on_gpu(results:dict) -> bool:
     "Whether `results` were measured on a CUDA GPU, in full (not a `--quick` dry run)."
     return results['machine']['device'].startswith('cuda') and not results.get('settings', {}).get('quick')
 
-# %% ../nbs/06_benchmarks.ipynb #44854eb7
+# %% ../nbs/06_benchmarks.ipynb #45c16f6a
 def recipes_table(part:dict) -> tuple[list[str], list[list[str]]]:
     "One row per training run of a recipes part: status, time allowed, time to target, full loss, steps, speed, wall."
     headers = ['run', 'status', 'training s allowed', f"s to {part['target']:g} from start", 'val loss (whole split)',
@@ -1340,7 +1349,7 @@ def recipes_table(part:dict) -> tuple[list[str], list[list[str]]]:
             for r in part['recipes']]
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #30385292
+# %% ../nbs/06_benchmarks.ipynb #b3d20a91
 def serving_table(part:dict) -> tuple[list[str], list[list[str]]]:
     "One row per number of clients: aggregate tokens/s, the speed-up over one client, latency and first-token latency."
     loads = part['serving']['loads']
@@ -1360,7 +1369,7 @@ def plot_serving(part:dict, ax=None):
     ax.grid(alpha=0.3)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #50f6ee1e
+# %% ../nbs/06_benchmarks.ipynb #09618351
 def nanogpt_table(part:dict) -> tuple[list[str], list[list[str]]]:
     "nanoGPT's CPU recipe (on the baseline) and craft train's default recipe, side by side, from one run."
     headers = ['recipe', 'wall s from process start', 'steps', 'val loss (whole split)']
