@@ -83,7 +83,7 @@ def device_name(device:torch.device) -> str:
     except OSError: pass
     return platform.processor() or platform.machine() or 'unknown CPU'
 
-# %% ../nbs/06_benchmarks.ipynb #547b14ea
+# %% ../nbs/06_benchmarks.ipynb #19f5dc25
 def load_average() -> list[float]|None:
     "The 1, 5 and 15-minute load averages, or None where the OS does not tell."
     try: return [round(x, 2) for x in os.getloadavg()]
@@ -204,7 +204,7 @@ def _release_memory():
     try: ctypes.CDLL('libc.so.6').malloc_trim(0)
     except (OSError, AttributeError): pass
 
-# %% ../nbs/06_benchmarks.ipynb #ebc3f846
+# %% ../nbs/06_benchmarks.ipynb #8ee4850d
 def start_memory(device:torch.device) -> dict:
     "Begin measuring peak memory on `device`: the bytes in use now, and whether the peak could be reset."
     _release_memory()
@@ -236,7 +236,7 @@ def _prime(device:torch.device):
     synchronize(device)
     _PRIMED.add(str(device))
 
-# %% ../nbs/06_benchmarks.ipynb #83996557
+# %% ../nbs/06_benchmarks.ipynb #bbf396b8
 def _time_training(name:str, run, device:torch.device, repeats:int, warmup:int, min_seconds:float) -> dict:
     "Tokens/s, step time and peak memory (measured, predicted) of implementation `name` (craft or baseline) on `run`."
     started = start_memory(device)
@@ -252,7 +252,7 @@ def _time_training(name:str, run, device:torch.device, repeats:int, warmup:int, 
             'steps_per_repeat': calls, 'peak_memory_bytes': peak, 'predicted_memory_bytes': predicted,
             'memory_peak_reset': started['reset']}
 
-# %% ../nbs/06_benchmarks.ipynb #980172c7
+# %% ../nbs/06_benchmarks.ipynb #53de25c8
 def bench_training(preset:str, device:torch.device, repeats:int=5, compile:bool=False, warmup:int=2,
                    min_seconds:float=0.25, **overrides) -> dict:
     "Training tokens/s (median, spread of `repeats`) and peak memory of craft's `Trainer` and the baseline on `preset`."
@@ -292,14 +292,14 @@ def _sampling_ratios(entry:dict) -> dict:
     ratios = {f"{name.removeprefix('craft_')}_tokens_per_s": ratio(name, 'tokens_per_s') for name in ways}
     return {**ratios, **{key: ratio('craft_cache', key) for key in ('first_token_s', 'per_token_s')}}
 
-# %% ../nbs/06_benchmarks.ipynb #31273d92
+# %% ../nbs/06_benchmarks.ipynb #21bed158
 def random_model(preset:str) -> tuple[GPT, CharTokenizer]:
     "A `preset` GPT with random weights (seed 0, no dropout), in eval mode, and the corpus's tokenizer."
     _, tokenizer = load_tokens('')
     torch.manual_seed(0)
     return GPT(GPTConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, dropout=0.0)).eval(), tokenizer
 
-# %% ../nbs/06_benchmarks.ipynb #e512f039
+# %% ../nbs/06_benchmarks.ipynb #8177cbf2
 def bench_sampling(preset:str, device:torch.device, batch_sizes:list[int]=(1, 64), new_tokens:int=64, repeats:int=5,
                    compile:bool=False, baseline:bool=True, each:Callable[[dict], None]|None=None) -> list[dict]:
     "Generation speed and latency of craft (with and without the KV cache; compiled if `compile`) and of the baseline."
@@ -341,7 +341,7 @@ def startup_seconds(repeats:int=2) -> float:
         seconds.append(time.perf_counter() - start)
     return min(seconds)
 
-# %% ../nbs/06_benchmarks.ipynb #6edd21a3
+# %% ../nbs/06_benchmarks.ipynb #19a4b02e
 def train_to_loss(step:Callable, evaluate:Callable[[], float], target:float, eval_interval:int, max_iters:int,
                   max_time:float, device:torch.device) -> dict:
     "Call `step()` until `evaluate()`, every `eval_interval` steps, is at most `target` (or a limit is hit); the curve."
@@ -357,7 +357,7 @@ def train_to_loss(step:Callable, evaluate:Callable[[], float], target:float, eva
     return {'reached': reached is not None, 'seconds_from_first_step': _sig(reached), 'steps': steps,
             'best_loss': min((c[2] for c in curve), default=None), 'first_step_s': _sig(first_step_s), 'curve': curve}
 
-# %% ../nbs/06_benchmarks.ipynb #d081b907
+# %% ../nbs/06_benchmarks.ipynb #a331e499
 def _racer(name:str, run, device:torch.device, iters:int) -> tuple:
     "craft's `Trainer` or the baseline's, and a function that estimates its validation loss on `iters` batches."
     if name == 'craft':
@@ -415,7 +415,7 @@ def bench_ceilings(device:torch.device, repeats:int=5, quick:bool=False, peak_tf
             'peak_gbs': sheet[1] if sheet else None, 'flop_rates': rates, 'flop_rate_source': source,
             'bandwidth_gbs': bandwidth, 'bandwidth_source': bandwidth_source}
 
-# %% ../nbs/06_benchmarks.ipynb #309c8972
+# %% ../nbs/06_benchmarks.ipynb #1425af49
 def flop_rate(ceilings:dict, dtype:str) -> float:
     "The arithmetic rate (TFLOP/s) the floors use for work in `dtype`: its rate in `ceilings`, else craft's dtype's."
     rates = ceilings['flop_rates']
@@ -436,7 +436,7 @@ def _training_floors(t:dict, c:dict):
                  of_matmul=_sig(achieved / measured) if measured else None,
                  of_ceiling=_sig(r['tokens_per_s']['median'] / t['floor']['tokens_per_s']))
 
-# %% ../nbs/06_benchmarks.ipynb #a76f3976
+# %% ../nbs/06_benchmarks.ipynb #c957bfe0
 _FLOOR_OF = {'craft_cache': 'cache', 'craft_compiled': 'cache', 'craft_no_cache': 'no_cache', 'baseline': 'no_cache'}
 
 def _sampling_floors(s:dict, c:dict):
@@ -470,7 +470,7 @@ def _percent(x) -> str: return '–' if x is None else f"{x:.1%}" if x < 0.1 els
 def _mib(n) -> str: return '–' if n is None else f"{n / 2**20:,.0f} MiB"
 def _ms(seconds) -> str: return '–' if seconds is None else f"{seconds * 1e3:.3g}"
 
-# %% ../nbs/06_benchmarks.ipynb #55c127aa
+# %% ../nbs/06_benchmarks.ipynb #1a2fc6df
 def format_table(headers:list[str], rows:list[list[str]], markdown:bool=False) -> str:
     "`rows` under `headers`, as aligned text (first column left, the others right) or as a Markdown table."
     if markdown:
@@ -492,7 +492,7 @@ def training_table(results:dict) -> tuple[list[str], list[list[str]]]:
             for t in results.get('training', [])]
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #1d4f4c9f
+# %% ../nbs/06_benchmarks.ipynb #a12a4657
 def memory_table(results:dict) -> tuple[list[str], list[list[str]]]:
     "Peak training memory per preset, predicted and measured, for craft and the baseline."
     headers = ['preset', 'craft predicted', 'craft measured', 'baseline predicted', 'baseline measured',
@@ -502,7 +502,7 @@ def memory_table(results:dict) -> tuple[list[str], list[list[str]]]:
             for t in results.get('training', [])]
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #5eb4a30f
+# %% ../nbs/06_benchmarks.ipynb #52afdb80
 def _stats(entry:dict, name:str, key:str='tokens_per_s') -> dict|None: return entry.get(name, {}).get(key)
 def _median(entry:dict, name:str, key:str) -> float|None: return (_stats(entry, name, key) or {}).get('median')
 
@@ -522,7 +522,7 @@ def sampling_table(results:dict) -> tuple[list[str], list[list[str]]]:
             for s in entries]
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #ed3899d0
+# %% ../nbs/06_benchmarks.ipynb #ca203921
 def loss_table(results:dict) -> tuple[list[str], list[list[str]]]:
     "Time to the target validation loss, for craft and the baseline, and their ratio."
     headers = ['preset', 'target', 'implementation', 'reached', 'steps', 'best loss', 'from first step (s)',
@@ -590,7 +590,7 @@ def load_results(path) -> dict:
         raise CraftError(f"{path} has results version {results.get('version')}; this craft reads {BENCH_VERSION}")
     return results
 
-# %% ../nbs/06_benchmarks.ipynb #c767c6e1
+# %% ../nbs/06_benchmarks.ipynb #f4d15ce0
 def _check(ok:bool, message:str):
     "Raise a `CraftError` saying `message` unless `ok`."
     if not ok: raise CraftError(message)
@@ -606,7 +606,7 @@ def _check_out(out:str) -> Path:
         raise CraftError(f"cannot write --out {out}: {e.strerror or e}; choose a writable path") from None
     return path
 
-# %% ../nbs/06_benchmarks.ipynb #0c1d548f
+# %% ../nbs/06_benchmarks.ipynb #f3de4b23
 def _logger(quiet:bool) -> Callable[[str], None]:
     "A function that prints `craft bench: msg` on stderr at once, or does nothing if `quiet`."
     return (lambda msg: None) if quiet else (lambda msg: print(f"craft bench: {msg}", file=sys.stderr, flush=True))
@@ -619,7 +619,7 @@ def _threads(n:int):
     try: yield
     finally: torch.set_num_threads(previous)
 
-# %% ../nbs/06_benchmarks.ipynb #ccd1babc
+# %% ../nbs/06_benchmarks.ipynb #8fba913c
 def _comparable() -> list[str]: return [p for p in PRESETS if not beyond_baseline(PRESETS[p])]
 
 def _check_presets(presets:list[str]):
@@ -630,7 +630,7 @@ def _check_presets(presets:list[str]):
                                    f"({beyond_baseline(PRESETS[p])}); benchmark one of {', '.join(_comparable())}, "
                                    "or compare recipes with --ladder")
 
-# %% ../nbs/06_benchmarks.ipynb #e344162c
+# %% ../nbs/06_benchmarks.ipynb #66515f11
 def _bench_settings(on_gpu:bool, preset, repeats, batch_size, new_tokens, loss_preset, target_loss, max_time, compile,
                     threads, quick, peak_tflops) -> dict:
     "Every setting of a `craft bench` run, defaults filled in, each checked (a `CraftError` names the first bad one)."
@@ -656,7 +656,7 @@ def _bench_settings(on_gpu:bool, preset, repeats, batch_size, new_tokens, loss_p
                 loss_preset=loss_preset, target_loss=target_loss, max_time=max_time,
                 compile=on_gpu if compile is None else compile, threads=threads, quick=quick, peak_tflops=peak_tflops)
 
-# %% ../nbs/06_benchmarks.ipynb #17054f38
+# %% ../nbs/06_benchmarks.ipynb #cd3a7d06
 def _bench_measure(dev:torch.device, s:dict, log:Callable[[str], None]) -> dict:
     "Measure what the settings `s` ask for on `dev`: the results, floors attached."
     on_gpu, quick, begin = dev.type == 'cuda', s['quick'], time.perf_counter()
@@ -725,7 +725,7 @@ def _axes(ax, figsize=(6, 3.5)):
     import matplotlib.pyplot as plt
     return ax if ax is not None else plt.subplots(figsize=figsize)[1]
 
-# %% ../nbs/06_benchmarks.ipynb #b34bf7bc
+# %% ../nbs/06_benchmarks.ipynb #75c249c3
 def plot_training(results:dict, ax=None):
     "Training tokens/s per preset, craft and the baseline (bars: median; whiskers: min to max), the ceiling; the Axes."
     ax, entries = _axes(ax), results.get('training', [])
@@ -748,7 +748,7 @@ def plot_training(results:dict, ax=None):
         ax.legend(fontsize=8, loc='upper left', ncols=3)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #dbe2bbf3
+# %% ../nbs/06_benchmarks.ipynb #564633fe
 _WAYS = {'craft_cache': ('-', 'craft', 'craft, cache'), 'craft_compiled': ('-.', 'craft', 'craft, compiled'),
          'craft_no_cache': ('--', 'craft', 'craft, no cache'), 'baseline': (':', 'baseline', 'baseline')}
 
@@ -763,7 +763,7 @@ def _sampling_legends(ax, ways:list[str], presets:list[str], markers:dict):
     marks = [Line2D([], [], ls='', marker=markers[p], color='gray', label=p) for p in presets]
     ax.legend(handles=marks, fontsize=7, loc='upper right')
 
-# %% ../nbs/06_benchmarks.ipynb #9e080063
+# %% ../nbs/06_benchmarks.ipynb #ca1c28b5
 def plot_sampling(results:dict, ax=None):
     "Generation tokens/s against the batch size per preset: each way measured, and the cached ceiling; the Axes."
     ax, entries = _axes(ax), results.get('sampling', [])
@@ -785,7 +785,7 @@ def plot_sampling(results:dict, ax=None):
     if entries: _sampling_legends(ax, ways, presets, markers)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #7050f792
+# %% ../nbs/06_benchmarks.ipynb #26df9565
 def plot_time_to_loss(results:dict, ax=None):
     "Validation loss against seconds from the first step, for craft and the baseline, with the target; the Axes."
     ax, entries = _axes(ax), results.get('time_to_loss', [])
@@ -801,7 +801,7 @@ def plot_time_to_loss(results:dict, ax=None):
     ax.set_title('time to the target loss'); ax.grid(alpha=0.3)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #b17b9d23
+# %% ../nbs/06_benchmarks.ipynb #996093c4
 def plot_memory(results:dict, ax=None):
     "Peak training memory per preset: predicted (hatched) and measured, for craft and the baseline; the Axes."
     ax, entries = _axes(ax), results.get('training', [])
@@ -818,7 +818,7 @@ def plot_memory(results:dict, ax=None):
     if entries: ax.legend(fontsize=7)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #8682dd97
+# %% ../nbs/06_benchmarks.ipynb #15723429
 def plot_results(results:dict):
     "The four plots of a results dict in one figure; returns the Figure."
     import matplotlib.pyplot as plt
@@ -829,7 +829,7 @@ def plot_results(results:dict):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/06_benchmarks.ipynb #2c9286bc
+# %% ../nbs/06_benchmarks.ipynb #60716c77
 SPEEDRUN_RUNGS = [
     ("nanoGPT's recipe", {}),
     ('exact evaluation every 100 steps, stop at 1.47',
@@ -867,17 +867,22 @@ def ladder_settings(rungs:list, upto:int) -> dict:
     "The settings of rung `upto`: those of every rung up to it, later ones winning."
     return {k: v for _, settings in rungs[:upto + 1] for k, v in settings.items()}
 
-# %% ../nbs/06_benchmarks.ipynb #0d23a524
+# %% ../nbs/06_benchmarks.ipynb #cf10576d
+def _die_with_parent():
+    "In a child process on Linux: receive SIGTERM when the parent dies, however it dies."
+    try: ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError): pass
+
 def _run_process(command:list[str], what:str) -> tuple[float, str]:
     "Run `command`, its output captured: its wall time in seconds and its stderr, or a `CraftError` with its last line."
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=_die_with_parent)
     if done.returncode:
         why = (done.stderr.strip().splitlines() or ['no message'])[-1]
         raise CraftError(f"{what} failed (exit status {done.returncode}): {why}")
     return time.perf_counter() - start, done.stderr
 
-# %% ../nbs/06_benchmarks.ipynb #072a7a0d
+# %% ../nbs/06_benchmarks.ipynb #ea85fcda
 def _run_figures(out, target:float|None=None) -> dict:
     "The figures of the finished run in `out`: start-up, training time, steps, curve, time to `target`, loss, speed."
     status, metrics = read_status(out), read_metrics(out)
@@ -921,7 +926,7 @@ def _kept_rungs(name:str, out, device:torch.device) -> dict:
     same_device = previous.get('machine', {}).get('device_name') == device_name(device)
     return {r['lever']: r for r in previous.get('rungs', []) if same_device}
 
-# %% ../nbs/06_benchmarks.ipynb #65353ded
+# %% ../nbs/06_benchmarks.ipynb #776e1eee
 def bench_ladder(name:str, device:str='auto', out=None, log=lambda msg: None) -> dict:
     "Climb ladder `name` (`LADDERS`), one `train_recipe` per rung, written to `out` after each; rungs there are kept."
     if name not in LADDERS: raise CraftError(f"unknown ladder {name!r}; choose one of: {', '.join(LADDERS)}")
@@ -943,7 +948,7 @@ def bench_ladder(name:str, device:str='auto', out=None, log=lambda msg: None) ->
         if out: write_results(results, out)
     return results
 
-# %% ../nbs/06_benchmarks.ipynb #d8190d0e
+# %% ../nbs/06_benchmarks.ipynb #5309fcf8
 def ladder_table(results:dict) -> tuple[list[str], list[list[str]]]:
     "One row per rung: lever, time to the target from process start, best full validation loss, change, steps, wall."
     target = f"s to {results['target']:g}" if results['target'] else 's to target'
@@ -957,7 +962,7 @@ def ladder_table(results:dict) -> tuple[list[str], list[list[str]]]:
         before = loss
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #9dd9189c
+# %% ../nbs/06_benchmarks.ipynb #44fbd533
 def plot_curves(curves:list[tuple[str, list]], target:float|None=None, title:str='', ax=None):
     "Validation loss against seconds from process start, one line per `(label, curve)`, with the target; the Axes."
     import matplotlib.pyplot as plt
@@ -976,7 +981,7 @@ def plot_ladder(results:dict, ax=None):
     title = f"ladder {results['ladder']} on {results['machine']['device_name']}"
     return plot_curves([(r['lever'], r['curve']) for r in results['rungs']], results['target'], title, ax)
 
-# %% ../nbs/06_benchmarks.ipynb #2b31e350
+# %% ../nbs/06_benchmarks.ipynb #e16eed28
 def _ladder_command(name:str, dev:torch.device, out:str, log:Callable[[str], None], quiet:bool) -> dict:
     "`craft bench --ladder NAME`: climb it into `out`, print its table."
     _check(name in LADDERS, f"unknown --ladder {name!r}; choose none or one of: {', '.join(LADDERS)}")
@@ -985,7 +990,7 @@ def _ladder_command(name:str, dev:torch.device, out:str, log:Callable[[str], Non
     if not quiet: print(format_table(*ladder_table(results)))
     return results
 
-# %% ../nbs/06_benchmarks.ipynb #e8917af3
+# %% ../nbs/06_benchmarks.ipynb #a27896a7
 class PartTimeout(Exception): "A part of a suite ran past its time limit."
 
 @contextlib.contextmanager
@@ -1001,7 +1006,7 @@ def time_limit(seconds:float|None):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
-# %% ../nbs/06_benchmarks.ipynb #9198bcc4
+# %% ../nbs/06_benchmarks.ipynb #f356e91d
 def _error_text(e:BaseException) -> str:
     "An exception on one line: its type and the first line of its message."
     message = str(e).strip().splitlines()
@@ -1025,7 +1030,7 @@ def run_part(header:dict, name:str, measure:Callable[[dict, Callable], None], pa
     _release_memory()
     return part
 
-# %% ../nbs/06_benchmarks.ipynb #efba0b55
+# %% ../nbs/06_benchmarks.ipynb #b5f30c9c
 GPU_SUITE = dict(preset='nanogpt', repeats=3, batch_sizes=[1, 64, 256], new_tokens=128, clients=[1, 8, 32, 128],
                  request_tokens=100, budgets={'training': 30, 'sampling': 90, 'serving': 45}, target=1.47,
                  recipes=[('speedrun', 'speedrun', {}, 40.0),             # label, preset, settings, seconds of training
@@ -1038,7 +1043,7 @@ GPU_SUITE_QUICK = {**GPU_SUITE, 'preset': 'tiny', 'repeats': 2, 'batch_sizes': [
                    'clients': [1, 4], 'request_tokens': 20, 'target': 3.3, 'run_overhead_s': 8.0, 'shortest_run_s': 1.0,
                    'recipes': [(label, 'tiny', _TINY_RUN, seconds) for label, _, _, seconds in GPU_SUITE['recipes']]}
 
-# %% ../nbs/06_benchmarks.ipynb #1312e012
+# %% ../nbs/06_benchmarks.ipynb #0f909bd7
 def _ceilings(ctx:dict) -> dict:
     "The machine's ceilings, measured once per suite."
     if 'ceilings' not in ctx:
@@ -1054,7 +1059,7 @@ def _suite_training(part:dict, save:Callable, ctx:dict):
     part['training'] = [bench_training(plan['preset'], ctx['dev'], plan['repeats'], min_seconds=seconds)]
     attach_floors(part)
 
-# %% ../nbs/06_benchmarks.ipynb #978302de
+# %% ../nbs/06_benchmarks.ipynb #70337df3
 def _suite_sampling(part:dict, save:Callable, ctx:dict):
     "Generation at each batch size of the plan: craft eager and compiled, without the cache, and the baseline."
     plan = ctx['plan']
@@ -1065,7 +1070,7 @@ def _suite_sampling(part:dict, save:Callable, ctx:dict):
     bench_sampling(plan['preset'], ctx['dev'], plan['batch_sizes'], plan['new_tokens'], plan['repeats'], compile=True,
                    each=each)
 
-# %% ../nbs/06_benchmarks.ipynb #68fb4b07
+# %% ../nbs/06_benchmarks.ipynb #951f3c72
 def _server_url(lines:Queue, timeout:float) -> str:
     "The URL that `craft serve` prints when it listens, read from its stderr `lines` (None: it ended)."
     last, end = '', time.monotonic() + timeout
@@ -1081,7 +1086,8 @@ def served(checkpoint, device:str='auto', max_slots:int=64, timeout:float=120.0)
     "Serve `checkpoint` with `craft serve` in a fresh process, on a free port of 127.0.0.1; yields its URL, stops it."
     command = [sys.executable, '-m', 'craft.cli', 'serve', str(checkpoint), '--port', '0', '--device', str(device),
                '--max-slots', str(max_slots), '--log-level', 'warning']
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_die_with_parent)
     lines = Queue()
     threading.Thread(target=lambda: [*map(lines.put, server.stderr), lines.put(None)], daemon=True).start()
     try: yield _server_url(lines, timeout)
@@ -1090,7 +1096,7 @@ def served(checkpoint, device:str='auto', max_slots:int=64, timeout:float=120.0)
         try: server.wait(10)
         except subprocess.TimeoutExpired: server.kill(); server.wait()
 
-# %% ../nbs/06_benchmarks.ipynb #3b04025a
+# %% ../nbs/06_benchmarks.ipynb #0b48fa4c
 def _generate_request(url:str, body:dict, timeout:float) -> dict:
     "POST `body` to `url`/v1/generate; the answer, or a `CraftError` for any status but 200."
     host, port = url.removeprefix('http://').rstrip('/').rsplit(':', 1)
@@ -1117,7 +1123,7 @@ def load_test(url:str, clients:int, new_tokens:int=100, timeout:float=300.0) -> 
             'tokens_per_s': _sig(tokens / seconds), 'latency_s': summarize([a['timing']['total_s'] for a in answers]),
             'first_token_s': _summary_or_none(firsts)}
 
-# %% ../nbs/06_benchmarks.ipynb #f7342597
+# %% ../nbs/06_benchmarks.ipynb #7c23004b
 def _suite_serving(part:dict, save:Callable, ctx:dict):
     "A random model of the plan's preset, served; a warm-up, then the load of each number of clients in the plan."
     plan = ctx['plan']
@@ -1128,7 +1134,7 @@ def _suite_serving(part:dict, save:Callable, ctx:dict):
         for n in plan['clients']:
             part['serving']['loads'].append(load_test(url, n, plan['request_tokens'])); save()
 
-# %% ../nbs/06_benchmarks.ipynb #24dae54b
+# %% ../nbs/06_benchmarks.ipynb #104705ba
 def _run_budget(ctx:dict, i:int, overhead:float) -> tuple[float, float]:
     "Seconds of training for recipe `i` of the plan, and the seconds left for it, given each run's `overhead`."
     recipes = ctx['plan']['recipes']
@@ -1137,14 +1143,14 @@ def _run_budget(ctx:dict, i:int, overhead:float) -> tuple[float, float]:
     want = recipes[i][3]
     return (left if want is None else min(want, left)), left
 
-# %% ../nbs/06_benchmarks.ipynb #ce97ec80
+# %% ../nbs/06_benchmarks.ipynb #62e66879
 def _suite_recipes(part:dict, save:Callable, ctx:dict):
     "The plan's recipes, each a fresh `craft train` with a `max_time` that fits the suite's deadline."
     plan, overhead = ctx['plan'], ctx['plan']['run_overhead_s']
     part.update(target=plan['target'], recipes=[])
     for i, (label, preset, settings, _) in enumerate(plan['recipes']):
         max_time, left = _run_budget(ctx, i, overhead)
-        entry = {'label': label, 'preset': preset, 'settings': {**settings, 'max_time': _sig(max_time)}}
+        entry = {'label': label, 'preset': preset, 'settings': {**settings, 'max_time': _sig(max(max_time, 0.0))}}
         if max_time < plan['shortest_run_s']:
             entry.update(status='skipped', reason=f"{max(left, 0):.0f} s left in the suite")
         else:
@@ -1157,7 +1163,7 @@ def _suite_recipes(part:dict, save:Callable, ctx:dict):
     failed = [r['label'] for r in part['recipes'] if r['status'] == 'failed']
     if failed: raise CraftError(f"the training runs of {', '.join(failed)} failed; their errors are in the file")
 
-# %% ../nbs/06_benchmarks.ipynb #bcebdfcf
+# %% ../nbs/06_benchmarks.ipynb #d9efb493
 NANOGPT_CPU = dict(  # nanoGPT's documented CPU recipe for shakespeare_char: its README's flags on its config's defaults
     block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False, batch_size=12, grad_accum=1,
     max_iters=2000, lr_decay_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9, beta2=0.99,
@@ -1169,7 +1175,7 @@ _SHORT = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=2)
 CPU_SUITE_QUICK = {**CPU_SUITE, 'nanogpt': {**NANOGPT_CPU, **_SHORT}, 'finish_s': 4.0, 'presets': ['tiny'],
                    'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50}
 
-# %% ../nbs/06_benchmarks.ipynb #7185a4cc
+# %% ../nbs/06_benchmarks.ipynb #1146d0f5
 def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
     "Train the textbook baseline on `preset` with `settings` in a fresh process; its figures, times from process start."
     out = Path(out)
@@ -1180,7 +1186,7 @@ def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
     seconds, _ = _run_process([sys.executable, '-c', code, str(out)], f"the baseline's run of {preset} with {settings}")
     return {'wall_s': _sig(seconds), **json.loads((out / 'baseline.json').read_text(encoding='utf-8'))}
 
-# %% ../nbs/06_benchmarks.ipynb #8453ae22
+# %% ../nbs/06_benchmarks.ipynb #fce36d87
 def _suite_nanogpt(part:dict, save:Callable, ctx:dict):
     "nanoGPT's CPU recipe on the baseline, then `craft train`'s default for as long, each in a fresh process."
     plan, device = ctx['plan'], ctx['device']
@@ -1193,7 +1199,7 @@ def _suite_nanogpt(part:dict, save:Callable, ctx:dict):
     part['craft'] = craft = {'max_time': _sig(max_time), **craft}
     part['craft_minus_nanogpt'] = {k: _sig(craft[k] - nano[k]) for k in ('full_val_loss', 'wall_s')}
 
-# %% ../nbs/06_benchmarks.ipynb #00847c63
+# %% ../nbs/06_benchmarks.ipynb #a3d53ef2
 _SPEED = re.compile(r'(\d+) tokens in ([\d.]+) s: (\d+) tokens/s \(seed \d+, (\w+), (\w+)\)')
 
 def cli_sample_speed(checkpoint, new_tokens:int=500, device:str='auto') -> dict:
@@ -1208,7 +1214,7 @@ def cli_sample_speed(checkpoint, new_tokens:int=500, device:str='auto') -> dict:
     return {'tokens': int(tokens), 'seconds': float(seconds), 'tokens_per_s': _sig(int(tokens) / float(seconds)),
             'wall_s': _sig(wall), 'device': dev, 'dtype': dtype}
 
-# %% ../nbs/06_benchmarks.ipynb #af0700e5
+# %% ../nbs/06_benchmarks.ipynb #0a7b6807
 def _cli_against_baseline(ctx:dict) -> dict:
     "`craft sample` on a random model of the plan's `cli_preset` against the no-cache baseline, and the cached ceiling."
     plan, dev, n = ctx['plan'], ctx['dev'], ctx['plan']['cli_tokens']
@@ -1227,7 +1233,7 @@ def _cli_against_baseline(ctx:dict) -> dict:
     return {'preset': plan['cli_preset'], 'new_tokens': n, 'craft_sample': cli, 'baseline_no_cache': baseline,
             'ratio': _ratio(cli['tokens_per_s'], baseline['tokens_per_s']), 'floor': floor}
 
-# %% ../nbs/06_benchmarks.ipynb #6c3da03d
+# %% ../nbs/06_benchmarks.ipynb #481e6cf0
 def _suite_cpu_sampling(part:dict, save:Callable, ctx:dict):
     "Batch-1 sampling of the plan's presets against the ceilings, then `craft sample` against the baseline."
     plan = ctx['plan']
@@ -1238,7 +1244,7 @@ def _suite_cpu_sampling(part:dict, save:Callable, ctx:dict):
         attach_floors(part); save()
     part['cli'] = _cli_against_baseline(ctx)
 
-# %% ../nbs/06_benchmarks.ipynb #0db559d3
+# %% ../nbs/06_benchmarks.ipynb #4da3839b
 SUITES = {'gpu': {'training': _suite_training, 'sampling': _suite_sampling, 'serving': _suite_serving,
                   'recipes': _suite_recipes},
           'cpu': {'nanogpt': _suite_nanogpt, 'sampling': _suite_cpu_sampling}}
@@ -1265,7 +1271,7 @@ def _sigterm_interrupts():
     try: yield
     finally: signal.signal(signal.SIGTERM, previous)
 
-# %% ../nbs/06_benchmarks.ipynb #a2b01159
+# %% ../nbs/06_benchmarks.ipynb #e83bec19
 def _suite_plan(suite:str, part, quick:bool, minutes:float, peak_tflops, threads:int) -> tuple[list[str], dict]:
     "The parts to run and the plan of `suite`, every argument checked."
     _check(suite in SUITES, f"unknown --suite {suite!r}; choose one of: {', '.join(SUITES)}")
@@ -1285,7 +1291,7 @@ def _part_limit(plan:dict, name:str, deadline:float) -> float|None:
     budget = plan.get('budgets', {}).get(name)
     return 2 * budget if budget else None
 
-# %% ../nbs/06_benchmarks.ipynb #70473299
+# %% ../nbs/06_benchmarks.ipynb #3b5e38ec
 def _suite_part(ctx:dict, suite:str, name:str, number:str, folder:Path) -> str:
     "Run part `name` of `suite` into `folder`, between two progress lines (`number`: its place, '2/4'); its status."
     log, plan, since = ctx['log'], ctx['plan'], lambda: f"{time.monotonic() - ctx['start']:.0f} s"
@@ -1298,7 +1304,7 @@ def _suite_part(ctx:dict, suite:str, name:str, number:str, folder:Path) -> str:
     log(f"[{number}] {suite} suite, {name}: {r['status']} in {r['seconds']:.0f} s{error}, written to {path}")
     return r['status']
 
-# %% ../nbs/06_benchmarks.ipynb #33175159
+# %% ../nbs/06_benchmarks.ipynb #3e200603
 def bench_suite(
     # gpu: training speed and MFU, sampling, serving, the presets' runs; cpu: nanoGPT's CPU recipe vs craft, sampling
     suite:str='gpu',
@@ -1328,7 +1334,7 @@ def bench_suite(
                        f"each file in {folder} says why")
     return statuses
 
-# %% ../nbs/06_benchmarks.ipynb #02e884c7
+# %% ../nbs/06_benchmarks.ipynb #d89f2c62
 def load_suite(folder, suite:str) -> dict:
     "The parts of `suite` whose files are in `folder`: {part: results}."
     files = {name: Path(folder) / f"{suite}-{name}.json" for name in SUITES[suite]}
@@ -1338,7 +1344,7 @@ def on_gpu(results:dict) -> bool:
     "Whether `results` were measured on a CUDA GPU, in full (not a `--quick` dry run)."
     return results['machine']['device'].startswith('cuda') and not results.get('settings', {}).get('quick')
 
-# %% ../nbs/06_benchmarks.ipynb #edafc0fe
+# %% ../nbs/06_benchmarks.ipynb #6fda5413
 def recipes_table(part:dict) -> tuple[list[str], list[list[str]]]:
     "One row per training run of a recipes part: status, time allowed, time to target, full loss, steps, speed, wall."
     headers = ['run', 'status', 'training s allowed', f"s to {part['target']:g} from start", 'val loss (whole split)',
@@ -1349,7 +1355,7 @@ def recipes_table(part:dict) -> tuple[list[str], list[list[str]]]:
             for r in part['recipes']]
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #4ec766a9
+# %% ../nbs/06_benchmarks.ipynb #841a6241
 def serving_table(part:dict) -> tuple[list[str], list[list[str]]]:
     "One row per number of clients: aggregate tokens/s, the speed-up over one client, latency and first-token latency."
     loads = part['serving']['loads']
@@ -1369,7 +1375,7 @@ def plot_serving(part:dict, ax=None):
     ax.grid(alpha=0.3)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #c995a260
+# %% ../nbs/06_benchmarks.ipynb #dc1d65f6
 def nanogpt_table(part:dict) -> tuple[list[str], list[list[str]]]:
     "nanoGPT's CPU recipe (on the baseline) and craft train's default recipe, side by side, from one run."
     headers = ['recipe', 'wall s from process start', 'steps', 'val loss (whole split)']
