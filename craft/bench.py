@@ -31,9 +31,10 @@ from .tokenizer import CharTokenizer
 from .files import atomic_write_text
 from .model import GPT, GPTConfig, PRESETS, DTYPE_BYTES, flops_per_token, matmul_params, memory_budget
 from .model import pick_device, save_checkpoint
-from .training import TRAIN_PRESETS, Trainer, resolve_config, load_tokens, estimate_loss, autocast_dtype
+from .training import TRAIN_PRESETS, Trainer, resolve_config, load_tokens, estimate_loss
 from .training import read_status, read_metrics
-from .sampling import stream, inference_dtype
+from .sampling import stream, decoding_profile
+from .machine import candidates
 from .baseline import BaselineGPT, BaselineTrainer, baseline_from_craft, baseline_memory, beyond_baseline
 
 # %% ../nbs/06_benchmarks.ipynb #f782c7cf
@@ -83,7 +84,7 @@ def device_name(device:torch.device) -> str:
     except OSError: pass
     return platform.processor() or platform.machine() or 'unknown CPU'
 
-# %% ../nbs/06_benchmarks.ipynb #19f5dc25
+# %% ../nbs/06_benchmarks.ipynb #70b9f0f8
 def load_average() -> list[float]|None:
     "The 1, 5 and 15-minute load averages, or None where the OS does not tell."
     try: return [round(x, 2) for x in os.getloadavg()]
@@ -204,7 +205,7 @@ def _release_memory():
     try: ctypes.CDLL('libc.so.6').malloc_trim(0)
     except (OSError, AttributeError): pass
 
-# %% ../nbs/06_benchmarks.ipynb #8ee4850d
+# %% ../nbs/06_benchmarks.ipynb #4e81fdbb
 def start_memory(device:torch.device) -> dict:
     "Begin measuring peak memory on `device`: the bytes in use now, and whether the peak could be reset."
     _release_memory()
@@ -236,7 +237,7 @@ def _prime(device:torch.device):
     synchronize(device)
     _PRIMED.add(str(device))
 
-# %% ../nbs/06_benchmarks.ipynb #bbf396b8
+# %% ../nbs/06_benchmarks.ipynb #82ab9081
 def _time_training(name:str, run, device:torch.device, repeats:int, warmup:int, min_seconds:float) -> dict:
     "Tokens/s, step time and peak memory (measured, predicted) of implementation `name` (craft or baseline) on `run`."
     started = start_memory(device)
@@ -252,7 +253,7 @@ def _time_training(name:str, run, device:torch.device, repeats:int, warmup:int, 
             'steps_per_repeat': calls, 'peak_memory_bytes': peak, 'predicted_memory_bytes': predicted,
             'memory_peak_reset': started['reset']}
 
-# %% ../nbs/06_benchmarks.ipynb #53de25c8
+# %% ../nbs/06_benchmarks.ipynb #667509d6
 def bench_training(preset:str, device:torch.device, repeats:int=5, compile:bool=False, warmup:int=2,
                    min_seconds:float=0.25, **overrides) -> dict:
     "Training tokens/s (median, spread of `repeats`) and peak memory of craft's `Trainer` and the baseline on `preset`."
@@ -292,14 +293,14 @@ def _sampling_ratios(entry:dict) -> dict:
     ratios = {f"{name.removeprefix('craft_')}_tokens_per_s": ratio(name, 'tokens_per_s') for name in ways}
     return {**ratios, **{key: ratio('craft_cache', key) for key in ('first_token_s', 'per_token_s')}}
 
-# %% ../nbs/06_benchmarks.ipynb #21bed158
+# %% ../nbs/06_benchmarks.ipynb #8e601a65
 def random_model(preset:str) -> tuple[GPT, CharTokenizer]:
     "A `preset` GPT with random weights (seed 0, no dropout), in eval mode, and the corpus's tokenizer."
     _, tokenizer = load_tokens('')
     torch.manual_seed(0)
     return GPT(GPTConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, dropout=0.0)).eval(), tokenizer
 
-# %% ../nbs/06_benchmarks.ipynb #8177cbf2
+# %% ../nbs/06_benchmarks.ipynb #1e30a2de
 def bench_sampling(preset:str, device:torch.device, batch_sizes:list[int]=(1, 64), new_tokens:int=64, repeats:int=5,
                    compile:bool=False, baseline:bool=True, each:Callable[[dict], None]|None=None) -> list[dict]:
     "Generation speed and latency of craft (with and without the KV cache; compiled if `compile`) and of the baseline."
@@ -307,7 +308,7 @@ def bench_sampling(preset:str, device:torch.device, batch_sizes:list[int]=(1, 64
     if new_tokens > (block := model.config.block_size):
         raise CraftError(f"new_tokens={new_tokens} is more than {preset}'s block_size {block}; use at most that")
     reference = baseline_from_craft(model.to(device)).eval()                   # fp32, same weights
-    dtype = inference_dtype('auto', device)                                    # as `craft sample` does
+    dtype = decoding_profile(model).choice.torch_dtype                         # as `craft sample` picks it
     model.to(dtype)
     ways = [('craft_cache', True, False)] + [('craft_no_cache', False, False)] * baseline
     ways += [('craft_compiled', True, True)] * compile                        # (name, use the cache, compiled)
@@ -341,7 +342,7 @@ def startup_seconds(repeats:int=2) -> float:
         seconds.append(time.perf_counter() - start)
     return min(seconds)
 
-# %% ../nbs/06_benchmarks.ipynb #19a4b02e
+# %% ../nbs/06_benchmarks.ipynb #61e2829c
 def train_to_loss(step:Callable, evaluate:Callable[[], float], target:float, eval_interval:int, max_iters:int,
                   max_time:float, device:torch.device) -> dict:
     "Call `step()` until `evaluate()`, every `eval_interval` steps, is at most `target` (or a limit is hit); the curve."
@@ -357,7 +358,7 @@ def train_to_loss(step:Callable, evaluate:Callable[[], float], target:float, eva
     return {'reached': reached is not None, 'seconds_from_first_step': _sig(reached), 'steps': steps,
             'best_loss': min((c[2] for c in curve), default=None), 'first_step_s': _sig(first_step_s), 'curve': curve}
 
-# %% ../nbs/06_benchmarks.ipynb #a331e499
+# %% ../nbs/06_benchmarks.ipynb #4ac57689
 def _racer(name:str, run, device:torch.device, iters:int) -> tuple:
     "craft's `Trainer` or the baseline's, and a function that estimates its validation loss on `iters` batches."
     if name == 'craft':
@@ -402,7 +403,7 @@ def bench_ceilings(device:torch.device, repeats:int=5, quick:bool=False, peak_tf
     "Measured matmul rates (craft's training dtype, fp32), copy bandwidth, data-sheet peaks, and the rates floors use."
     on_gpu = device.type == 'cuda'
     n = 8192 if on_gpu else (256 if quick else 1024)
-    dtypes = list(dict.fromkeys([autocast_dtype('auto', device), torch.float32]))   # craft's dtype first
+    dtypes = [getattr(torch, d) for d in dict.fromkeys([*(s.dtype for s in candidates(device)), 'float32'])]
     matmul = {str(d).removeprefix('torch.'): matmul_rate(device, d, n, repeats) for d in dtypes}
     copy = copy_bandwidth(device, 2**30 if on_gpu else 2**(24 if quick else 27), repeats)
     sheet = peak_rates(device_name(device)) if on_gpu else None
@@ -415,7 +416,7 @@ def bench_ceilings(device:torch.device, repeats:int=5, quick:bool=False, peak_tf
             'peak_gbs': sheet[1] if sheet else None, 'flop_rates': rates, 'flop_rate_source': source,
             'bandwidth_gbs': bandwidth, 'bandwidth_source': bandwidth_source}
 
-# %% ../nbs/06_benchmarks.ipynb #1425af49
+# %% ../nbs/06_benchmarks.ipynb #466543de
 def flop_rate(ceilings:dict, dtype:str) -> float:
     "The arithmetic rate (TFLOP/s) the floors use for work in `dtype`: its rate in `ceilings`, else craft's dtype's."
     rates = ceilings['flop_rates']
@@ -436,7 +437,7 @@ def _training_floors(t:dict, c:dict):
                  of_matmul=_sig(achieved / measured) if measured else None,
                  of_ceiling=_sig(r['tokens_per_s']['median'] / t['floor']['tokens_per_s']))
 
-# %% ../nbs/06_benchmarks.ipynb #c957bfe0
+# %% ../nbs/06_benchmarks.ipynb #99c09e27
 _FLOOR_OF = {'craft_cache': 'cache', 'craft_compiled': 'cache', 'craft_no_cache': 'no_cache', 'baseline': 'no_cache'}
 
 def _sampling_floors(s:dict, c:dict):
@@ -470,7 +471,7 @@ def _percent(x) -> str: return '–' if x is None else f"{x:.1%}" if x < 0.1 els
 def _mib(n) -> str: return '–' if n is None else f"{n / 2**20:,.0f} MiB"
 def _ms(seconds) -> str: return '–' if seconds is None else f"{seconds * 1e3:.3g}"
 
-# %% ../nbs/06_benchmarks.ipynb #1a2fc6df
+# %% ../nbs/06_benchmarks.ipynb #6977d403
 def format_table(headers:list[str], rows:list[list[str]], markdown:bool=False) -> str:
     "`rows` under `headers`, as aligned text (first column left, the others right) or as a Markdown table."
     if markdown:
@@ -492,7 +493,7 @@ def training_table(results:dict) -> tuple[list[str], list[list[str]]]:
             for t in results.get('training', [])]
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #a12a4657
+# %% ../nbs/06_benchmarks.ipynb #1745de22
 def memory_table(results:dict) -> tuple[list[str], list[list[str]]]:
     "Peak training memory per preset, predicted and measured, for craft and the baseline."
     headers = ['preset', 'craft predicted', 'craft measured', 'baseline predicted', 'baseline measured',
@@ -502,7 +503,7 @@ def memory_table(results:dict) -> tuple[list[str], list[list[str]]]:
             for t in results.get('training', [])]
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #52afdb80
+# %% ../nbs/06_benchmarks.ipynb #664f7e07
 def _stats(entry:dict, name:str, key:str='tokens_per_s') -> dict|None: return entry.get(name, {}).get(key)
 def _median(entry:dict, name:str, key:str) -> float|None: return (_stats(entry, name, key) or {}).get('median')
 
@@ -522,7 +523,7 @@ def sampling_table(results:dict) -> tuple[list[str], list[list[str]]]:
             for s in entries]
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #ca203921
+# %% ../nbs/06_benchmarks.ipynb #d17a60ee
 def loss_table(results:dict) -> tuple[list[str], list[list[str]]]:
     "Time to the target validation loss, for craft and the baseline, and their ratio."
     headers = ['preset', 'target', 'implementation', 'reached', 'steps', 'best loss', 'from first step (s)',
@@ -590,7 +591,7 @@ def load_results(path) -> dict:
         raise CraftError(f"{path} has results version {results.get('version')}; this craft reads {BENCH_VERSION}")
     return results
 
-# %% ../nbs/06_benchmarks.ipynb #f4d15ce0
+# %% ../nbs/06_benchmarks.ipynb #70a87ecd
 def _check(ok:bool, message:str):
     "Raise a `CraftError` saying `message` unless `ok`."
     if not ok: raise CraftError(message)
@@ -606,7 +607,7 @@ def _check_out(out:str) -> Path:
         raise CraftError(f"cannot write --out {out}: {e.strerror or e}; choose a writable path") from None
     return path
 
-# %% ../nbs/06_benchmarks.ipynb #f3de4b23
+# %% ../nbs/06_benchmarks.ipynb #d276724c
 def _logger(quiet:bool) -> Callable[[str], None]:
     "A function that prints `craft bench: msg` on stderr at once, or does nothing if `quiet`."
     return (lambda msg: None) if quiet else (lambda msg: print(f"craft bench: {msg}", file=sys.stderr, flush=True))
@@ -619,7 +620,7 @@ def _threads(n:int):
     try: yield
     finally: torch.set_num_threads(previous)
 
-# %% ../nbs/06_benchmarks.ipynb #8fba913c
+# %% ../nbs/06_benchmarks.ipynb #c1962125
 def _comparable() -> list[str]: return [p for p in PRESETS if not beyond_baseline(PRESETS[p])]
 
 def _check_presets(presets:list[str]):
@@ -630,7 +631,7 @@ def _check_presets(presets:list[str]):
                                    f"({beyond_baseline(PRESETS[p])}); benchmark one of {', '.join(_comparable())}, "
                                    "or compare recipes with --ladder")
 
-# %% ../nbs/06_benchmarks.ipynb #66515f11
+# %% ../nbs/06_benchmarks.ipynb #c7538ba0
 def _bench_settings(on_gpu:bool, preset, repeats, batch_size, new_tokens, loss_preset, target_loss, max_time, compile,
                     threads, quick, peak_tflops) -> dict:
     "Every setting of a `craft bench` run, defaults filled in, each checked (a `CraftError` names the first bad one)."
@@ -656,7 +657,7 @@ def _bench_settings(on_gpu:bool, preset, repeats, batch_size, new_tokens, loss_p
                 loss_preset=loss_preset, target_loss=target_loss, max_time=max_time,
                 compile=on_gpu if compile is None else compile, threads=threads, quick=quick, peak_tflops=peak_tflops)
 
-# %% ../nbs/06_benchmarks.ipynb #cd3a7d06
+# %% ../nbs/06_benchmarks.ipynb #d637dd98
 def _bench_measure(dev:torch.device, s:dict, log:Callable[[str], None]) -> dict:
     "Measure what the settings `s` ask for on `dev`: the results, floors attached."
     on_gpu, quick, begin = dev.type == 'cuda', s['quick'], time.perf_counter()
@@ -725,7 +726,7 @@ def _axes(ax, figsize=(6, 3.5)):
     import matplotlib.pyplot as plt
     return ax if ax is not None else plt.subplots(figsize=figsize)[1]
 
-# %% ../nbs/06_benchmarks.ipynb #75c249c3
+# %% ../nbs/06_benchmarks.ipynb #114d75e2
 def plot_training(results:dict, ax=None):
     "Training tokens/s per preset, craft and the baseline (bars: median; whiskers: min to max), the ceiling; the Axes."
     ax, entries = _axes(ax), results.get('training', [])
@@ -748,7 +749,7 @@ def plot_training(results:dict, ax=None):
         ax.legend(fontsize=8, loc='upper left', ncols=3)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #564633fe
+# %% ../nbs/06_benchmarks.ipynb #4c993c81
 _WAYS = {'craft_cache': ('-', 'craft', 'craft, cache'), 'craft_compiled': ('-.', 'craft', 'craft, compiled'),
          'craft_no_cache': ('--', 'craft', 'craft, no cache'), 'baseline': (':', 'baseline', 'baseline')}
 
@@ -763,7 +764,7 @@ def _sampling_legends(ax, ways:list[str], presets:list[str], markers:dict):
     marks = [Line2D([], [], ls='', marker=markers[p], color='gray', label=p) for p in presets]
     ax.legend(handles=marks, fontsize=7, loc='upper right')
 
-# %% ../nbs/06_benchmarks.ipynb #ca1c28b5
+# %% ../nbs/06_benchmarks.ipynb #22c3147f
 def plot_sampling(results:dict, ax=None):
     "Generation tokens/s against the batch size per preset: each way measured, and the cached ceiling; the Axes."
     ax, entries = _axes(ax), results.get('sampling', [])
@@ -785,7 +786,7 @@ def plot_sampling(results:dict, ax=None):
     if entries: _sampling_legends(ax, ways, presets, markers)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #26df9565
+# %% ../nbs/06_benchmarks.ipynb #7fb77014
 def plot_time_to_loss(results:dict, ax=None):
     "Validation loss against seconds from the first step, for craft and the baseline, with the target; the Axes."
     ax, entries = _axes(ax), results.get('time_to_loss', [])
@@ -801,7 +802,7 @@ def plot_time_to_loss(results:dict, ax=None):
     ax.set_title('time to the target loss'); ax.grid(alpha=0.3)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #996093c4
+# %% ../nbs/06_benchmarks.ipynb #1bb2e2dc
 def plot_memory(results:dict, ax=None):
     "Peak training memory per preset: predicted (hatched) and measured, for craft and the baseline; the Axes."
     ax, entries = _axes(ax), results.get('training', [])
@@ -818,7 +819,7 @@ def plot_memory(results:dict, ax=None):
     if entries: ax.legend(fontsize=7)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #15723429
+# %% ../nbs/06_benchmarks.ipynb #350ffc9a
 def plot_results(results:dict):
     "The four plots of a results dict in one figure; returns the Figure."
     import matplotlib.pyplot as plt
@@ -829,7 +830,7 @@ def plot_results(results:dict):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/06_benchmarks.ipynb #60716c77
+# %% ../nbs/06_benchmarks.ipynb #c7126516
 SPEEDRUN_RUNGS = [
     ("nanoGPT's recipe", {}),
     ('exact evaluation every 100 steps, stop at 1.47',
@@ -867,7 +868,7 @@ def ladder_settings(rungs:list, upto:int) -> dict:
     "The settings of rung `upto`: those of every rung up to it, later ones winning."
     return {k: v for _, settings in rungs[:upto + 1] for k, v in settings.items()}
 
-# %% ../nbs/06_benchmarks.ipynb #cf10576d
+# %% ../nbs/06_benchmarks.ipynb #daea57a3
 def _die_with_parent():
     "In a child process on Linux: receive SIGTERM when the parent dies, however it dies."
     try: ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
@@ -882,7 +883,7 @@ def _run_process(command:list[str], what:str) -> tuple[float, str]:
         raise CraftError(f"{what} failed (exit status {done.returncode}): {why}")
     return time.perf_counter() - start, done.stderr
 
-# %% ../nbs/06_benchmarks.ipynb #ea85fcda
+# %% ../nbs/06_benchmarks.ipynb #5cff8632
 def _run_figures(out, target:float|None=None) -> dict:
     "The figures of the finished run in `out`: start-up, training time, steps, curve, time to `target`, loss, speed."
     status, metrics = read_status(out), read_metrics(out)
@@ -926,7 +927,7 @@ def _kept_rungs(name:str, out, device:torch.device) -> dict:
     same_device = previous.get('machine', {}).get('device_name') == device_name(device)
     return {r['lever']: r for r in previous.get('rungs', []) if same_device}
 
-# %% ../nbs/06_benchmarks.ipynb #776e1eee
+# %% ../nbs/06_benchmarks.ipynb #bc9b1ebf
 def bench_ladder(name:str, device:str='auto', out=None, log=lambda msg: None) -> dict:
     "Climb ladder `name` (`LADDERS`), one `train_recipe` per rung, written to `out` after each; rungs there are kept."
     if name not in LADDERS: raise CraftError(f"unknown ladder {name!r}; choose one of: {', '.join(LADDERS)}")
@@ -948,7 +949,7 @@ def bench_ladder(name:str, device:str='auto', out=None, log=lambda msg: None) ->
         if out: write_results(results, out)
     return results
 
-# %% ../nbs/06_benchmarks.ipynb #5309fcf8
+# %% ../nbs/06_benchmarks.ipynb #f6f73655
 def ladder_table(results:dict) -> tuple[list[str], list[list[str]]]:
     "One row per rung: lever, time to the target from process start, best full validation loss, change, steps, wall."
     target = f"s to {results['target']:g}" if results['target'] else 's to target'
@@ -962,7 +963,7 @@ def ladder_table(results:dict) -> tuple[list[str], list[list[str]]]:
         before = loss
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #44fbd533
+# %% ../nbs/06_benchmarks.ipynb #5460ae33
 def plot_curves(curves:list[tuple[str, list]], target:float|None=None, title:str='', ax=None):
     "Validation loss against seconds from process start, one line per `(label, curve)`, with the target; the Axes."
     import matplotlib.pyplot as plt
@@ -981,7 +982,7 @@ def plot_ladder(results:dict, ax=None):
     title = f"ladder {results['ladder']} on {results['machine']['device_name']}"
     return plot_curves([(r['lever'], r['curve']) for r in results['rungs']], results['target'], title, ax)
 
-# %% ../nbs/06_benchmarks.ipynb #e16eed28
+# %% ../nbs/06_benchmarks.ipynb #49160c2c
 def _ladder_command(name:str, dev:torch.device, out:str, log:Callable[[str], None], quiet:bool) -> dict:
     "`craft bench --ladder NAME`: climb it into `out`, print its table."
     _check(name in LADDERS, f"unknown --ladder {name!r}; choose none or one of: {', '.join(LADDERS)}")
@@ -990,7 +991,7 @@ def _ladder_command(name:str, dev:torch.device, out:str, log:Callable[[str], Non
     if not quiet: print(format_table(*ladder_table(results)))
     return results
 
-# %% ../nbs/06_benchmarks.ipynb #a27896a7
+# %% ../nbs/06_benchmarks.ipynb #32b5e22b
 class PartTimeout(Exception): "A part of a suite ran past its time limit."
 
 @contextlib.contextmanager
@@ -1006,7 +1007,7 @@ def time_limit(seconds:float|None):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
-# %% ../nbs/06_benchmarks.ipynb #f356e91d
+# %% ../nbs/06_benchmarks.ipynb #4993c77c
 def _error_text(e:BaseException) -> str:
     "An exception on one line: its type and the first line of its message."
     message = str(e).strip().splitlines()
@@ -1030,7 +1031,7 @@ def run_part(header:dict, name:str, measure:Callable[[dict, Callable], None], pa
     _release_memory()
     return part
 
-# %% ../nbs/06_benchmarks.ipynb #b5f30c9c
+# %% ../nbs/06_benchmarks.ipynb #879a95c8
 GPU_SUITE = dict(preset='nanogpt', repeats=3, batch_sizes=[1, 64, 256], new_tokens=128, clients=[1, 8, 32, 128],
                  request_tokens=100, budgets={'training': 30, 'sampling': 90, 'serving': 45}, target=1.47,
                  recipes=[('speedrun', 'speedrun', {}, 40.0),             # label, preset, settings, seconds of training
@@ -1043,7 +1044,7 @@ GPU_SUITE_QUICK = {**GPU_SUITE, 'preset': 'tiny', 'repeats': 2, 'batch_sizes': [
                    'clients': [1, 4], 'request_tokens': 20, 'target': 3.3, 'run_overhead_s': 8.0, 'shortest_run_s': 1.0,
                    'recipes': [(label, 'tiny', _TINY_RUN, seconds) for label, _, _, seconds in GPU_SUITE['recipes']]}
 
-# %% ../nbs/06_benchmarks.ipynb #0f909bd7
+# %% ../nbs/06_benchmarks.ipynb #ba7e162c
 def _ceilings(ctx:dict) -> dict:
     "The machine's ceilings, measured once per suite."
     if 'ceilings' not in ctx:
@@ -1059,7 +1060,7 @@ def _suite_training(part:dict, save:Callable, ctx:dict):
     part['training'] = [bench_training(plan['preset'], ctx['dev'], plan['repeats'], min_seconds=seconds)]
     attach_floors(part)
 
-# %% ../nbs/06_benchmarks.ipynb #70337df3
+# %% ../nbs/06_benchmarks.ipynb #5a9f4c43
 def _suite_sampling(part:dict, save:Callable, ctx:dict):
     "Generation at each batch size of the plan: craft eager and compiled, without the cache, and the baseline."
     plan = ctx['plan']
@@ -1070,7 +1071,7 @@ def _suite_sampling(part:dict, save:Callable, ctx:dict):
     bench_sampling(plan['preset'], ctx['dev'], plan['batch_sizes'], plan['new_tokens'], plan['repeats'], compile=True,
                    each=each)
 
-# %% ../nbs/06_benchmarks.ipynb #951f3c72
+# %% ../nbs/06_benchmarks.ipynb #602186df
 def _server_url(lines:Queue, timeout:float) -> str:
     "The URL that `craft serve` prints when it listens, read from its stderr `lines` (None: it ended)."
     last, end = '', time.monotonic() + timeout
@@ -1096,7 +1097,7 @@ def served(checkpoint, device:str='auto', max_slots:int=64, timeout:float=120.0)
         try: server.wait(10)
         except subprocess.TimeoutExpired: server.kill(); server.wait()
 
-# %% ../nbs/06_benchmarks.ipynb #0b48fa4c
+# %% ../nbs/06_benchmarks.ipynb #6e75f7bd
 def _generate_request(url:str, body:dict, timeout:float) -> dict:
     "POST `body` to `url`/v1/generate; the answer, or a `CraftError` for any status but 200."
     host, port = url.removeprefix('http://').rstrip('/').rsplit(':', 1)
@@ -1123,7 +1124,7 @@ def load_test(url:str, clients:int, new_tokens:int=100, timeout:float=300.0) -> 
             'tokens_per_s': _sig(tokens / seconds), 'latency_s': summarize([a['timing']['total_s'] for a in answers]),
             'first_token_s': _summary_or_none(firsts)}
 
-# %% ../nbs/06_benchmarks.ipynb #7c23004b
+# %% ../nbs/06_benchmarks.ipynb #f5c788c0
 def _suite_serving(part:dict, save:Callable, ctx:dict):
     "A random model of the plan's preset, served; a warm-up, then the load of each number of clients in the plan."
     plan = ctx['plan']
@@ -1134,7 +1135,7 @@ def _suite_serving(part:dict, save:Callable, ctx:dict):
         for n in plan['clients']:
             part['serving']['loads'].append(load_test(url, n, plan['request_tokens'])); save()
 
-# %% ../nbs/06_benchmarks.ipynb #104705ba
+# %% ../nbs/06_benchmarks.ipynb #0b3cb533
 def _run_budget(ctx:dict, i:int, overhead:float) -> tuple[float, float]:
     "Seconds of training for recipe `i` of the plan, and the seconds left for it, given each run's `overhead`."
     recipes = ctx['plan']['recipes']
@@ -1143,7 +1144,7 @@ def _run_budget(ctx:dict, i:int, overhead:float) -> tuple[float, float]:
     want = recipes[i][3]
     return (left if want is None else min(want, left)), left
 
-# %% ../nbs/06_benchmarks.ipynb #62e66879
+# %% ../nbs/06_benchmarks.ipynb #7ba78513
 def _suite_recipes(part:dict, save:Callable, ctx:dict):
     "The plan's recipes, each a fresh `craft train` with a `max_time` that fits the suite's deadline."
     plan, overhead = ctx['plan'], ctx['plan']['run_overhead_s']
@@ -1163,7 +1164,7 @@ def _suite_recipes(part:dict, save:Callable, ctx:dict):
     failed = [r['label'] for r in part['recipes'] if r['status'] == 'failed']
     if failed: raise CraftError(f"the training runs of {', '.join(failed)} failed; their errors are in the file")
 
-# %% ../nbs/06_benchmarks.ipynb #d9efb493
+# %% ../nbs/06_benchmarks.ipynb #6db74393
 NANOGPT_CPU = dict(  # nanoGPT's documented CPU recipe for shakespeare_char: its README's flags on its config's defaults
     block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False, batch_size=12, grad_accum=1,
     max_iters=2000, lr_decay_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9, beta2=0.99,
@@ -1175,7 +1176,7 @@ _SHORT = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=2)
 CPU_SUITE_QUICK = {**CPU_SUITE, 'nanogpt': {**NANOGPT_CPU, **_SHORT}, 'finish_s': 4.0, 'presets': ['tiny'],
                    'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50}
 
-# %% ../nbs/06_benchmarks.ipynb #1146d0f5
+# %% ../nbs/06_benchmarks.ipynb #f1540a6c
 def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
     "Train the textbook baseline on `preset` with `settings` in a fresh process; its figures, times from process start."
     out = Path(out)
@@ -1186,7 +1187,7 @@ def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
     seconds, _ = _run_process([sys.executable, '-c', code, str(out)], f"the baseline's run of {preset} with {settings}")
     return {'wall_s': _sig(seconds), **json.loads((out / 'baseline.json').read_text(encoding='utf-8'))}
 
-# %% ../nbs/06_benchmarks.ipynb #fce36d87
+# %% ../nbs/06_benchmarks.ipynb #27ccccd5
 def _suite_nanogpt(part:dict, save:Callable, ctx:dict):
     "nanoGPT's CPU recipe on the baseline, then `craft train`'s default for as long, each in a fresh process."
     plan, device = ctx['plan'], ctx['device']
@@ -1199,8 +1200,8 @@ def _suite_nanogpt(part:dict, save:Callable, ctx:dict):
     part['craft'] = craft = {'max_time': _sig(max_time), **craft}
     part['craft_minus_nanogpt'] = {k: _sig(craft[k] - nano[k]) for k in ('full_val_loss', 'wall_s')}
 
-# %% ../nbs/06_benchmarks.ipynb #a3d53ef2
-_SPEED = re.compile(r'(\d+) tokens in ([\d.]+) s: (\d+) tokens/s \(seed \d+, (\w+), (\w+)\)')
+# %% ../nbs/06_benchmarks.ipynb #e5479981
+_SPEED = re.compile(r'(\d+) tokens in ([\d.]+) s: \d+ tokens/s \(seed \d+, (\w+), (\w+)(?: x (\d+) threads?)?\)')
 
 def cli_sample_speed(checkpoint, new_tokens:int=500, device:str='auto') -> dict:
     "Tokens/s of `craft sample CHECKPOINT` (batch 1, its defaults), as it reports them, and its wall time."
@@ -1210,11 +1211,11 @@ def cli_sample_speed(checkpoint, new_tokens:int=500, device:str='auto') -> dict:
     wall, said = _run_process(command, 'craft sample')
     if not (found := _SPEED.search(said)):
         raise CraftError(f"craft sample did not report its speed: {said.strip()[-200:]}")
-    tokens, seconds, _, dev, dtype = found.groups()
+    tokens, seconds, dev, dtype, threads = found.groups()
     return {'tokens': int(tokens), 'seconds': float(seconds), 'tokens_per_s': _sig(int(tokens) / float(seconds)),
-            'wall_s': _sig(wall), 'device': dev, 'dtype': dtype}
+            'wall_s': _sig(wall), 'device': dev, 'dtype': dtype, 'threads': int(threads) if threads else None}
 
-# %% ../nbs/06_benchmarks.ipynb #0a7b6807
+# %% ../nbs/06_benchmarks.ipynb #979bc11f
 def _cli_against_baseline(ctx:dict) -> dict:
     "`craft sample` on a random model of the plan's `cli_preset` against the no-cache baseline, and the cached ceiling."
     plan, dev, n = ctx['plan'], ctx['dev'], ctx['plan']['cli_tokens']
@@ -1233,7 +1234,7 @@ def _cli_against_baseline(ctx:dict) -> dict:
     return {'preset': plan['cli_preset'], 'new_tokens': n, 'craft_sample': cli, 'baseline_no_cache': baseline,
             'ratio': _ratio(cli['tokens_per_s'], baseline['tokens_per_s']), 'floor': floor}
 
-# %% ../nbs/06_benchmarks.ipynb #481e6cf0
+# %% ../nbs/06_benchmarks.ipynb #55b267c9
 def _suite_cpu_sampling(part:dict, save:Callable, ctx:dict):
     "Batch-1 sampling of the plan's presets against the ceilings, then `craft sample` against the baseline."
     plan = ctx['plan']
@@ -1244,7 +1245,7 @@ def _suite_cpu_sampling(part:dict, save:Callable, ctx:dict):
         attach_floors(part); save()
     part['cli'] = _cli_against_baseline(ctx)
 
-# %% ../nbs/06_benchmarks.ipynb #4da3839b
+# %% ../nbs/06_benchmarks.ipynb #e40bad45
 SUITES = {'gpu': {'training': _suite_training, 'sampling': _suite_sampling, 'serving': _suite_serving,
                   'recipes': _suite_recipes},
           'cpu': {'nanogpt': _suite_nanogpt, 'sampling': _suite_cpu_sampling}}
@@ -1271,7 +1272,7 @@ def _sigterm_interrupts():
     try: yield
     finally: signal.signal(signal.SIGTERM, previous)
 
-# %% ../nbs/06_benchmarks.ipynb #e83bec19
+# %% ../nbs/06_benchmarks.ipynb #e160c9de
 def _suite_plan(suite:str, part, quick:bool, minutes:float, peak_tflops, threads:int) -> tuple[list[str], dict]:
     "The parts to run and the plan of `suite`, every argument checked."
     _check(suite in SUITES, f"unknown --suite {suite!r}; choose one of: {', '.join(SUITES)}")
@@ -1291,7 +1292,7 @@ def _part_limit(plan:dict, name:str, deadline:float) -> float|None:
     budget = plan.get('budgets', {}).get(name)
     return 2 * budget if budget else None
 
-# %% ../nbs/06_benchmarks.ipynb #3b5e38ec
+# %% ../nbs/06_benchmarks.ipynb #63eb926f
 def _suite_part(ctx:dict, suite:str, name:str, number:str, folder:Path) -> str:
     "Run part `name` of `suite` into `folder`, between two progress lines (`number`: its place, '2/4'); its status."
     log, plan, since = ctx['log'], ctx['plan'], lambda: f"{time.monotonic() - ctx['start']:.0f} s"
@@ -1304,7 +1305,7 @@ def _suite_part(ctx:dict, suite:str, name:str, number:str, folder:Path) -> str:
     log(f"[{number}] {suite} suite, {name}: {r['status']} in {r['seconds']:.0f} s{error}, written to {path}")
     return r['status']
 
-# %% ../nbs/06_benchmarks.ipynb #3e200603
+# %% ../nbs/06_benchmarks.ipynb #3d50aef6
 def bench_suite(
     # gpu: training speed and MFU, sampling, serving, the presets' runs; cpu: nanoGPT's CPU recipe vs craft, sampling
     suite:str='gpu',
@@ -1334,7 +1335,7 @@ def bench_suite(
                        f"each file in {folder} says why")
     return statuses
 
-# %% ../nbs/06_benchmarks.ipynb #d89f2c62
+# %% ../nbs/06_benchmarks.ipynb #bfe5be5d
 def load_suite(folder, suite:str) -> dict:
     "The parts of `suite` whose files are in `folder`: {part: results}."
     files = {name: Path(folder) / f"{suite}-{name}.json" for name in SUITES[suite]}
@@ -1344,7 +1345,7 @@ def on_gpu(results:dict) -> bool:
     "Whether `results` were measured on a CUDA GPU, in full (not a `--quick` dry run)."
     return results['machine']['device'].startswith('cuda') and not results.get('settings', {}).get('quick')
 
-# %% ../nbs/06_benchmarks.ipynb #6fda5413
+# %% ../nbs/06_benchmarks.ipynb #a1ba172c
 def recipes_table(part:dict) -> tuple[list[str], list[list[str]]]:
     "One row per training run of a recipes part: status, time allowed, time to target, full loss, steps, speed, wall."
     headers = ['run', 'status', 'training s allowed', f"s to {part['target']:g} from start", 'val loss (whole split)',
@@ -1355,7 +1356,7 @@ def recipes_table(part:dict) -> tuple[list[str], list[list[str]]]:
             for r in part['recipes']]
     return headers, rows
 
-# %% ../nbs/06_benchmarks.ipynb #841a6241
+# %% ../nbs/06_benchmarks.ipynb #638384fd
 def serving_table(part:dict) -> tuple[list[str], list[list[str]]]:
     "One row per number of clients: aggregate tokens/s, the speed-up over one client, latency and first-token latency."
     loads = part['serving']['loads']
@@ -1375,7 +1376,7 @@ def plot_serving(part:dict, ax=None):
     ax.grid(alpha=0.3)
     return ax
 
-# %% ../nbs/06_benchmarks.ipynb #dc1d65f6
+# %% ../nbs/06_benchmarks.ipynb #a22a0921
 def nanogpt_table(part:dict) -> tuple[list[str], list[list[str]]]:
     "nanoGPT's CPU recipe (on the baseline) and craft train's default recipe, side by side, from one run."
     headers = ['recipe', 'wall s from process start', 'steps', 'val loss (whole split)']

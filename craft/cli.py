@@ -8,7 +8,6 @@ __all__ = ['Parser', 'add_option', 'add_function_options', 'train_parser', 'trai
 
 # %% ../nbs/90_cli.ipynb #c5fdeb68
 import os
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch is imported: idle OpenMP threads sleep instead of spinning
 
 # %% ../nbs/90_cli.ipynb #2a144537
 import argparse, inspect, sys, types, typing
