@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['DTYPES', 'Setting', 'cpu_cores', 'thread_counts', 'fixed_threads', 'candidates', 'threads_of', 'time_call', 'measure',
-           'Profile', 'cpu_name', 'profile_key', 'cached_profiles', 'cache_profile', 'machine_profile',
+           'Profile', 'cpu_name', 'profile_key', 'cached_profiles', 'cache_profile', 'machine_profile', 'step_seconds',
            'wait_policy_figures', 'record_wait_policy']
 
 # %% ../nbs/03a_machine.ipynb #8cfdb77b
@@ -143,11 +143,12 @@ def cached_profiles() -> dict:
     except (OSError, ValueError): return {}
     return profiles if isinstance(profiles, dict) else {}
 
-def cache_profile(key:str, profile:Profile):
-    "Add `profile` to the cache under `key`; a cache that cannot be written is left alone."
+def cache_profile(key:str, profile:Profile|dict):
+    "Add `profile` (or any JSON-able record) to the cache under `key`; a cache that cannot be written is left alone."
+    record = profile.to_dict() if isinstance(profile, Profile) else profile
     with contextlib.suppress(OSError):
         cache_dir().mkdir(parents=True, exist_ok=True)
-        atomic_write_text(_profiles_file(), json.dumps({**cached_profiles(), key: profile.to_dict()}, indent=1))
+        atomic_write_text(_profiles_file(), json.dumps({**cached_profiles(), key: record}, indent=1))
 
 # %% ../nbs/03a_machine.ipynb #a36d3025
 def machine_profile(work:str, shape:dict, device, make_step:Callable[[Setting], Callable[[], None]],
@@ -162,6 +163,17 @@ def machine_profile(work:str, shape:dict, device, make_step:Callable[[Setting], 
     profile = Profile(min(figures, key=figures.get), {str(s): t for s, t in figures.items()}, 'measured', work)
     cache_profile(key, profile)
     return profile
+
+# %% ../nbs/03a_machine.ipynb #0caa3093
+def step_seconds(work:str, shape:dict, device, make_step:Callable[[Setting], Callable[[], None]], setting:Setting,
+                 sync=lambda: None) -> float:
+    "Seconds per step of `work` (of `shape`) in `setting`: measured once with `make_step`, then cached like a profile."
+    key = profile_key(device, work, shape, [setting])
+    cached = cached_profiles().get(key)
+    if isinstance(cached, dict) and isinstance(cached.get('seconds'), (int, float)): return float(cached['seconds'])
+    with threads_of(setting): seconds = time_call(make_step(setting), sync)
+    cache_profile(key, {'seconds': seconds, 'work': work, 'setting': str(setting)})
+    return seconds
 
 # %% ../nbs/03a_machine.ipynb #8339706d
 _STEP_PROBE = """
