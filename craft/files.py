@@ -13,7 +13,7 @@ from pathlib import Path
 from fastcore.basics import patch
 from .errors import CraftError
 
-# %% ../nbs/00_files.ipynb #37ddb333
+# %% ../nbs/00_files.ipynb #bcd0f298
 def _temp_beside(path:Path) -> Path:
     "Create a new, empty file `.<name>.<random>.tmp` beside `path` and return its name."
     for _ in range(100):
@@ -29,15 +29,17 @@ def _sync(path:Path):
     try: os.fsync(fd)
     finally: os.close(fd)
 
-# %% ../nbs/00_files.ipynb #c5dff314
+# %% ../nbs/00_files.ipynb #9441300f
 @contextlib.contextmanager
 def atomic_path(path):
     "A temporary path beside `path` for writers that take a file name; on success it is synced and replaces `path` atomically, on error it is removed."
     path = Path(path)
     tmp = _temp_beside(path)
+    mode = os.stat(tmp).st_mode & 0o777   # as the umask made it; a library may write its own file there (safetensors: 0600)
     try:
         yield tmp
         _sync(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError): os.unlink(tmp)
@@ -53,7 +55,7 @@ def atomic_write_text(path, text:str):
     "Write `text` (UTF-8) to `path` atomically."
     with atomic_write(path) as f: f.write(text)
 
-# %% ../nbs/00_files.ipynb #1eb7934e
+# %% ../nbs/00_files.ipynb #c0806b42
 _HINTS = {'ENOSPC': "the disk is full: free some space, or write somewhere else",
           'EDQUOT': "your disk quota is used up: free some space, or write somewhere else",
           'EACCES': "permission denied: check the permissions (ls -l), or use a path you may write",
@@ -75,7 +77,7 @@ def describe_os_error(e:OSError) -> str:
     hint = OS_ERROR_HINTS.get(e.errno)
     return f"{where}{e.strerror or e}" + (f"; {hint}" if hint else '')
 
-# %% ../nbs/00_files.ipynb #1910a2f9
+# %% ../nbs/00_files.ipynb #1b6dc721
 LOCK_FILE, OWNER_FILE = '.lock', '.lock.json'
 
 def _try_lock(fd:int, shared:bool=False) -> bool:
@@ -94,7 +96,7 @@ def _same_file(fd:int, path:Path) -> bool:
     except OSError: return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
-# %% ../nbs/00_files.ipynb #9eb23579
+# %% ../nbs/00_files.ipynb #c5128fc3
 def _command() -> str:
     "This process's command line, short: `craft train --out runs/a`."
     argv = sys.argv or ['python']
@@ -113,7 +115,7 @@ def _busy_message(run_dir) -> str:
     stop = f" (kill {o['pid']})" if o.get('pid') and o.get('host') == socket.gethostname() else ''
     return f"{run_dir} is being written by another process ({who}); wait for it to finish or stop it{stop}, then try again"
 
-# %% ../nbs/00_files.ipynb #76fca45f
+# %% ../nbs/00_files.ipynb #daa307bb
 class RunLock:
     "The lock of a run directory, held while a process writes it: a second writer gets a `CraftError` naming the holder."
     def __init__(self, run_dir): self.dir, self.fd, self.created = Path(run_dir), None, False
@@ -135,7 +137,7 @@ class RunLock:
         except BaseException: self.release(); raise
         return self
 
-# %% ../nbs/00_files.ipynb #520a332a
+# %% ../nbs/00_files.ipynb #4b95a1b5
 @patch
 def release(self:RunLock):
     "Unlock; a folder that `acquire` created and in which nothing else was written is removed again."
@@ -152,7 +154,7 @@ def __enter__(self:RunLock): return self.acquire()
 @patch
 def __exit__(self:RunLock, *exc): self.release()
 
-# %% ../nbs/00_files.ipynb #03533e02
+# %% ../nbs/00_files.ipynb #d9b152fe
 def run_lock_held(run_dir) -> bool|None:
     "Whether a live process holds the lock of `run_dir`; None if it was never locked (a run older than locks, or no run)."
     path = Path(run_dir) / LOCK_FILE

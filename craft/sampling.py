@@ -6,7 +6,7 @@
 __all__ = ['SAMPLING_FIELDS', 'INFERENCE_DTYPES', 'GenerationConfig', 'apply_temperature', 'apply_top_k', 'apply_top_p',
            'apply_min_p', 'presence_mask', 'apply_repetition_penalty', 'next_token_probs', 'next_tokens',
            'sampling_settings', 'Decoder', 'decode_step', 'RowText', 'TextStream', 'stream', 'generate',
-           'inference_dtype', 'sample_command', 'SamplerApp', 'sampler_app']
+           'inference_dtype', 'check_sampling_memory', 'sample_command', 'SamplerApp', 'sampler_app']
 
 # %% ../nbs/05_sampling.ipynb #cabbcba1
 import functools, math, secrets, sys, threading, time, weakref
@@ -19,6 +19,7 @@ from fastcore.basics import patch
 from .errors import CraftError
 from .tokenizer import CharTokenizer, load_text
 from .model import GPT, GPTConfig, load_checkpoint, pick_device, native_bf16
+from .model import check_memory, read_checkpoint_header, sampling_memory
 
 # %% ../nbs/05_sampling.ipynb #b7d797a7
 @dataclass
@@ -404,6 +405,14 @@ def _read_prompt(prompt:str, prompt_file:str|None) -> str:
     try: return load_text(prompt_file)
     except CraftError as e: raise CraftError(f"prompt file: {e}") from None
 
+# %% ../nbs/05_sampling.ipynb #c7a30629
+def check_sampling_memory(run, config:GenerationConfig, device, dtype:torch.dtype):
+    "Refuse, before loading the model, a generation that would not fit in `device`'s memory."
+    model_config = GPTConfig.from_dict(read_checkpoint_header(run)['config'])
+    need = sampling_memory(model_config, config.num_samples, config.max_new_tokens, str(dtype).removeprefix('torch.'))
+    check_memory(need, device, f"{config.num_samples:,} sample(s) of {config.max_new_tokens:,} characters",
+                 "lower --num-samples or --max-new-tokens")
+
 # %% ../nbs/05_sampling.ipynb #231ec21e
 def sample_command(run:str,                           # run directory or .safetensors checkpoint
                    prompt:str='\n',                   # text to continue
@@ -432,6 +441,7 @@ def sample_command(run:str,                           # run directory or .safete
     prompt_text = _read_prompt(prompt, prompt_file)
     dev = pick_device(device)
     torch_dtype = inference_dtype(dtype, dev)
+    check_sampling_memory(run, config, dev, torch_dtype)
     model, tokenizer, _ = load_checkpoint(run, dev)
     model.to(torch_dtype)
     if compile: print("craft sample: compiling the decode step (once per process: seconds on a GPU, up to a minute on a CPU)", file=sys.stderr)
