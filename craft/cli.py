@@ -10,7 +10,7 @@ __all__ = ['MEMORY_FIXES', 'Parser', 'add_option', 'add_function_options', 'trai
 import os
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch is imported: idle OpenMP threads sleep instead of spinning
 
-# %% ../nbs/90_cli.ipynb #32d6b709
+# %% ../nbs/90_cli.ipynb #38345f78
 import errno, io, signal, sys
 from pathlib import Path
 
@@ -31,7 +31,7 @@ def _guard_standard_streams():
     if sys.stdout is None: sys.stdout = _ClosedOutput()
     if sys.stderr is None: sys.stderr = open(os.devnull, 'w')
 
-if '__file__' in globals() and (__name__ == '__main__' or Path(sys.argv[0]).stem == 'craft'):   # the command, not an import
+if '__file__' in globals() and (__name__ == '__main__' or Path(sys.argv[0]).stem == 'craft'):   # the command itself
     _guard_standard_streams()
     signal.signal(signal.SIGINT, _interrupted_at_startup)
 
@@ -110,24 +110,26 @@ def train_parser(sub=None) -> argparse.ArgumentParser:
     return p
 
 def train_command(args:argparse.Namespace) -> int:
-    "Run `craft train` from parsed arguments, then write and print a sample; exit status 130 or 143 if stopped by SIGINT or SIGTERM, else 0."
+    "Run `craft train` from parsed arguments, then write and print a sample; exit 130 or 143 after SIGINT or SIGTERM."
     if args.resume and args.config:
-        raise CraftError(f"--config {args.config} cannot change a resumed run, which keeps its own settings; drop --config "
-                         "(flags such as --max-iters or --lr may change how it goes on)")
+        raise CraftError(f"--config {args.config} cannot change a resumed run, which keeps its own settings; drop "
+                         "--config (flags such as --max-iters or --lr may change how it goes on)")
     settings = {k: v for k, v in vars(args).items() if k not in ('command', 'config', 'resume', 'func')}
     if args.resume: run_dir = train(resume=args.resume, **settings)
     else: run_dir = train(settings.pop('preset'), args.config, **settings)
     status = read_status(run_dir)
-    if status.get('status') == 'interrupted': return 128 + getattr(signal.Signals, status.get('signal', 'SIGINT'), signal.SIGINT)
+    if status.get('status') == 'interrupted': return 128 + getattr(signal.Signals, status.get('signal', '?'), 2)
     if int(os.environ.get('RANK', 0)) == 0:
         try: print_sample(run_dir)
         except Exception as e:   # the run is finished: its sample must not fail it
             if isinstance(e, OSError): _silence_stdout()
-            reason = str(e) if isinstance(e, CraftError) else describe_os_error(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
-            print(f"craft train: warning: no end-of-training sample ({reason}); the run is finished, try: craft sample {run_dir}", file=sys.stderr)
+            why = (str(e) if isinstance(e, CraftError) else describe_os_error(e) if isinstance(e, OSError)
+                   else f"{type(e).__name__}: {e}")
+            print(f"craft train: warning: no end-of-training sample ({why}); the run is finished, try: "
+                  f"craft sample {run_dir}", file=sys.stderr)
     return 0
 
-# %% ../nbs/90_cli.ipynb #a11efb39
+# %% ../nbs/90_cli.ipynb #1f529f5e
 def sample_prompt(tokenizer) -> str:
     "The end-of-training sample's prompt: a newline if the vocabulary has one, else a space, else its first character."
     return next((c for c in ('\n', ' ') if c in tokenizer.chars), tokenizer.chars[0])
@@ -137,7 +139,8 @@ def print_sample(run_dir):
     train_cfg = read_run_config(run_dir).train
     if not train_cfg.sample_chars: return
     model, tokenizer, _ = load_checkpoint(run_dir, pick_device(train_cfg.device))
-    text = generate(model, tokenizer, sample_prompt(tokenizer), max_new_tokens=train_cfg.sample_chars, seed=train_cfg.seed)[0]
+    prompt = sample_prompt(tokenizer)
+    text = generate(model, tokenizer, prompt, max_new_tokens=train_cfg.sample_chars, seed=train_cfg.seed)[0]
     write_sample(run_dir, text)
     print(f"\n--- a sample from {run_dir} ---\n{text}\n---", flush=True)
 
@@ -189,10 +192,10 @@ def parse_args(argv:list[str]|None=None) -> argparse.Namespace:
     return args
 
 def main(argv:list[str]|None=None) -> int:
-    "Entry point of the `craft` command: parse, dispatch, and turn user errors into one line and a non-zero exit status."
+    "Entry point of the `craft` command: parse, dispatch, and turn user errors into one line and a non-zero exit."
     command = argv is None                       # the `craft` command itself, not a call from Python
     args = parse_args(argv)
-    if command: signal.signal(signal.SIGINT, signal.default_int_handler)   # imports done: Ctrl-C is KeyboardInterrupt again
+    if command: signal.signal(signal.SIGINT, signal.default_int_handler)   # imports done: Ctrl-C raises again
     try:
         code = args.func(args) or 0
         if command: sys.stdout.flush()            # a full or closed stdout fails here, in one line, not at exit
@@ -202,11 +205,12 @@ def main(argv:list[str]|None=None) -> int:
     if command: signal.signal(signal.SIGINT, signal.SIG_IGN)       # nor the interpreter's shutdown (atexit handlers)
     return code
 
-# %% ../nbs/90_cli.ipynb #54745e60
-MEMORY_FIXES = {'train': 'lower --batch-size', 'sample': 'lower --num-samples or --max-new-tokens', 'serve': 'lower --max-slots'}
+# %% ../nbs/90_cli.ipynb #4185365b
+MEMORY_FIXES = {'train': 'lower --batch-size', 'sample': 'lower --num-samples or --max-new-tokens',
+                'serve': 'lower --max-slots'}
 
 def _silence_stdout():
-    "Point a broken stdout at os.devnull: what is still buffered, and the last flush at exit, go nowhere instead of failing again."
+    "Point a broken stdout at os.devnull: what is still buffered, and the flush at exit, go nowhere, not failing again."
     try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError, AttributeError): sys.stdout = open(os.devnull, 'w')
 
@@ -215,7 +219,7 @@ def _stdout_broken() -> bool:
     except (OSError, ValueError, AttributeError): return True
 
 def exit_status(e:BaseException, command:str) -> int:
-    "Report the exception `e` that ended `craft <command>` in one line on stderr, and return the exit status; re-raise a bug."
+    "Report the exception `e` that ended `craft <command>` in one line on stderr; return the exit status. Bugs re-raise."
     if isinstance(e, KeyboardInterrupt):
         print(f"craft {command}: interrupted", file=sys.stderr)
         return 143 if e.args == ('SIGTERM',) else 130

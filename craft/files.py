@@ -13,14 +13,14 @@ from pathlib import Path
 from fastcore.basics import patch
 from .errors import CraftError
 
-# %% ../nbs/00_files.ipynb #bcd0f298
+# %% ../nbs/00_files.ipynb #4bc94114
 def _temp_beside(path:Path) -> Path:
     "Create a new, empty file `.<name>.<random>.tmp` beside `path` and return its name."
     for _ in range(100):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try: os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)); return tmp
         except FileExistsError: continue
-        except OSError as e: raise OSError(e.errno, e.strerror, str(path)) from None   # say which file could not be written
+        except OSError as e: raise OSError(e.errno, e.strerror, str(path)) from None   # name the real file
     raise FileExistsError(errno.EEXIST, 'no free temporary name', str(path))
 
 def _sync(path:Path):
@@ -29,13 +29,13 @@ def _sync(path:Path):
     try: os.fsync(fd)
     finally: os.close(fd)
 
-# %% ../nbs/00_files.ipynb #9441300f
+# %% ../nbs/00_files.ipynb #ee02391f
 @contextlib.contextmanager
 def atomic_path(path):
-    "A temporary path beside `path` for writers that take a file name; on success it is synced and replaces `path` atomically, on error it is removed."
+    "A temporary path beside `path`, for writers that take a name: on success synced and moved to `path`, else removed."
     path = Path(path)
     tmp = _temp_beside(path)
-    mode = os.stat(tmp).st_mode & 0o777   # as the umask made it; a library may write its own file there (safetensors: 0600)
+    mode = os.stat(tmp).st_mode & 0o777   # as the umask made it: a library may write its own file there (safetensors)
     try:
         yield tmp
         _sync(tmp)
@@ -55,7 +55,7 @@ def atomic_write_text(path, text:str):
     "Write `text` (UTF-8) to `path` atomically."
     with atomic_write(path) as f: f.write(text)
 
-# %% ../nbs/00_files.ipynb #c0806b42
+# %% ../nbs/00_files.ipynb #484d779b
 _HINTS = {'ENOSPC': "the disk is full: free some space, or write somewhere else",
           'EDQUOT': "your disk quota is used up: free some space, or write somewhere else",
           'EACCES': "permission denied: check the permissions (ls -l), or use a path you may write",
@@ -77,7 +77,7 @@ def describe_os_error(e:OSError) -> str:
     hint = OS_ERROR_HINTS.get(e.errno)
     return f"{where}{e.strerror or e}" + (f"; {hint}" if hint else '')
 
-# %% ../nbs/00_files.ipynb #1b6dc721
+# %% ../nbs/00_files.ipynb #b607b71c
 LOCK_FILE, OWNER_FILE = '.lock', '.lock.json'
 
 def _try_lock(fd:int, shared:bool=False) -> bool:
@@ -96,7 +96,7 @@ def _same_file(fd:int, path:Path) -> bool:
     except OSError: return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
-# %% ../nbs/00_files.ipynb #c5128fc3
+# %% ../nbs/00_files.ipynb #81bc44c1
 def _command() -> str:
     "This process's command line, short: `craft train --out runs/a`."
     argv = sys.argv or ['python']
@@ -111,52 +111,66 @@ def lock_owner(run_dir) -> dict:
 
 def _busy_message(run_dir) -> str:
     o = lock_owner(run_dir)
-    who = (f"pid {o.get('pid')} on {o.get('host')}, `{o.get('command')}`, since {o.get('since')}" if o else "its owner is unknown")
+    who = f"pid {o.get('pid')} on {o.get('host')}: `{o.get('command')}`, since {o.get('since')}" if o else 'unknown'
     stop = f" (kill {o['pid']})" if o.get('pid') and o.get('host') == socket.gethostname() else ''
-    return f"{run_dir} is being written by another process ({who}); wait for it to finish or stop it{stop}, then try again"
+    return f"{run_dir} is being written by another process ({who}); wait for it to end or stop it{stop}, then try again"
 
-# %% ../nbs/00_files.ipynb #daa307bb
+# %% ../nbs/00_files.ipynb #61f532cb
+def _missing_root(path:Path) -> Path|None:
+    "The topmost folder of `path` that does not exist yet: what `mkdir(parents=True)` will create."
+    root = None
+    for folder in (path, *path.parents):
+        if folder.exists(): break
+        root = folder
+    return root
+
+def _unlock(fd:int, run_dir:Path, created:Path|None):
+    "Forget the owner, remove the folders the lock made if nothing else went in, close the lock file (which unlocks)."
+    with contextlib.suppress(OSError):
+        (run_dir / OWNER_FILE).unlink(missing_ok=True)
+        if created is not None and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+            (run_dir / LOCK_FILE).unlink()
+            for folder in (run_dir, *run_dir.parents):
+                folder.rmdir()
+                if folder == created: break
+    os.close(fd)
+
+# %% ../nbs/00_files.ipynb #4805dc5a
 class RunLock:
-    "The lock of a run directory, held while a process writes it: a second writer gets a `CraftError` naming the holder."
-    def __init__(self, run_dir): self.dir, self.fd, self.created = Path(run_dir), None, False
+    "The lock of a run directory, held while a process writes it: a second writer gets a `CraftError` naming it."
+    def __init__(self, run_dir): self.dir, self.fd = Path(run_dir), None
 
     def acquire(self, wait:float=1.0) -> 'RunLock':
-        "Create the folder if needed and lock it; retries for `wait` seconds (a reader's probe holds it for an instant)."
-        deadline = time.monotonic() + wait
+        "Create the folder if needed and lock it; retry for `wait` seconds (a reader's probe holds it an instant)."
+        deadline, created = time.monotonic() + wait, _missing_root(self.dir)
         while True:
-            self.created = self.created or not self.dir.exists()
             self.dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
             if _try_lock(fd) and _same_file(fd, self.dir / LOCK_FILE): break
             os.close(fd)
             if time.monotonic() > deadline: raise CraftError(_busy_message(self.dir))
             time.sleep(0.02)
-        self.fd, self._closer = fd, weakref.finalize(self, os.close, fd)   # closing the file releases the lock, even if never released
-        owner = dict(pid=os.getpid(), host=socket.gethostname(), command=_command(), since=datetime.now().isoformat(timespec='seconds'))
+        self.fd, self._release = fd, weakref.finalize(self, _unlock, fd, self.dir, created)  # even if never released
+        owner = dict(pid=os.getpid(), host=socket.gethostname(), command=_command(),
+                     since=datetime.now().isoformat(timespec='seconds'))
         try: atomic_write_text(self.dir / OWNER_FILE, json.dumps(owner))
         except BaseException: self.release(); raise
         return self
 
-# %% ../nbs/00_files.ipynb #4b95a1b5
+# %% ../nbs/00_files.ipynb #9a95ec2b
 @patch
 def release(self:RunLock):
-    "Unlock; a folder that `acquire` created and in which nothing else was written is removed again."
-    if self.fd is None: return
-    with contextlib.suppress(OSError):
-        (self.dir / OWNER_FILE).unlink(missing_ok=True)
-        if self.created and {p.name for p in self.dir.iterdir()} <= {LOCK_FILE}:
-            (self.dir / LOCK_FILE).unlink(); self.dir.rmdir()
-    self._closer()
-    self.fd = None
+    "Unlock; folders that `acquire` created and in which nothing else was written are removed again."
+    if self.fd is not None: self._release(); self.fd = None
 
 @patch
 def __enter__(self:RunLock): return self.acquire()
 @patch
 def __exit__(self:RunLock, *exc): self.release()
 
-# %% ../nbs/00_files.ipynb #d9b152fe
+# %% ../nbs/00_files.ipynb #0a62d4d4
 def run_lock_held(run_dir) -> bool|None:
-    "Whether a live process holds the lock of `run_dir`; None if it was never locked (a run older than locks, or no run)."
+    "Whether a live process holds the lock of `run_dir`; None if it was never locked (a run from before locks)."
     path = Path(run_dir) / LOCK_FILE
     try: fd = os.open(path, os.O_RDWR)
     except PermissionError:

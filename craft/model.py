@@ -61,9 +61,9 @@ def check_field_types(config, what:str):
         if not isinstance(value, want) or (type_name != 'bool' and isinstance(value, bool)):
             raise CraftError(f"invalid {what} config: {f.name}={value!r} must be of type {type_name}")
         if type_name in ('int', 'float') and not (math.isfinite(value) and abs(value) < 2**63):
-            raise CraftError(f"invalid {what} config: {f.name}={value!r} must be a finite number, less than 2**63 in size")
+            raise CraftError(f"invalid {what} config: {f.name}={value!r} must be a finite number below 2**63 in size")
 
-# %% ../nbs/03_model.ipynb #b4f76919
+# %% ../nbs/03_model.ipynb #7bf1a7a8
 @patch
 def validate(self:GPTConfig):
     "Check every field; raise `CraftError` naming the first bad one."
@@ -238,7 +238,7 @@ def memory_budget(config:GPTConfig, batch_size:int, dtype:str='bfloat16') -> dic
     }
     return {**parts, 'total': sum(parts.values())}
 
-# %% ../nbs/03_model.ipynb #549df333
+# %% ../nbs/03_model.ipynb #7319c704
 def _cgroup_free() -> int|None:
     "Bytes left under this container's cgroup (v2) memory limit, if it has one."
     try:
@@ -247,18 +247,19 @@ def _cgroup_free() -> int|None:
     except (OSError, ValueError): return None
 
 def available_memory(device='cpu') -> int|None:
-    "Bytes `device` can still allocate (CPU: MemAvailable, within a cgroup limit; CUDA: its free memory); None if unknown."
+    "Bytes `device` can still allocate (CPU: MemAvailable, within a cgroup limit; CUDA: free memory), or None."
     device = torch.device(device)
     if device.type == 'cuda': return torch.cuda.mem_get_info(device)[0]
     if device.type != 'cpu': return None
-    try: free = next(int(l.split()[1]) * 1024 for l in Path('/proc/meminfo').read_text().splitlines() if l.startswith('MemAvailable:'))
+    try: free = next(int(line.split()[1]) * 1024 for line in Path('/proc/meminfo').read_text().splitlines()
+                     if line.startswith('MemAvailable:'))
     except (OSError, StopIteration, ValueError, IndexError):
         try: import psutil; free = psutil.virtual_memory().available
         except ImportError: return None
     cgroup = _cgroup_free()
     return free if cgroup is None else min(free, cgroup)
 
-# %% ../nbs/03_model.ipynb #b19d31d0
+# %% ../nbs/03_model.ipynb #8974acad
 def format_bytes(n:int|float) -> str:
     "A byte count for people, in powers of 1024: 512 B, 3.2 MiB, 1.5 GiB."
     for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
@@ -267,24 +268,25 @@ def format_bytes(n:int|float) -> str:
     return f"{n:.0f} {unit}" if unit == 'B' else f"{n:,.1f} {unit}"
 
 def check_memory(needed:int, device, what:str, fix:str):
-    "Raise `CraftError` if `what` needs more bytes than `device` has available, naming both figures and how to `fix` it."
+    "Raise `CraftError` if `what` needs more bytes than `device` has available, naming both and how to `fix` it."
     free = available_memory(device)
     if free is not None and needed > free:
-        raise CraftError(f"{what} needs about {format_bytes(needed)} of memory, but this machine has {format_bytes(free)} available; {fix}")
+        raise CraftError(f"{what} needs about {format_bytes(needed)} of memory, but this machine has "
+                         f"{format_bytes(free)} available; {fix}")
 
-# %% ../nbs/03_model.ipynb #b17f9298
+# %% ../nbs/03_model.ipynb #e6e42df0
 def sampling_memory(config:GPTConfig, num_samples:int, max_new_tokens:int, dtype:str='float32') -> int:
-    "Estimated bytes to generate `num_samples` samples of `max_new_tokens` characters: weights, KV caches, a prompt's activations, texts."
+    "Estimated bytes to generate `num_samples` samples of `max_new_tokens` characters (weights, caches, texts...)."
     c, b, B = config, DTYPE_BYTES[dtype], num_samples
     weights = b * (matmul_params(c) + (c.vocab_size + c.block_size) * c.n_embd)
-    caches = 2 * c.n_layer * B * c.block_size * c.n_embd * b                       # K and V of every layer, (B, T, C) each
-    prompt = B * c.block_size * (16 * c.n_embd + c.n_head * c.block_size + c.vocab_size) * b   # activations, attention, logits
-    texts = 16 * B * max_new_tokens                                                # a list entry and the joined text per character
+    caches = 2 * c.n_layer * B * c.block_size * c.n_embd * b          # K and V of every layer, (B, T, C) each
+    prompt = B * c.block_size * (16 * c.n_embd + c.n_head * c.block_size + c.vocab_size) * b   # activations, scores
+    texts = 16 * B * max_new_tokens                                   # per character: a list entry, and the joined text
     return weights + caches + prompt + texts
 
-# %% ../nbs/03_model.ipynb #2bac2c3d
+# %% ../nbs/03_model.ipynb #c420c6d4
 def oom_message(e:BaseException, fix:str) -> str|None:
-    "One line for a CPU out-of-memory error `e`: what was asked for, what is available, how to `fix` it; None if `e` is not one."
+    "One line for a CPU out-of-memory error `e`: what was asked for, what is available, how to `fix` it; else None."
     if isinstance(e, MemoryError): asked = None
     elif isinstance(e, RuntimeError) and re.search(r"DefaultCPUAllocator|can't allocate memory", str(e)):
         asked = re.search(r'allocate (\d+) bytes', str(e))
@@ -294,7 +296,7 @@ def oom_message(e:BaseException, fix:str) -> str|None:
     return (f"out of memory: an allocation{'' if asked is None else ' of ' + format_bytes(asked)} failed, with "
             f"{'an unknown amount' if free is None else format_bytes(free)} available; {fix}")
 
-# %% ../nbs/03_model.ipynb #831eb6ed
+# %% ../nbs/03_model.ipynb #1a7caa44
 def _leaves(obj, path:str=''):
     "`(path, value)` for every tensor, number, string or None in nested dicts, lists and tuples, in a fixed order."
     if isinstance(obj, dict):
@@ -304,7 +306,7 @@ def _leaves(obj, path:str=''):
     else: yield path, obj
 
 def checksum(obj) -> str:
-    "SHA-256 (hex) of the tensors and plain values in `obj` (nested dicts, lists, tuples): their places, dtypes, shapes and bytes."
+    "SHA-256 (hex) of the tensors and plain values in `obj` (in dicts, lists, tuples): places, dtypes, shapes, bytes."
     h = hashlib.sha256()
     for path, v in _leaves(obj):
         if isinstance(v, torch.Tensor):
@@ -319,7 +321,7 @@ CHECKPOINT_FORMAT, CHECKPOINT_VERSION = 'craft.checkpoint', 1
 HEADER_FIELDS = ('format', 'version', 'config', 'tokenizer', 'metadata')   # what the checksum covers, with the tensors
 
 def _stored_tensors(model:nn.Module) -> dict[str, torch.Tensor]:
-    "The tensors a checkpoint stores: contiguous, a tied tensor once under its first name in sorted order (as safetensors does)."
+    "The tensors a checkpoint stores: contiguous; a tied tensor once, under its first name in sorted order."
     kept, seen = {}, set()
     for name, t in sorted(model.state_dict().items()):
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))
@@ -327,7 +329,7 @@ def _stored_tensors(model:nn.Module) -> dict[str, torch.Tensor]:
     return kept
 
 def save_checkpoint(path, model:GPT, tokenizer:CharTokenizer, metadata:dict|None=None) -> Path:
-    "Atomically write `model`'s weights, config and `tokenizer` (and JSON-able `metadata`), with a checksum, to a safetensors file."
+    "Atomically write `model`'s weights, config, `tokenizer`, JSON-able `metadata` and a checksum to safetensors."
     path, tensors = Path(path), _stored_tensors(model)
     header = {'format': CHECKPOINT_FORMAT, 'version': str(CHECKPOINT_VERSION),
               'config': json.dumps(model.config.to_dict()), 'tokenizer': json.dumps(tokenizer.to_dict()),
@@ -341,18 +343,19 @@ def _readable(path:Path) -> bool:
     "Whether `path` exists; a path that exists but may not be read is a `CraftError` that says so (not 'not found')."
     try: os.stat(path); return True
     except FileNotFoundError: return False
-    except OSError as e: raise CraftError(f"{path}: {e.strerror}; check the permissions of the file and its folders") from None
+    except OSError as e: raise CraftError(f"{path}: {e.strerror}; check its permissions and its folders'") from None
 
 def checkpoint_file(path) -> Path:
     "The checkpoint file for `path`: the file itself, or a run directory's best (else latest) weights."
     path = Path(path)
-    if not _readable(path): raise CraftError(f"{path}: no such file or directory; pass a run directory or a .safetensors checkpoint")
+    if not _readable(path):
+        raise CraftError(f"{path}: no such file or directory; pass a run directory or a .safetensors checkpoint")
     if path.is_file(): return path
     for name in ('best.safetensors', 'latest.safetensors'):
         if _readable(path / name) and (path / name).is_file(): return path / name
     raise CraftError(f"{path} is not a craft run directory (no best.safetensors or latest.safetensors); train one with `craft train --out {path}`")
 
-# %% ../nbs/03_model.ipynb #080814d0
+# %% ../nbs/03_model.ipynb #b21aafa3
 def read_checkpoint_header(path) -> dict:
     "The validated metadata header of a craft checkpoint: format, version, config, tokenizer, metadata (as dicts)."
     file = checkpoint_file(path)
@@ -368,14 +371,15 @@ def read_checkpoint_header(path) -> dict:
     try: return {**header, **{k: json.loads(header[k]) for k in ('config', 'tokenizer', 'metadata')}}
     except (KeyError, json.JSONDecodeError) as e: raise CraftError(f"{file}: damaged craft header ({e})") from None
 
-# %% ../nbs/03_model.ipynb #a7f57a07
+# %% ../nbs/03_model.ipynb #238f2f9f
 def verify_checkpoint(path):
-    "Raise `CraftError` if the tensors or header of a checkpoint do not match its checksum (files written before checksums pass)."
+    "Raise `CraftError` if a checkpoint's tensors or header do not match its checksum (older files have none)."
     file = checkpoint_file(path)
     with safe_open(str(file), framework='pt') as f:
         header = f.metadata() or {}
         if 'checksum' not in header: return
-        stored = {'header': {k: header.get(k) for k in HEADER_FIELDS}, 'tensors': {k: f.get_tensor(k) for k in f.keys()}}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        stored = {'header': {k: header.get(k) for k in HEADER_FIELDS}, 'tensors': tensors}
     if checksum(stored) != header['checksum']:
         raise CraftError(f"{file} is damaged: its contents do not match their checksum (a bad disk or copy); "
                          "use another checkpoint of the run (best or latest), or copy the file again")

@@ -74,12 +74,15 @@ def _duration(seconds:float) -> str:
 
 # %% ../nbs/08_experiments.ipynb #ef5d43ff
 def _running_state(run_dir:Path, last:float|None, now:float|None) -> tuple[str, str|None]:
-    "What a run whose status says running is, and why: running (its lock is held), killed (free), or, before locks, stale if silent too long."
+    "What a run whose status says running is: running (lock held), killed (lock free), or (older runs) stale."
     held = run_lock_held(run_dir)
     if held: return 'running', None
-    if held is False: return 'killed', f"says running, but no process holds its lock: it was killed; resume it with: craft train --resume {run_dir}"
+    if held is False:
+        return 'killed', ("says running, but no process holds its lock: it was killed; "
+                          f"resume it with: craft train --resume {run_dir}")
     if last is not None and (silent := (now or time.time()) - last) > STALE_AFTER_S:
-        return 'stale', f"says running, but has written nothing for {_duration(silent)}: its process has probably stopped"
+        return 'stale', (f"says running, but has written nothing for {_duration(silent)}: "
+                         "its process has probably stopped")
     return 'running', None
 
 def _blank_row(run_dir:Path, name:str|None) -> dict:
@@ -113,7 +116,7 @@ def run_row(run_dir, name:str|None=None, now:float|None=None) -> dict:
                elapsed_s=max(elapsed, default=None), date=datetime.fromtimestamp(last).isoformat(timespec='seconds') if last else None)
     state = status.get('status')
     if state not in STATUSES: state = 'unknown'; problems.append('status.json is missing or unreadable')
-    elif state == 'running': state, problem = _running_state(run_dir, last, now); problems += [problem] if problem else []
+    elif state == 'running': state, problem = _running_state(run_dir, last, now); problems += [problem] * bool(problem)
     elif state == 'failed' and status.get('error'): problems.append(f"failed: {status['error']}")
     if not row['config']: state = 'damaged'
     return {**row, 'status': state, 'problem': '; '.join(problems) or None}

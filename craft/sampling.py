@@ -405,7 +405,7 @@ def _read_prompt(prompt:str, prompt_file:str|None) -> str:
     try: return load_text(prompt_file)
     except CraftError as e: raise CraftError(f"prompt file: {e}") from None
 
-# %% ../nbs/05_sampling.ipynb #c7a30629
+# %% ../nbs/05_sampling.ipynb #90c454a5
 def check_sampling_memory(run, config:GenerationConfig, device, dtype:torch.dtype):
     "Refuse, before loading the model, a generation that would not fit in `device`'s memory."
     model_config = GPTConfig.from_dict(read_checkpoint_header(run)['config'])

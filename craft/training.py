@@ -119,14 +119,14 @@ class RunConfig:
 MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig))
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
 
-# %% ../nbs/04_training.ipynb #434c79d8
+# %% ../nbs/04_training.ipynb #0fb083ef
 def _read_settings(path:Path):
     "The parsed YAML or JSON of the config file `path`, or one clear `CraftError`."
     if not path.exists(): raise CraftError(f"config file not found: {path}")
-    if path.is_dir(): raise CraftError(f"--config {path} is a folder; pass a YAML or JSON file (a run's own settings are its config.json)")
+    if path.is_dir(): raise CraftError(f"--config {path} is a folder; pass a YAML or JSON file")
     try: text = path.read_text(encoding='utf-8')
     except OSError as e: raise CraftError(f"--config {describe_os_error(e)}") from None
-    except UnicodeDecodeError as e: raise CraftError(f"{path}: not UTF-8 text (byte {e.start}); pass a YAML or JSON file") from None
+    except UnicodeDecodeError as e: raise CraftError(f"{path}: not UTF-8 (byte {e.start}); pass YAML or JSON") from None
     try:
         import yaml  # YAML is a superset of JSON, so this reads both
         return yaml.safe_load(text)
@@ -148,7 +148,7 @@ def read_config_file(path) -> dict:
             except ValueError: pass
     return d
 
-# %% ../nbs/04_training.ipynb #4888d5d6
+# %% ../nbs/04_training.ipynb #170996ce
 def resolve_config(preset:str|None=None, config_file=None, device:str|None=None, **overrides) -> RunConfig:
     "The run config from a preset, then a config file, then `overrides`; 'auto' picks the preset by device."
     settings = {**(read_config_file(config_file) if config_file else {}), **{k: v for k, v in overrides.items() if v is not None}}
@@ -170,7 +170,8 @@ def resolve_config(preset:str|None=None, config_file=None, device:str|None=None,
 def _file_kind(path:Path) -> str:
     "What `path` is, when it is neither a regular file nor a folder: a named pipe, a device, a socket."
     mode = path.stat().st_mode
-    kinds = ((stat.S_ISFIFO, 'a named pipe (FIFO)'), (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'))
+    kinds = ((stat.S_ISFIFO, 'a named pipe (FIFO)'), (stat.S_ISCHR, 'a character device'),
+             (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'))
     return next((name for test, name in kinds if test(mode)), 'a special file')
 
 def corpus_files(data:str|Path='') -> list[Path]:
@@ -179,7 +180,7 @@ def corpus_files(data:str|Path='') -> list[Path]:
     path = Path(data)
     if not path.exists(): raise CraftError(f"--data {path}: no such file or directory")
     if path.is_file(): return [path]
-    if not path.is_dir(): raise CraftError(f"--data {path} is {_file_kind(path)}, not a text file or a folder; pass a text file or a folder of them")
+    if not path.is_dir(): raise CraftError(f"--data {path} is {_file_kind(path)}, not a text file or a folder of them")
     files = sorted(p for p in path.rglob('*') if p.is_file() and not any(part.startswith('.') for part in p.relative_to(path).parts))
     if not files: raise CraftError(f"--data {path}: the folder has no files; put .txt files in it")
     return files
@@ -200,7 +201,7 @@ def _hash_files(files:list[Path]) -> str:
     return h.hexdigest()[:24]
 
 def fingerprint(files:list[Path]) -> str:
-    "SHA-256 over the bytes of the files, in order (remembered in this process while their sizes and modification times stay)."
+    "SHA-256 over the bytes of the files, in order (remembered in this process while their sizes and times stay)."
     try:
         stats = [os.stat(f) for f in files]
         key = tuple((str(Path(f).resolve()), st.st_size, st.st_mtime_ns) for f, st in zip(files, stats))
@@ -209,24 +210,26 @@ def fingerprint(files:list[Path]) -> str:
     return _fingerprints[key]
 
 def corpus_record(data:str|Path='') -> dict:
-    "What a run records of its corpus: its absolute path (None for the bundled one), its number of files and its content hash."
+    "What a run records of its corpus: its absolute path (None when bundled), its number of files and its content hash."
     files = corpus_files(data)
-    return {'path': str(Path(data).resolve()) if data else None, 'bundled': not data, 'files': len(files), 'fingerprint': fingerprint(files)}
+    path = str(Path(data).resolve()) if data else None
+    return {'path': path, 'bundled': not data, 'files': len(files), 'fingerprint': fingerprint(files)}
 
-# %% ../nbs/04_training.ipynb #5b1018bd
+# %% ../nbs/04_training.ipynb #003eb307
 def _cache_tokens(ids:np.ndarray, tok:CharTokenizer, files:list[Path], tokens_path:Path, meta_path:Path) -> np.ndarray:
-    "Write the token cache and map it back read-only; a cache folder that cannot be written (read-only, full) is a warning, and the tokens stay in memory."
+    "Write the token cache and map it back read-only; if it cannot be written (read-only, full), warn, keep the tokens."
     try:
         tokens_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(tokens_path, 'wb') as f: ids.tofile(f)
-        atomic_write_text(meta_path, json.dumps({'tokenizer': tok.to_dict(), 'dtype': ids.dtype.str, 'n_tokens': len(ids), 'files': [str(f) for f in files]}))
+        meta = dict(tokenizer=tok.to_dict(), dtype=ids.dtype.str, n_tokens=len(ids), files=[str(f) for f in files])
+        atomic_write_text(meta_path, json.dumps(meta))
     except OSError as e:
         print(f"craft: warning: no token cache ({describe_os_error(e)}); the tokens stay in memory. "
               "Set CRAFT_CACHE_DIR to a writable folder to cache them", file=sys.stderr)
         return ids
     return np.memmap(tokens_path, dtype=ids.dtype, mode='r', shape=(len(ids),))
 
-# %% ../nbs/04_training.ipynb #23021f05
+# %% ../nbs/04_training.ipynb #0b14776a
 def load_tokens(data:str|Path='', tokenizer:CharTokenizer|None=None) -> tuple[np.ndarray, CharTokenizer]:
     "Tokens of the corpus as a read-only memmap, and the tokenizer (built from the corpus unless given), cached by fingerprint."
     files = corpus_files(data)
@@ -353,7 +356,8 @@ def read_run_config(run_dir) -> RunConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise CraftError(f"{path}: damaged run config ({e})") from None
     if not isinstance(d, dict) or d.get('format') != RUN_FORMAT or d.get('version') != RUN_VERSION:
         raise CraftError(f"{path}: not a craft run config of version {RUN_VERSION}")
-    try: return RunConfig(GPTConfig.from_dict(d['model']), TrainConfig(**d['train']), d.get('corpus') if isinstance(d.get('corpus'), dict) else None)
+    corpus = d.get('corpus') if isinstance(d.get('corpus'), dict) else None
+    try: return RunConfig(GPTConfig.from_dict(d['model']), TrainConfig(**d['train']), corpus)
     except (KeyError, TypeError, AttributeError) as e: raise CraftError(f"{path}: damaged run config ({type(e).__name__}: {e})") from None
 
 def read_metrics(run_dir) -> list[dict]:
@@ -444,11 +448,8 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
 
     def _new_run_dir(self) -> Path:
-        "The directory of a new run: `out`, which must not hold a run already, or a fresh runs/<date-time> (the same on every rank)."
-        if self.cfg.out:
-            out = Path(self.cfg.out)
-            if any((out / name).exists() for name in ('config.json', 'metrics.jsonl', 'state.pt', 'status.json')):
-                raise CraftError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
+        "The directory of a new run: `out`, or a fresh runs/<date-time> (the same on every rank); then locked."
+        if self.cfg.out: out = Path(self.cfg.out)
         else:
             stamp = Path('runs') / datetime.now().strftime('%Y%m%d-%H%M%S')
             out = next(p for p in (stamp.with_name(f"{stamp.name}{f'-{i}' if i else ''}") for i in range(1000)) if not p.exists())
@@ -470,7 +471,7 @@ class Trainer:
         if self.dtype == torch.float32: return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-# %% ../nbs/04_training.ipynb #a0e3a938
+# %% ../nbs/04_training.ipynb #8968efa4
 @patch
 def _claim_run_dir(self:Trainer, resume) -> tuple[Path, RunLock|None]:
     "The run directory (`resume`'s, or a new one that must not hold a run), locked by rank 0 for this process's writes."
@@ -479,7 +480,7 @@ def _claim_run_dir(self:Trainer, resume) -> tuple[Path, RunLock|None]:
     if out.exists() and not out.is_dir(): raise CraftError(f"--out {out} is a file, not a folder; choose another --out")
     try: lock = RunLock(out).acquire()
     except OSError as e: raise CraftError(f"cannot write the run directory: {describe_os_error(e)}") from None
-    if not resume and any((out / name).exists() for name in ('config.json', 'metrics.jsonl', 'state.pt', 'status.json')):
+    if not resume and any((out / f).exists() for f in ('config.json', 'metrics.jsonl', 'state.pt', 'status.json')):
         lock.release()
         raise CraftError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
     return out, lock
@@ -489,7 +490,7 @@ def close(self:Trainer):
     "Release the run directory's lock: `fit` does it when it ends; close a trainer you build and do not fit."
     if getattr(self, 'lock', None) is not None: self.lock.release(); self.lock = None
 
-# %% ../nbs/04_training.ipynb #bbb1d77a
+# %% ../nbs/04_training.ipynb #7cc59cba
 def _released_on_failure(init):
     "Wrap `Trainer.__init__`: a trainer that fails to build releases the run directory it locked."
     @functools.wraps(init)
@@ -500,18 +501,19 @@ def _released_on_failure(init):
 
 Trainer.__init__ = _released_on_failure(Trainer.__init__)
 
-# %% ../nbs/04_training.ipynb #f839de3d
+# %% ../nbs/04_training.ipynb #c590c38d
 @patch
 def _load_corpus(self:Trainer, run:RunConfig, tokenizer:CharTokenizer|None) -> tuple[np.ndarray, CharTokenizer, dict]:
-    "Tokens, tokenizer and record of the corpus: on resume, the recorded corpus, checked unchanged, unless `--data` is given anew."
+    "Tokens, tokenizer and record of the corpus; on resume, the recorded corpus, checked (unless `--data` is given)."
     data, recorded = (run.corpus.get('path') or '', run.corpus) if run.corpus else (self.cfg.data, None)
     if recorded:
         try: now = corpus_record(data)['fingerprint']
         except CraftError: now = None
         if now != recorded.get('fingerprint'):
             where = data or 'the bundled corpus'
-            raise CraftError(f"cannot resume {self.out}: its corpus {where} {'is missing' if now is None else 'has changed since the run began'}; "
-                             f"restore it, or continue on other text with --data FILE (its characters must be in the run's vocabulary)")
+            what = 'is missing' if now is None else 'has changed since the run began'
+            raise CraftError(f"cannot resume {self.out}: its corpus {where} {what}; restore it, or continue on other "
+                             "text with --data FILE (its characters must be in the run's vocabulary)")
     try: tokens, tok = load_tokens(data, tokenizer)
     except CraftError as e:
         if tokenizer is None or "not in the tokenizer's vocabulary" not in str(e): raise
@@ -519,14 +521,16 @@ def _load_corpus(self:Trainer, run:RunConfig, tokenizer:CharTokenizer|None) -> t
                          "continue on text made of the run's characters") from None
     return tokens, tok, corpus_record(data)
 
-# %% ../nbs/04_training.ipynb #2e37e238
+# %% ../nbs/04_training.ipynb #0f52784d
 @patch
 def _check_resources(self:Trainer, n_val_tokens:int):
-    "Refuse, before anything big is allocated, an evaluation that would run for ever and a batch or sample that cannot fit in memory."
+    "Refuse, before anything big is allocated, an endless evaluation and a batch or sample that cannot fit in memory."
     cfg, c, dtype = self.cfg, self.run.model, str(self.dtype).removeprefix('torch.')
     if cfg.eval_iters > max(1000, n_val_tokens // cfg.batch_size):
-        raise CraftError(f"--eval-iters {cfg.eval_iters} draws {cfg.eval_iters * cfg.batch_size:,} windows per evaluation, more than the "
-                         f"{n_val_tokens:,} tokens of the validation split; use --eval-iters 0 (every window once, exact), or fewer")
+        draws = cfg.eval_iters * cfg.batch_size
+        raise CraftError(f"--eval-iters {cfg.eval_iters} draws {draws:,} windows per evaluation, more than the "
+                         f"{n_val_tokens:,} tokens of the validation split; use --eval-iters 0 (every window once, "
+                         "exact), or fewer")
     if self.device.type not in ('cpu', 'cuda'): return
     fixed = memory_budget(c, 0, dtype)['total']
     per_row = memory_budget(c, 1, dtype)['total'] - fixed
@@ -534,7 +538,8 @@ def _check_resources(self:Trainer, n_val_tokens:int):
     fix = (f"lower --batch-size (about {fits:,} fits; --grad-accum keeps the effective batch)" if fits >= 1
            else "the model alone does not fit: make it smaller (--n-layer, --n-embd, --block-size)")
     check_memory(fixed + per_row * cfg.batch_size, self.device, f"training at --batch-size {cfg.batch_size}", fix)
-    check_memory(sampling_memory(c, 1, cfg.sample_chars), self.device, f"the end-of-training sample of --sample-chars {cfg.sample_chars}", "lower --sample-chars")
+    check_memory(sampling_memory(c, 1, cfg.sample_chars), self.device,
+                 f"the end-of-training sample of --sample-chars {cfg.sample_chars}", "lower --sample-chars")
 
 # %% ../nbs/04_training.ipynb #33b7287d
 @patch
@@ -555,13 +560,13 @@ def _training_state(self:Trainer) -> dict:
             'torch_rng': self._gather(torch.get_rng_state()), 'batches_rng': self._gather(self.train_batches.state()),
             'cuda_rng': self._gather(torch.cuda.get_rng_state(self.device)) if cuda else torch.empty(0)}
 
-# %% ../nbs/04_training.ipynb #20ae09c8
+# %% ../nbs/04_training.ipynb #8d6b5e1d
 Trainer.committed_step = None   # the step of the last checkpoint this trainer wrote or resumed from
 Trainer.resumed_step = None     # the step it resumed from; None for a run started from scratch
 
 @patch
 def save(self:Trainer, best:bool=False):
-    "Commit a checkpoint: the best weights (if `best`) and the latest, then state.pt, the one file resuming reads. Every rank calls it; rank 0 writes."
+    "Commit a checkpoint: best weights (if `best`), latest, then state.pt, the one file resuming reads. Rank 0 writes."
     state = self._training_state()   # gathers from every rank
     if not self.dist.is_main: return
     meta = {'step': self.step, 'best_val_loss': self.best_val_loss}
@@ -572,7 +577,7 @@ def save(self:Trainer, best:bool=False):
     with atomic_path(self.out / 'state.pt') as tmp: torch.save(state, tmp)
     self.committed_step = self.step
 
-# %% ../nbs/04_training.ipynb #1c2f5133
+# %% ../nbs/04_training.ipynb #e5c97b3f
 STATE_LAYOUT = {'step': int, 'best_val_loss': float, 'elapsed_s': float, 'scaler': dict,
                 'torch_rng': torch.Tensor, 'batches_rng': torch.Tensor, 'cuda_rng': torch.Tensor}
 
@@ -581,23 +586,27 @@ def _layout_problem(state) -> str|None:
     if not isinstance(state, dict): return f"it holds a {type(state).__name__}, not a dict"
     for key, kind in STATE_LAYOUT.items():
         if key not in state: return f"it has no {key!r}"
-        if not isinstance(state[key], kind) or isinstance(state[key], bool): return f"its {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}"
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            return f"its {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}"
     if not isinstance(state.get('optimizers', state.get('optimizer')), (list, dict)): return "it has no optimizer state"
     if not isinstance(state.get('model', {}), dict): return "its 'model' is not a dict of weights"
     return None
 
 def read_training_state(run_dir) -> dict:
-    "The training state in `run_dir`'s state.pt: loaded safely (tensors and plain values only), its layout and checksum checked."
+    "The training state in `run_dir`'s state.pt: loaded safely (tensors and plain values), layout and checksum checked."
     file = Path(run_dir) / 'state.pt'
     try: state = torch.load(file, map_location='cpu', weights_only=True)
     except OSError as e: raise CraftError(f"cannot resume {run_dir}: {describe_os_error(e)}") from None
-    except Exception as e: raise CraftError(f"cannot resume {run_dir}: state.pt is truncated or corrupted ({type(e).__name__})") from None
-    if problem := _layout_problem(state): raise CraftError(f"cannot resume {run_dir}: state.pt is not a craft training state ({problem})")
+    except Exception as e:
+        raise CraftError(f"cannot resume {run_dir}: state.pt is truncated or corrupted ({type(e).__name__})") from None
+    if problem := _layout_problem(state):
+        raise CraftError(f"cannot resume {run_dir}: state.pt is not a craft training state ({problem})")
     if 'checksum' in state and checksum({k: v for k, v in state.items() if k != 'checksum'}) != state['checksum']:
-        raise CraftError(f"cannot resume {run_dir}: state.pt is damaged (it does not match its checksum); its weights are in best.safetensors and latest.safetensors")
+        raise CraftError(f"cannot resume {run_dir}: state.pt is damaged (it does not match its checksum); "
+                         "its weights are in best.safetensors and latest.safetensors")
     return state
 
-# %% ../nbs/04_training.ipynb #b4320f9c
+# %% ../nbs/04_training.ipynb #97ae738e
 @patch
 def _restore(self:Trainer):
     "Continue from the run directory's last committed checkpoint (or, if it has none yet, start it again)."
@@ -609,7 +618,8 @@ def _restore(self:Trainer):
         self._restore_optimizers(state)
         self._restore_random_states(state)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-        raise CraftError(f"cannot resume {self.out}: its state.pt does not fit this run ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+        why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        raise CraftError(f"cannot resume {self.out}: its state.pt does not fit this run ({why})") from None
     self.step, self.elapsed_before, self.committed_step = state['step'], state['elapsed_s'], state['step']
     self.best_val_loss = min(state['best_val_loss'], self._best_file_loss())
     self.shared_elapsed, self.resumed_step = self.elapsed_before, self.step
@@ -620,20 +630,20 @@ def _restart(self:Trainer):
     "A run directory with no state.pt: a run killed before its first checkpoint starts again from step 0."
     if (self.out / 'latest.safetensors').exists():
         raise CraftError(f"cannot resume {self.out}: it has weights but no state.pt (was it deleted?); start a new run")
-    if self.dist.is_main: print(f"{self.out} has no checkpoint yet (it stopped before its first one): starting it again from step 0", file=sys.stderr)
+    if self.dist.is_main: print(f"{self.out} stopped before its first checkpoint: it starts again", file=sys.stderr)
 
-# %% ../nbs/04_training.ipynb #9cb93866
+# %% ../nbs/04_training.ipynb #9c711958
 @patch
 def _older_run_weights(self:Trainer, step:int) -> dict:
     "The weights of a run saved before state.pt held them: latest.safetensors, if it is from the same step."
     if read_checkpoint_header(self.out / 'latest.safetensors')['metadata'].get('step') != step:
-        raise CraftError(f"cannot resume {self.out}: an older craft saved it, and a crash left latest.safetensors and state.pt "
-                         "at different steps; start a new run (its best weights are in best.safetensors)")
+        raise CraftError(f"cannot resume {self.out}: an older craft saved it, and a crash left latest.safetensors and "
+                         "state.pt at different steps; start a new run (its best weights are in best.safetensors)")
     return load_checkpoint(self.out / 'latest.safetensors')[0].state_dict()
 
 @patch
 def _best_file_loss(self:Trainer) -> float:
-    "The validation loss of best.safetensors (inf if there is none): the best weights may be a checkpoint ahead of state.pt."
+    "The validation loss of best.safetensors (inf if none): the best weights may be a checkpoint ahead of state.pt."
     try: return float(read_checkpoint_header(self.out / 'best.safetensors')['metadata'].get('best_val_loss', math.inf))
     except (CraftError, TypeError, ValueError): return math.inf
 
@@ -647,7 +657,7 @@ def _restore_optimizers(self:Trainer, state:dict):
         for group, setting in zip(optimizer.param_groups, settings): group.update(setting)   # ...which this run's config overrides
     if state['scaler'] and self.scaler.is_enabled(): self.scaler.load_state_dict(state['scaler'])  # empty when saved without float16
 
-# %% ../nbs/04_training.ipynb #e77f082c
+# %% ../nbs/04_training.ipynb #347b7d9a
 @patch
 def _restore_random_states(self:Trainer, state:dict):
     "Each rank's random states back, when the number of processes is the same; else fresh, distinct streams."
@@ -709,15 +719,16 @@ def set_status(self:Trainer, status:str, **extra):
         'startup_s': None if startup is None else round(startup, 3),
         'updated': datetime.now().isoformat(timespec='seconds'), **extra}, indent=1))
 
-# %% ../nbs/04_training.ipynb #9dec55b6
+# %% ../nbs/04_training.ipynb #b4097378
 @patch
 def _record_status(self:Trainer, status:str, **extra):
-    "`set_status` on the way out of a failure: if even that fails (a full disk), overwrite status.json in place; never raise `OSError`."
+    "`set_status` on the way out of a failure; if it fails too (a full disk), write status.json in place. No `OSError`."
     try: self.set_status(status, **extra)
     except OSError:
         if not self.dist.is_main: return
         with contextlib.suppress(OSError):
-            (self.out / 'status.json').write_text(json.dumps({'status': status, 'step': self.step, **extra}), encoding='utf-8')
+            text = json.dumps({'status': status, 'step': self.step, **extra})
+            (self.out / 'status.json').write_text(text, encoding='utf-8')
 
 # %% ../nbs/04_training.ipynb #509595c3
 def tensorboard_writer(run_dir:Path, run:RunConfig|None=None):
@@ -790,12 +801,12 @@ def _should_stop(self:Trainer) -> str|None:
     out_of_time = 0 < self.cfg.max_time <= self.shared_elapsed
     return next((r for r, f in zip(reasons, (at_max_iters, out_of_time, at_target, interrupted)) if f), None)
 
-# %% ../nbs/04_training.ipynb #5ec14a95
+# %% ../nbs/04_training.ipynb #116ea660
 @patch
 @contextlib.contextmanager
 def _signals(self:Trainer):
-    "While training: the first SIGINT or SIGTERM asks to save and stop after this step, a second stops at once, more are ignored."
-    if threading.current_thread() is not threading.main_thread(): yield; return   # only the main thread may handle signals
+    "While training: a first SIGINT or SIGTERM asks to save and stop after this step, a second stops at once."
+    if threading.current_thread() is not threading.main_thread(): yield; return   # only the main thread handles signals
     def on_signal(signum, frame):
         if not self.interrupted: self.interrupted = signum; return
         for sig in previous: signal.signal(sig, signal.SIG_IGN)
@@ -806,23 +817,24 @@ def _signals(self:Trainer):
     finally:
         for sig, handler in previous.items(): signal.signal(sig, handler)
 
-# %% ../nbs/04_training.ipynb #faa1c7e0
+# %% ../nbs/04_training.ipynb #4782bc05
 @patch
 def _begin(self:Trainer):
-    "Write what the run directory holds from the start, cut metrics.jsonl back to the resumed checkpoint, start the clock."
+    "Write what the run directory holds from the start, cut metrics.jsonl back to the resumed step, start the clock."
     if self.dist.is_main:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / 'config.json', json.dumps(self.run.to_dict(), indent=1))
         self.tokenizer.save(self.out / 'tokenizer.json')
         for tmp in self.out.glob('.*.tmp'): tmp.unlink(missing_ok=True)   # left by a killed writer; we hold the lock
-        if (self.out / 'metrics.jsonl').exists():   # a resumed run: the lines after its checkpoint go (a new run has none)
-            kept = [r for r in read_metrics(self.out) if self.resumed_step is not None and r.get('step', math.inf) <= self.resumed_step]
+        if (self.out / 'metrics.jsonl').exists():   # resumed: the lines after its checkpoint go (a new run has none)
+            last = -1 if self.resumed_step is None else self.resumed_step
+            kept = [r for r in read_metrics(self.out) if r.get('step', math.inf) <= last]
             atomic_write_text(self.out / 'metrics.jsonl', ''.join(json.dumps(r) + '\n' for r in kept))
     self.t_start, self.interrupted, self.startup_s = time.perf_counter(), 0, process_age()
     self.writer = tensorboard_writer(self.out, self.run) if self.cfg.tensorboard and self.dist.is_main else None
     self.set_status('running')
 
-# %% ../nbs/04_training.ipynb #71304cf5
+# %% ../nbs/04_training.ipynb #708c001f
 @patch
 def _train_loop(self:Trainer, bar) -> str:
     "Step, log and evaluate until a stop condition; returns it: max_iters, max_time, target_loss or interrupted."
@@ -845,14 +857,16 @@ def _train_loop(self:Trainer, bar) -> str:
         raise _diverged('the training loss', loss.item(), self.step, self.out)
     return reason
 
-# %% ../nbs/04_training.ipynb #5b84b3b0
+# %% ../nbs/04_training.ipynb #8ec8c7b5
 @patch
 def _save_interrupted(self:Trainer):
     "Save a resumable checkpoint after SIGINT or SIGTERM, and say how to resume."
     self.save()
     name = signal.Signals(self.interrupted or signal.SIGINT).name
     self.set_status('interrupted', signal=name)
-    if self.dist.is_main: print(f"interrupted ({name}) at step {self.step}; resume with: craft train --resume {self.out}", file=sys.stderr)
+    if self.dist.is_main:
+        print(f"interrupted ({name}) at step {self.step}; resume with: craft train --resume {self.out}",
+              file=sys.stderr)
 
 @patch
 def _finish(self:Trainer, reason:str):
@@ -861,39 +875,44 @@ def _finish(self:Trainer, reason:str):
     if self.step % cfg.eval_interval: self.evaluate()
     if self.target_reached_s is not None: extra['target_reached_s'] = round(self.target_reached_s, 3)
     if cfg.full_eval and self.dist.is_main:
-        if self.best_is_exact: full = self.best_val_loss        # the best evaluation was the exact one: no need to repeat it
+        if self.best_is_exact: full = self.best_val_loss        # the best evaluation was the exact one: not again
         else:
             best_model, _, _ = load_checkpoint(self.out, self.device)
-            full = full_loss(best_model, self.val_tokens, self.run.model.block_size, cfg.batch_size, self.device, self.autocast)
+            full = full_loss(best_model, self.val_tokens, self.run.model.block_size, cfg.batch_size, self.device,
+                             self.autocast)
         self.log(full_val_loss=full, full_val_bpc=full * BITS_PER_NAT)
         extra.update(full_val_loss=round(full, 6), full_val_bpc=round(full * BITS_PER_NAT, 6))
     self.set_status('finished', **extra)
     if self.dist.is_main: self._plot()
 
-# %% ../nbs/04_training.ipynb #b156de0c
+# %% ../nbs/04_training.ipynb #70c3d352
 @patch
 def _plot(self:Trainer):
     "Save the loss plot; a finished run is finished even if the plot cannot be written (a warning says why)."
     try:
-        with atomic_write(self.out / 'loss.png', 'wb') as f: plot_metrics(self.out).figure.savefig(f, format='png', dpi=120, bbox_inches='tight')
+        with atomic_write(self.out / 'loss.png', 'wb') as f:
+            plot_metrics(self.out).figure.savefig(f, format='png', dpi=120, bbox_inches='tight')
     except OSError as e: print(f"craft: warning: no loss plot ({describe_os_error(e)})", file=sys.stderr)
 
 @patch
 def _failed(self:Trainer, e:BaseException) -> BaseException:
-    "Record in status.json how the run ended; return the error to raise: `e`, or one line for memory and file-system errors."
-    cfg, kept = self.cfg, (f"its last checkpoint (step {self.committed_step}) is kept" if self.committed_step is not None else "nothing was saved yet")
+    "Record in status.json how the run ended; return the error to raise: `e`, or one line for memory and file errors."
+    cfg, step = self.cfg, self.committed_step
+    kept = "nothing was saved yet" if step is None else f"its last checkpoint (step {step}) is kept"
     if isinstance(e, KeyboardInterrupt): self._record_status('interrupted', signal=(e.args or ('SIGINT',))[0]); return e
     smaller = f"--batch-size {max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2}"
     if isinstance(e, torch.cuda.OutOfMemoryError):
-        e = CraftError(f"CUDA ran out of memory at batch size {cfg.batch_size}; try a smaller --batch-size with a larger --grad-accum "
-                       f"(e.g. {smaller}): same effective batch, less memory")
-    elif message := oom_message(e, f"lower --batch-size with a larger --grad-accum (e.g. {smaller}), then resume with: craft train --resume {self.out}"):
+        e = CraftError(f"CUDA ran out of memory at batch size {cfg.batch_size}; try a smaller --batch-size with a "
+                       f"larger --grad-accum (e.g. {smaller}): same effective batch, less memory")
+    elif message := oom_message(e, f"lower --batch-size with a larger --grad-accum (e.g. {smaller}), then resume with: "
+                                   f"craft train --resume {self.out}"):
         e = CraftError(message)
-    elif isinstance(e, OSError): e = CraftError(f"{describe_os_error(e)}; {kept}: fix that, then resume with: craft train --resume {self.out}")
+    elif isinstance(e, OSError):
+        e = CraftError(f"{describe_os_error(e)}; {kept}: fix that, then resume with: craft train --resume {self.out}")
     self._record_status('failed', error=str(e) if isinstance(e, CraftError) else f"{type(e).__name__}: {e}")
     return e
 
-# %% ../nbs/04_training.ipynb #5465809b
+# %% ../nbs/04_training.ipynb #918b710f
 @patch
 def _leave_group(self:Trainer):
     "Under torchrun, wait for every process, then close the process group we opened: a process that exits with it open can abort."
@@ -903,27 +922,28 @@ def _leave_group(self:Trainer):
 
 @patch
 def fit(self:Trainer) -> Path:
-    "Train until a stop condition; returns the run directory. Whatever ends it, status.json says how and the lock is released."
+    "Train until a stop condition; returns the run directory. Whatever ends it, status.json says how."
     from tqdm.auto import tqdm
     bar, self.writer = None, None
-    try:
-        self._begin()
-        bar = tqdm(total=self.cfg.max_iters, initial=self.step, disable=not (self.dist.is_main and self.cfg.progress), unit='step', dynamic_ncols=True)
-        with self._signals():
+    with self._signals():   # around the failure handling too: a second Ctrl-C must not cut the status write short
+        try:
+            self._begin()
+            shown = self.dist.is_main and self.cfg.progress
+            bar = tqdm(total=self.cfg.max_iters, initial=self.step, disable=not shown, unit='step', dynamic_ncols=True)
             self.model.train()
             reason = self._train_loop(bar)
             if reason == 'interrupted': self._save_interrupted()
             else: self._finish(reason)
-        self._leave_group()
-        return self.out
-    except BaseException as e:
-        error = self._failed(e)
-        if error is e: raise
-        raise error from None
-    finally:
-        if bar is not None: bar.close()
-        if self.writer is not None: self.writer.close()
-        self.close()
+            self._leave_group()
+            return self.out
+        except BaseException as e:
+            error = self._failed(e)
+            if error is e: raise
+            raise error from None
+        finally:
+            if bar is not None: bar.close()
+            if self.writer is not None: self.writer.close()
+            self.close()
 
 # %% ../nbs/04_training.ipynb #6ac2eb2a
 def resume_config(run_dir, **overrides) -> RunConfig:
@@ -941,7 +961,8 @@ def resume_config(run_dir, **overrides) -> RunConfig:
     if 'preset' in overrides or Path(overrides.get('out', run_dir)).resolve() != Path(run_dir).resolve():
         raise CraftError(f"--resume {run_dir} continues that run with its own preset and directory; drop --preset and --out")
     train_settings = {k: v for k, v in overrides.items() if k in TRAIN_FIELDS and k != 'out'}
-    return RunConfig(saved.model, TrainConfig(**{**asdict(saved.train), **train_settings}))
+    corpus = None if 'data' in train_settings else saved.corpus   # a new --data is read and recorded anew
+    return RunConfig(saved.model, TrainConfig(**{**asdict(saved.train), **train_settings}), corpus)
 
 def train(preset:str|None=None, config_file=None, resume=None, **overrides) -> Path:
     "Train a model and return its run directory; `resume` continues the run in that directory."

@@ -19,3 +19,20 @@ def token_cache(tmp_path_factory):
     yield os.environ['CRAFT_CACHE_DIR']
     if saved is None: os.environ.pop('CRAFT_CACHE_DIR', None)
     else: os.environ['CRAFT_CACHE_DIR'] = saved
+
+
+def pytest_addoption(parser):
+    parser.addoption('--slow', action='store_true', help='also run the slow versions of tests (marked slow)')
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: a longer version of a test, run with --slow')
+
+
+def pytest_collection_modifyitems(config, items):
+    "Without --slow, tests marked slow are deselected (not skipped): their quick versions run instead."
+    if config.getoption('--slow'): return
+    slow = [item for item in items if 'slow' in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if 'slow' not in item.keywords]
