@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from .errors import CraftError
 from .model import GPT, GPTConfig, PRESETS, DTYPE_BYTES, flops_per_token, matmul_params, memory_budget, pick_device
-from .training import TRAIN_PRESETS, Trainer, resolve_config, load_tokens, split_tokens, estimate_loss, learning_rate, autocast_dtype, read_status, read_metrics
-from .sampling import stream, inference_dtype
+from .training import TRAIN_PRESETS, Trainer, resolve_config, load_tokens, split_tokens, estimate_loss, learning_rate, read_status, read_metrics
+from .sampling import stream, decoding_profile
+from .machine import candidates
 
 # %% ../nbs/06_benchmarks.ipynb #f782c7cf
 def _sig(x:float, digits:int=4) -> float:
@@ -439,7 +440,7 @@ def bench_sampling(preset:str, device:torch.device, batch_sizes:list[int]=(1, 64
     torch.manual_seed(0)
     model = GPT(config).to(device).eval()
     baseline = baseline_from_craft(model).eval()                               # fp32, same weights
-    dtype = inference_dtype('auto', device)                                    # as `craft sample` does
+    dtype = decoding_profile(model).choice.torch_dtype                          # as `craft sample` picks it
     model.to(dtype)
     newline = int(tokenizer.encode('\n')[0])
     results = []
@@ -532,7 +533,7 @@ def bench_ceilings(device:torch.device, repeats:int=5, quick:bool=False, peak_tf
     "The machine's measured matmul rates (in craft's training dtype and fp32) and copy bandwidth, its data-sheet peaks where known, and the rates the floors use."
     on_gpu = device.type == 'cuda'
     n = 8192 if on_gpu else (256 if quick else 1024)
-    dtypes = list(dict.fromkeys([autocast_dtype('auto', device), torch.float32]))   # craft's dtype first
+    dtypes = [getattr(torch, d) for d in dict.fromkeys([*(s.dtype for s in candidates(device)), 'float32'])]   # the profile's first
     matmul = {str(d).removeprefix('torch.'): matmul_rate(device, d, n, repeats) for d in dtypes}
     copy = copy_bandwidth(device, 2**30 if on_gpu else 2**(24 if quick else 27), repeats)
     sheet = peak_rates(device_name(device)) if on_gpu else None

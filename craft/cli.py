@@ -8,7 +8,6 @@ __all__ = ['MEMORY_FIXES', 'Parser', 'add_option', 'add_function_options', 'trai
 
 # %% ../nbs/90_cli.ipynb #c5fdeb68
 import os
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch is imported: idle OpenMP threads sleep instead of spinning
 
 # %% ../nbs/90_cli.ipynb #38345f78
 import errno, io, signal, sys

@@ -4,10 +4,9 @@
 
 # %% auto #0
 __all__ = ['POS_EMBS', 'PRESETS', 'DTYPE_BYTES', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'HEADER_FIELDS', 'GPTConfig',
-           'check_field_types', 'GPT', 'pick_device', 'native_bf16', 'matmul_params', 'flops_per_token',
-           'memory_budget', 'available_memory', 'format_bytes', 'check_memory', 'sampling_memory', 'oom_message',
-           'checksum', 'save_checkpoint', 'checkpoint_file', 'read_checkpoint_header', 'verify_checkpoint',
-           'load_checkpoint']
+           'check_field_types', 'GPT', 'pick_device', 'matmul_params', 'flops_per_token', 'memory_budget',
+           'available_memory', 'format_bytes', 'check_memory', 'sampling_memory', 'oom_message', 'checksum',
+           'save_checkpoint', 'checkpoint_file', 'read_checkpoint_header', 'verify_checkpoint', 'load_checkpoint']
 
 # %% ../nbs/03_model.ipynb #93b27303
 import hashlib, json, math, os, re
@@ -189,14 +188,6 @@ def pick_device(device:str='auto') -> torch.device:
     if dev.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
         raise CraftError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
     return dev
-
-# %% ../nbs/03_model.ipynb #8aee14ff
-def native_bf16(device:torch.device) -> bool:
-    "Whether `device` computes in bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX."
-    device = torch.device(device)
-    if device.type == 'cuda': return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == 'cpu': return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
 
 # %% ../nbs/03_model.ipynb #3b1e0d90
 @patch

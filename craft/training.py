@@ -7,7 +7,7 @@ __all__ = ['DTYPES', 'OPTIMIZERS', 'TRAIN_PRESETS', 'MODEL_FIELDS', 'TRAIN_FIELD
            'STATE_LAYOUT', 'TrainConfig', 'RunConfig', 'read_config_file', 'resolve_config', 'corpus_files',
            'read_corpus', 'fingerprint', 'corpus_record', 'load_tokens', 'Batches', 'split_tokens', 'make_optimizers',
            'learning_rate', 'estimate_loss', 'full_loss', 'read_run_config', 'read_metrics', 'read_status',
-           'plot_metrics', 'Dist', 'dist_from_env', 'autocast_dtype', 'Trainer', 'read_training_state', 'process_age',
+           'plot_metrics', 'Dist', 'dist_from_env', 'training_profile', 'Trainer', 'read_training_state', 'process_age',
            'tensorboard_writer', 'write_sample', 'resume_config', 'train']
 
 # %% ../nbs/04_training.ipynb #15aedaa9
@@ -22,8 +22,9 @@ from fastcore.basics import patch
 from .errors import CraftError
 from .files import atomic_path, atomic_write, atomic_write_text, cache_dir, describe_os_error, RunLock
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
-from .model import GPT, GPTConfig, PRESETS, save_checkpoint, load_checkpoint, read_checkpoint_header, pick_device, native_bf16, check_field_types
-from .model import checksum, check_memory, memory_budget, sampling_memory, available_memory, oom_message
+from .model import GPT, GPTConfig, PRESETS, save_checkpoint, load_checkpoint, read_checkpoint_header, pick_device, check_field_types
+from .model import checksum, check_memory, memory_budget, sampling_memory, available_memory, oom_message, DTYPE_BYTES
+from .machine import Profile, Setting, cpu_cores, candidates, machine_profile, threads_of
 
 # %% ../nbs/04_training.ipynb #03489263
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
@@ -56,7 +57,8 @@ class TrainConfig:
     target_loss: float = 0.0      # stop once an evaluation's validation loss is at or below this (0 = off)
     log_interval: int = 10        # write a metrics line every this many steps
     device: str = 'auto'          # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    dtype: str = 'auto'           # autocast dtype: auto (bfloat16 where the GPU or CPU computes it natively, float16 on older GPUs, else float32), float32, bfloat16, float16
+    dtype: str = 'auto'           # autocast dtype: auto (measured on a CPU: the faster of float32 and bfloat16; bfloat16 on a GPU that has it, else float16), float32, bfloat16, float16
+    threads: int = 0              # CPU threads for torch (0 = measured, see 03a_machine; or $CRAFT_THREADS)
     compile: bool = False         # compile the model with torch.compile
     seed: int = 1337              # random seed for weights, batches and dropout
     sample_chars: int = 500       # length of the sample written at the end (0 = none)
@@ -78,7 +80,7 @@ def validate(self:TrainConfig):
     check_field_types(self, 'training')
     for name in ('batch_size', 'grad_accum', 'max_iters', 'eval_interval', 'log_interval'):
         if getattr(self, name) < 1: _fail(name, getattr(self, name), "must be at least 1")
-    for name in ('max_time', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'weight_decay', 'grad_clip', 'sample_chars', 'eval_iters', 'target_loss'):
+    for name in ('max_time', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'weight_decay', 'grad_clip', 'sample_chars', 'eval_iters', 'target_loss', 'threads'):
         if getattr(self, name) < 0: _fail(name, getattr(self, name), "must be >= 0")
     if not 0 < self.val_fraction < 1: _fail('val_fraction', self.val_fraction, "must be between 0 and 1")
     if not self.lr > 0: _fail('lr', self.lr, "must be > 0")
@@ -405,12 +407,33 @@ def dist_from_env() -> Dist:
     if 'RANK' not in os.environ: return Dist()
     return Dist(int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', 0)), int(os.environ['WORLD_SIZE']))
 
-# %% ../nbs/04_training.ipynb #c1d7e639
-def autocast_dtype(name:str, device:torch.device) -> torch.dtype:
-    "The autocast dtype for `name` on `device`: 'auto' is bfloat16 where the hardware computes it natively, float16 on older GPUs, else float32."
-    if name != 'auto': return getattr(torch, name)
-    if native_bf16(device): return torch.bfloat16
-    return torch.float16 if device.type == 'cuda' else torch.float32
+# %% ../nbs/04_training.ipynb #916a6bf7
+def _training_step_maker(run:RunConfig, device:torch.device):
+    "The profile's work: `make_step(setting)` returns one optimiser step of a scratch copy of `run`'s model on a random batch."
+    cfg, c = run.train, run.model
+    def make_step(setting:Setting):
+        model = GPT(c).to(device)
+        optimizers = make_optimizers(model, cfg, device)
+        x = torch.randint(c.vocab_size, (cfg.batch_size, c.block_size), device=device)   # (B, T)
+        def step():
+            with torch.autocast(device.type, setting.torch_dtype, enabled=setting.dtype != 'float32'): _, loss = model(x, x)
+            loss.backward()
+            for optimizer in optimizers: optimizer.step(); optimizer.zero_grad(set_to_none=True)
+        return step
+    return make_step
+
+# %% ../nbs/04_training.ipynb #c35dc5cf
+def training_profile(run:RunConfig, device:torch.device, dist:Dist|None=None) -> Profile:
+    "How to train `run` on `device`: the machine profile of one optimiser step of its model and batch (see `03a_machine`)."
+    cfg, c = run.train, run.model
+    dtype, threads = cfg.dtype, cfg.threads
+    if dist is not None and dist.enabled and device.type == 'cpu':   # the processes share the cores: split them, don't race
+        threads = threads or max(1, cpu_cores() // int(os.environ.get('LOCAL_WORLD_SIZE', dist.world_size)))
+        if len(candidates(device, dtype, threads)) > 1: dtype = 'float32'
+    work = f"training {c.n_layer}x{c.n_embd}, batch {cfg.batch_size}x{c.block_size}"
+    shape = {**c.to_dict(), 'batch_size': cfg.batch_size, 'optimizer': cfg.optimizer}
+    with torch.random.fork_rng(devices=[]):                          # the run's random streams stay untouched
+        return machine_profile(work, shape, device, _training_step_maker(run, device), dtype, threads)
 
 # %% ../nbs/04_training.ipynb #238e6cc6
 class Trainer:
@@ -424,13 +447,14 @@ class Trainer:
             if self.owns_group: torch.distributed.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
             if self.device.type == 'cuda':
                 self.device = torch.device('cuda', self.dist.local_rank); torch.cuda.set_device(self.device)
-        self.dtype = autocast_dtype(cfg.dtype, self.device)
         self.out, self.lock = self._claim_run_dir(resume)   # rank 0 locks it: one writer at a time
         tokenizer = CharTokenizer.load(self.out / 'tokenizer.json') if resume else None
         with self._main_first(): tokens, self.tokenizer, corpus = self._load_corpus(run, tokenizer)
         self.run = RunConfig(replace(run.model, vocab_size=self.tokenizer.vocab_size), cfg, corpus)
         train_tokens, val_tokens = split_tokens(tokens, cfg.val_fraction, self.run.model.block_size)
-        self._check_resources(len(val_tokens))   # before anything big is allocated
+        self._check_resources(len(val_tokens))   # before anything big is allocated (the profile's timed steps too)
+        self.profile = training_profile(self.run, self.device, self.dist)   # dtype and threads, measured (03a)
+        self.dtype = self.profile.choice.torch_dtype
         self.val_tokens = val_tokens
         self.train_batches = Batches(train_tokens, self.run.model.block_size, cfg.batch_size, self.device, cfg.seed + self.dist.rank)
         self.val_batches = Batches(val_tokens, self.run.model.block_size, cfg.batch_size, self.device)
@@ -525,7 +549,8 @@ def _load_corpus(self:Trainer, run:RunConfig, tokenizer:CharTokenizer|None) -> t
 @patch
 def _check_resources(self:Trainer, n_val_tokens:int):
     "Refuse, before anything big is allocated, an endless evaluation and a batch or sample that cannot fit in memory."
-    cfg, c, dtype = self.cfg, self.run.model, str(self.dtype).removeprefix('torch.')
+    cfg, c = self.cfg, self.run.model
+    dtype = max((s.dtype for s in candidates(self.device, cfg.dtype, cfg.threads)), key=DTYPE_BYTES.get)  # the profile times each
     if cfg.eval_iters > max(1000, n_val_tokens // cfg.batch_size):
         draws = cfg.eval_iters * cfg.batch_size
         raise CraftError(f"--eval-iters {cfg.eval_iters} draws {draws:,} windows per evaluation, more than the "
@@ -717,7 +742,7 @@ def set_status(self:Trainer, status:str, **extra):
     atomic_write_text(self.out / 'status.json', json.dumps({
         'status': status, 'step': self.step, 'best_val_loss': best, 'elapsed_s': round(self.elapsed(), 3),
         'startup_s': None if startup is None else round(startup, 3),
-        'updated': datetime.now().isoformat(timespec='seconds'), **extra}, indent=1))
+        'updated': datetime.now().isoformat(timespec='seconds'), 'profile': self.profile.to_dict(), **extra}, indent=1))
 
 # %% ../nbs/04_training.ipynb #b4097378
 @patch
@@ -833,6 +858,7 @@ def _begin(self:Trainer):
     self.t_start, self.interrupted, self.startup_s = time.perf_counter(), 0, process_age()
     self.writer = tensorboard_writer(self.out, self.run) if self.cfg.tensorboard and self.dist.is_main else None
     self.set_status('running')
+    if self.dist.is_main and self.cfg.progress: print(f"craft: {self.profile.line()}", file=sys.stderr)   # beside the bar
 
 # %% ../nbs/04_training.ipynb #708c001f
 @patch
@@ -924,10 +950,11 @@ def _leave_group(self:Trainer):
 def fit(self:Trainer) -> Path:
     "Train until a stop condition; returns the run directory. Whatever ends it, status.json says how."
     from tqdm.auto import tqdm
-    bar, self.writer = None, None
+    bar, self.writer, threads_before = None, None, torch.get_num_threads()
     with self._signals():   # around the failure handling too: a second Ctrl-C must not cut the status write short
         try:
             self._begin()
+            if self.profile.choice.threads: torch.set_num_threads(self.profile.choice.threads)
             shown = self.dist.is_main and self.cfg.progress
             bar = tqdm(total=self.cfg.max_iters, initial=self.step, disable=not shown, unit='step', dynamic_ncols=True)
             self.model.train()
@@ -941,6 +968,7 @@ def fit(self:Trainer) -> Path:
             if error is e: raise
             raise error from None
         finally:
+            torch.set_num_threads(threads_before)
             if bar is not None: bar.close()
             if self.writer is not None: self.writer.close()
             self.close()
