@@ -2,11 +2,10 @@
 import json, os, random, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
-from craft.training import read_training_state
 from test_cli_train import TINY, assert_one_line_error, craft, env, metrics  # env: the session's environment fixture
 
 # a checkpoint at every step, so that a kill lands in a checkpoint write as often as not
-EVERY_STEP = [*TINY, '--eval-interval', 1, '--eval-iters', 1, '--log-interval', 1, '--sample-chars', 0, '--no-full-eval']
+EVERY_STEP = [*TINY, '--threads', 1, '--eval-interval', 1, '--eval-iters', 1, '--log-interval', 1, '--sample-chars', 0, '--no-full-eval']
 
 
 def start(env, *args) -> subprocess.Popen:
@@ -29,6 +28,12 @@ def checkpoint_id(run: Path):
     try: st = (run / 'state.pt').stat()
     except FileNotFoundError: return None
     return st.st_ino, st.st_mtime_ns
+
+
+def committed_step(run: Path) -> int:
+    "The step of the run's last committed checkpoint (state.pt, loaded safely: it must be whole)."
+    import torch
+    return torch.load(run / 'state.pt', weights_only=True)['step']
 
 
 def assert_steps_never_repeat(run: Path):
@@ -54,10 +59,10 @@ def kill_loop(env, tmp_path, kills: int, seed: int):
             time.sleep(rng.uniform(0, 0.3))
         if proc.poll() is not None: unresumable += 1              # it stopped by itself: the resume had failed
         proc.kill(); proc.wait()
-        read_training_state(run)                                  # the last committed checkpoint is whole (checksum)
+        committed_step(run)                                       # the last committed checkpoint loads whole
         proc = start(env, 'train', '--resume', run, '--no-progress')
     proc.kill(); proc.wait()
-    step = read_training_state(run)['step']
+    step = committed_step(run)
     done = craft(env, 'train', '--resume', run, '--no-progress', '--max-iters', step + 3, '--eval-interval', 1000)
     assert done.returncode == 0, done.stderr
     assert unresumable == 0

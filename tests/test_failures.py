@@ -1,11 +1,17 @@
 "A hostile user and a hostile machine: bad settings, moved corpora, full disks, read-only folders, closed streams, no memory. Each is one line on stderr, a non-zero exit, and a run directory left as it was."
-import errno, json, os, shutil, subprocess, sys, zipfile
+import errno, json, os, re, shutil, subprocess, sys, zipfile
 from pathlib import Path
 import pytest
 import torch
 from test_cli_train import TINY, assert_one_line_error, craft, env, metrics, snapshot, tiny_run  # fixtures: env, tiny_run
 
-SHORT = [*TINY, '--max-iters', 4, '--eval-interval', 2, '--eval-iters', 1, '--sample-chars', 0]
+SHORT = [*TINY, '--threads', 1, '--max-iters', 4, '--eval-interval', 2, '--eval-iters', 1, '--sample-chars', 0]
+
+
+def without_profile(result):
+    "`result` without the machine profile's line (`craft sample: sampling 2x32, batch 1: ...`), which comes before any output."
+    lines = [line for line in result.stderr.splitlines() if not re.match(r'craft \w+: (sampling|training) ', line)]
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout, ''.join(f"{line}\n" for line in lines))
 
 
 def obeying_permissions(cmd: list) -> list:
@@ -202,9 +208,9 @@ def test_sample_to_a_full_or_closed_stdout(env, tiny_run):
     if Path('/dev/full').exists():
         with open('/dev/full', 'w') as full:
             result = subprocess.run(list(map(str, args)), env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=180)
-        assert_one_line_error(result, 'No space left on device')
+        assert_one_line_error(without_profile(result), 'No space left on device')
     closed = subprocess.run(list(map(str, args)), env=env, stderr=subprocess.PIPE, text=True, timeout=180, preexec_fn=lambda: os.close(1))
-    assert_one_line_error(closed, 'standard output: Bad file descriptor')
+    assert_one_line_error(without_profile(closed), 'standard output: Bad file descriptor')
 
 
 def test_running_out_of_memory_during_training_is_one_line(env, tmp_path):
@@ -285,3 +291,20 @@ def test_damaged_weights_do_not_stop_a_resume(env, tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr
     from craft.model import load_checkpoint
     load_checkpoint(run / 'latest.safetensors')
+
+
+def test_a_run_saved_before_state_held_the_weights_still_resumes(env, tiny_run, tmp_path):
+    "Older runs kept the weights only in latest.safetensors: they resume when it is from state.pt's step, else one line."
+    run = tmp_path / 'run'
+    shutil.copytree(tiny_run, run)
+    state = torch.load(run / 'state.pt', weights_only=True)
+    torch.save({k: v for k, v in state.items() if k not in ('model', 'checksum')}, run / 'state.pt')
+    (run / '.lock').unlink()
+    result = craft(env, 'train', '--resume', run, '--max-iters', 32, '--no-progress', '--sample-chars', 0)
+    assert result.returncode == 0, result.stderr
+    state = torch.load(run / 'state.pt', weights_only=True)
+    torch.save({**{k: v for k, v in state.items() if k not in ('model', 'checksum')}, 'step': 31}, run / 'state.pt')
+    before = snapshot(run)
+    assert_one_line_error(craft(env, 'train', '--resume', run, '--max-iters', 40), 'an older craft saved it',
+                          'latest.safetensors and state.pt at different steps')
+    assert snapshot(run) == before
