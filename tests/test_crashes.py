@@ -5,7 +5,8 @@ import pytest
 from test_cli_train import TINY, assert_one_line_error, craft, env, metrics  # env: the session's environment fixture
 
 # a checkpoint at every step, so that a kill lands in a checkpoint write as often as not
-EVERY_STEP = [*TINY, '--threads', 1, '--eval-interval', 1, '--eval-iters', 1, '--log-interval', 1, '--sample-chars', 0, '--no-full-eval']
+EVERY_STEP = [*TINY, '--threads', 1, '--eval-interval', 1, '--eval-iters', 1, '--log-interval', 1, '--sample-chars', 0,
+              '--no-full-eval']
 
 
 def start(env, *args) -> subprocess.Popen:
@@ -18,7 +19,8 @@ def wait_for(condition, timeout=180, proc=None):
     "Poll `condition` until it holds; fail if `proc` exits first or time runs out."
     deadline = time.time() + timeout
     while not condition():
-        if proc is not None and proc.poll() is not None: pytest.fail(f"the process exited with {proc.returncode}: {proc.stderr.read()}")
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process exited with {proc.returncode}: {proc.stderr.read()}")
         if time.time() > deadline: pytest.fail('timed out')
         time.sleep(0.02)
 
