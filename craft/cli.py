@@ -217,6 +217,7 @@ def _stdout_broken() -> bool:
     try: sys.stdout.flush(); return False
     except (OSError, ValueError, AttributeError): return True
 
+# %% ../nbs/90_cli.ipynb #e544d507
 def exit_status(e:BaseException, command:str) -> int:
     "Report the exception `e` that ended `craft <command>` in one line on stderr; return the exit status. Bugs re-raise."
     if isinstance(e, KeyboardInterrupt):

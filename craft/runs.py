@@ -72,7 +72,7 @@ def _duration(seconds:float) -> str:
     if minutes < 60: return f"{minutes}m{int(seconds % 60):02d}s"
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
-# %% ../nbs/08_experiments.ipynb #ef5d43ff
+# %% ../nbs/08_experiments.ipynb #ac5335c1
 def _running_state(run_dir:Path, last:float|None, now:float|None) -> tuple[str, str|None]:
     "What a run whose status says running is: running (lock held), killed (lock free), or (older runs) stale."
     held = run_lock_held(run_dir)
@@ -85,6 +85,7 @@ def _running_state(run_dir:Path, last:float|None, now:float|None) -> tuple[str, 
                          "its process has probably stopped")
     return 'running', None
 
+# %% ../nbs/08_experiments.ipynb #ef5d43ff
 def _blank_row(run_dir:Path, name:str|None) -> dict:
     return dict(name=name or run_dir.name, path=str(run_dir), date=None, preset=None, steps=None, val_loss=None, val_bpc=None,
                 full_val_bpc=None, tokens_per_sec=None, elapsed_s=None, status='unknown', problem=None, config={})

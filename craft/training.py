@@ -134,6 +134,7 @@ def _read_settings(path:Path):
         return yaml.safe_load(text)
     except Exception as e: raise CraftError(f"{path}: not valid YAML or JSON ({str(e).splitlines()[0]})") from None
 
+# %% ../nbs/04_training.ipynb #54dff8f8
 def read_config_file(path) -> dict:
     "Read a YAML or JSON config file into a flat dict of settings."
     path = Path(path)
@@ -617,6 +618,7 @@ def _layout_problem(state) -> str|None:
     if not isinstance(state.get('model', {}), dict): return "its 'model' is not a dict of weights"
     return None
 
+# %% ../nbs/04_training.ipynb #9c968692
 def read_training_state(run_dir) -> dict:
     "The training state in `run_dir`'s state.pt: loaded safely (tensors and plain values), layout and checksum checked."
     file = Path(run_dir) / 'state.pt'
@@ -856,6 +858,7 @@ def _begin(self:Trainer):
             kept = [r for r in read_metrics(self.out) if r.get('step', math.inf) <= last]
             atomic_write_text(self.out / 'metrics.jsonl', ''.join(json.dumps(r) + '\n' for r in kept))
     self.t_start, self.interrupted, self.startup_s = time.perf_counter(), 0, process_age()
+    self.model.train()
     self.writer = tensorboard_writer(self.out, self.run) if self.cfg.tensorboard and self.dist.is_main else None
     self.set_status('running')
     if self.dist.is_main and self.cfg.progress: print(f"craft: {self.profile.line()}", file=sys.stderr)   # beside the bar
@@ -894,6 +897,7 @@ def _save_interrupted(self:Trainer):
         print(f"interrupted ({name}) at step {self.step}; resume with: craft train --resume {self.out}",
               file=sys.stderr)
 
+# %% ../nbs/04_training.ipynb #216fcb6f
 @patch
 def _finish(self:Trainer, reason:str):
     "The last evaluation, the exact one of the best weights, the status, and the loss plot."
@@ -946,6 +950,7 @@ def _leave_group(self:Trainer):
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
+# %% ../nbs/04_training.ipynb #79a88f6b
 @patch
 def fit(self:Trainer) -> Path:
     "Train until a stop condition; returns the run directory. Whatever ends it, status.json says how."
@@ -957,7 +962,6 @@ def fit(self:Trainer) -> Path:
             if self.profile.choice.threads: torch.set_num_threads(self.profile.choice.threads)
             shown = self.dist.is_main and self.cfg.progress
             bar = tqdm(total=self.cfg.max_iters, initial=self.step, disable=not shown, unit='step', dynamic_ncols=True)
-            self.model.train()
             reason = self._train_loop(bar)
             if reason == 'interrupted': self._save_interrupted()
             else: self._finish(reason)
