@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MEMORY_FIXES', 'Parser', 'add_option', 'add_function_options', 'train_parser', 'train_command', 'sample_prompt',
-           'print_sample', 'build_parser', 'compare_parser', 'parse_args', 'main', 'exit_status']
+           'print_sample', 'build_parser', 'compare_parser', 'parse_args', 'main', 'suite_parser', 'exit_status']
 
 # %% ../nbs/90_cli.ipynb #c5fdeb68
 import os
@@ -46,7 +46,8 @@ from .model import load_checkpoint, pick_device, oom_message
 from .training import TrainConfig, TRAIN_PRESETS, train, read_status, read_run_config, write_sample
 from .sampling import sample_command, generate
 from .runs import runs_command, compare_command
-from .bench import bench_command
+from .bench import bench_command, bench_suite
+from .finetune import finetune, fine_tunes
 
 # %% ../nbs/90_cli.ipynb #fb85643d
 class Parser(argparse.ArgumentParser):
@@ -108,20 +109,22 @@ def train_parser(sub=None) -> argparse.ArgumentParser:
             add_option(group, f.name, f.type, None, docs[f.name], shown_default=_preset_defaults(f.name, f.default))
     return p
 
+# %% ../nbs/90_cli.ipynb #c91b3c5d
 def train_command(args:argparse.Namespace) -> int:
     "Run `craft train` from parsed arguments, then write and print a sample; exit 130 or 143 after SIGINT or SIGTERM."
     if args.resume and args.config:
         raise CraftError(f"--config {args.config} cannot change a resumed run, which keeps its own settings; drop "
                          "--config (flags such as --max-iters or --lr may change how it goes on)")
     settings = {k: v for k, v in vars(args).items() if k not in ('command', 'config', 'resume', 'func')}
-    if args.resume: run_dir = train(resume=args.resume, **settings)
-    else: run_dir = train(settings.pop('preset'), args.config, **settings)
+    run = finetune if fine_tunes(settings.get('init_from'), args.config, args.resume) else train   # 09_finetune, or 04_training
+    if args.resume: run_dir = run(resume=args.resume, **settings)
+    else: run_dir = run(preset=settings.pop('preset'), config_file=args.config, **settings)
     status = read_status(run_dir)
     if status.get('status') == 'interrupted': return 128 + getattr(signal.Signals, status.get('signal', '?'), 2)
     if int(os.environ.get('RANK', 0)) == 0:
         try: print_sample(run_dir)
         except Exception as e:   # the run is finished: its sample must not fail it
-            if isinstance(e, OSError): _silence_stdout()
+            if isinstance(e, OSError) and _stdout_broken(): _silence_stdout()
             why = (str(e) if isinstance(e, CraftError) else describe_os_error(e) if isinstance(e, OSError)
                    else f"{type(e).__name__}: {e}")
             print(f"craft train: warning: no end-of-training sample ({why}); the run is finished, try: "
@@ -154,7 +157,9 @@ def build_parser(command:str|None=None) -> argparse.ArgumentParser:
     add_function_options(sample, sample_command)
     sample.set_defaults(func=lambda args: sample_command(**_kwargs(args)) and 0)
     bench = sub.add_parser('bench', help='measure training and sampling speed against a plain PyTorch baseline',
-                           description="Benchmark craft on this machine: training and sampling speed, memory, ceilings, each with its ratio to a textbook PyTorch baseline.")
+                           description="Benchmark craft on this machine: training and sampling speed, memory, ceilings, each with its ratio to a textbook PyTorch baseline.",
+                           epilog="craft bench --suite gpu|cpu [--out DIR] runs a suite of measurements instead, "
+                                  "one JSON file per part: see craft bench --suite gpu --help.")
     add_function_options(bench, bench_command)
     bench.set_defaults(func=lambda args: bench_command(**_kwargs(args)) and 0)
     serve = sub.add_parser('serve', help='serve a model over HTTP, with continuous batching and streaming',
@@ -185,6 +190,8 @@ def parse_args(argv:list[str]|None=None) -> argparse.Namespace:
     "Parse `argv`; an unknown flag is reported by its subcommand's parser, which knows the right --help."
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ['runs', 'compare']: return compare_parser().parse_args(argv[2:])
+    if argv[:1] == ['bench'] and any(a == '--suite' or a.startswith('--suite=') for a in argv):
+        return suite_parser().parse_args(argv[1:])
     parser = build_parser(argv[0] if argv else None)
     args, unknown = parser.parse_known_args(argv)
     if unknown: parser._subparsers._group_actions[0].choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -203,6 +210,15 @@ def main(argv:list[str]|None=None) -> int:
         code = exit_status(e, args.command)
     if command: signal.signal(signal.SIGINT, signal.SIG_IGN)       # nor the interpreter's shutdown (atexit handlers)
     return code
+
+# %% ../nbs/90_cli.ipynb #5f46110e
+def suite_parser() -> argparse.ArgumentParser:
+    "The parser of `craft bench --suite NAME`."
+    p = Parser(prog='craft bench', description="Run a suite of measurements in one process, one JSON file per part, "
+               "each written as its part ends: gpu (every GPU claim, in 8 minutes) or cpu (nanoGPT's CPU recipe against craft).")
+    add_function_options(p, bench_suite)
+    p.set_defaults(func=lambda args: bench_suite(**_kwargs(args)) and 0, command='bench')
+    return p
 
 # %% ../nbs/90_cli.ipynb #4185365b
 MEMORY_FIXES = {'train': 'lower --batch-size', 'sample': 'lower --num-samples or --max-new-tokens',

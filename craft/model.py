@@ -21,7 +21,7 @@ from safetensors.torch import save_model, save_file, load_model
 from .errors import CraftError
 from .files import atomic_path
 from .tokenizer import CharTokenizer
-from .attention import KVCache
+from .attention import KVCache, row_mask
 from .block import Block, make_norm, NORMS, MLPS
 
 # %% ../nbs/03_model.ipynb #99dc36b0
@@ -156,8 +156,9 @@ def forward(self:GPT, idx:torch.Tensor, targets:torch.Tensor|None=None,
         positions = (start[:, None] if per_row else start) + torch.arange(T, device=idx.device)  # (B, T) or (T,)
         x = x + self.pos_emb(positions)                                        # (B, T, C) or (T, C) broadcast over B
     x = self.drop(x)
+    mask = row_mask(start, T, caches[0].max_len) if per_row else None        # (B, 1, T, max_len), once for every layer
     for i, block in enumerate(self.blocks):
-        x = block(x, None if caches is None else caches[i], start)           # (B, T, C)
+        x = block(x, None if caches is None else caches[i], start, mask)     # (B, T, C)
     x = self.norm_f(x)
     if last_only and targets is None: x = x[:, -1:]                           # (B, 1, C)
     logits = self.head(x)                                                     # (B, T, V)
