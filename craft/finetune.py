@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from safetensors.torch import save_file, load_file
 from .errors import CraftError
+from .files import atomic_path
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, load_checkpoint, checkpoint_file, read_checkpoint_header, save_checkpoint
 from .training import (Trainer, RunConfig, MODEL_FIELDS, LORA_TARGETS, resolve_config, resume_config,
@@ -274,9 +275,8 @@ def trainable_state(model:nn.Module) -> dict[str, torch.Tensor]:
 def save_adapters(path, model:nn.Module, metadata:dict|None=None) -> Path:
     "Atomically write `model`'s trainable tensors to the small safetensors file `path`."
     path, tensors = Path(path), {name: t.contiguous() for name, t in trainable_state(model).items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={'format': 'craft.adapters', 'metadata': json.dumps(metadata or {})})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={'format': 'craft.adapters', 'metadata': json.dumps(metadata or {})})
     return path
 
 # %% ../nbs/09_finetune.ipynb #886cbb2f

@@ -15,6 +15,7 @@ from datetime import datetime
 from html import escape
 from pathlib import Path
 from .errors import CraftError
+from .files import atomic_write, run_lock_held
 from .training import BITS_PER_NAT, MODEL_FIELDS, TRAIN_FIELDS, RunConfig, read_run_config, read_metrics, read_status
 
 # %% ../nbs/08_experiments.ipynb #5156c082
@@ -71,6 +72,19 @@ def _duration(seconds:float) -> str:
     if minutes < 60: return f"{minutes}m{int(seconds % 60):02d}s"
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
+# %% ../nbs/08_experiments.ipynb #ac5335c1
+def _running_state(run_dir:Path, last:float|None, now:float|None) -> tuple[str, str|None]:
+    "What a run whose status says running is: running (lock held), killed (lock free), or (older runs) stale."
+    held = run_lock_held(run_dir)
+    if held: return 'running', None
+    if held is False:
+        return 'killed', ("says running, but no process holds its lock: it was killed; "
+                          f"resume it with: craft train --resume {run_dir}")
+    if last is not None and (silent := (now or time.time()) - last) > STALE_AFTER_S:
+        return 'stale', (f"says running, but has written nothing for {_duration(silent)}: "
+                         "its process has probably stopped")
+    return 'running', None
+
 # %% ../nbs/08_experiments.ipynb #ef5d43ff
 def _blank_row(run_dir:Path, name:str|None) -> dict:
     return dict(name=name or run_dir.name, path=str(run_dir), date=None, preset=None, parent=None, steps=None, val_loss=None, val_bpc=None,
@@ -103,8 +117,7 @@ def run_row(run_dir, name:str|None=None, now:float|None=None) -> dict:
                elapsed_s=max(elapsed, default=None), date=datetime.fromtimestamp(last).isoformat(timespec='seconds') if last else None)
     state = status.get('status')
     if state not in STATUSES: state = 'unknown'; problems.append('status.json is missing or unreadable')
-    elif state == 'running' and last is not None and (silent := (now or time.time()) - last) > STALE_AFTER_S:
-        state = 'stale'; problems.append(f"says running, but has written nothing for {_duration(silent)}: its process has probably stopped")
+    elif state == 'running': state, problem = _running_state(run_dir, last, now); problems += [problem] * bool(problem)
     elif state == 'failed' and status.get('error'): problems.append(f"failed: {status['error']}")
     if not row['config']: state = 'damaged'
     return {**row, 'status': state, 'problem': '; '.join(problems) or None}
@@ -307,7 +320,8 @@ def compare_runs(run_dirs, plot:str|None=None):
     if plot: plot = _check_plot_path(plot)
     paths, names, configs = _run_configs(run_dirs)
     fig = plot_runs(paths, names)
-    if plot: fig.savefig(plot, dpi=120)
+    if plot:
+        with atomic_write(plot, 'wb') as f: fig.savefig(f, format=plot.suffix.lstrip('.').lower(), dpi=120)
     return {k: [c.get(k) for c in configs] for k in differing_fields(configs)}, fig
 
 # %% ../nbs/08_experiments.ipynb #6be462b0

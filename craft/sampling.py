@@ -6,8 +6,8 @@
 __all__ = ['SAMPLING_FIELDS', 'GenerationConfig', 'apply_temperature', 'apply_top_k', 'apply_top_p', 'apply_min_p',
            'presence_mask', 'apply_repetition_penalty', 'next_token_probs', 'next_tokens', 'sampling_settings',
            'Decoder', 'decode_step', 'RowText', 'TextStream', 'stream', 'generate', 'decoding_profile',
-           'load_for_sampling', 'sample_command', 'next_char_probs', 'SamplerApp', 'sampler_app', 'attention_maps',
-           'plot_attention']
+           'load_for_sampling', 'check_sampling_memory', 'sample_command', 'next_char_probs', 'SamplerApp',
+           'sampler_app', 'attention_maps', 'plot_attention']
 
 # %% ../nbs/05_sampling.ipynb #cabbcba1
 import copy, functools, math, secrets, sys, threading, time, weakref
@@ -20,7 +20,8 @@ from fastcore.basics import patch
 from .errors import CraftError
 from .tokenizer import CharTokenizer, load_text
 from .model import GPT, GPTConfig, load_checkpoint, pick_device
-from .machine import Profile, Setting, machine_profile, threads_of
+from .model import DTYPE_BYTES, check_memory, read_checkpoint_header, sampling_memory
+from .machine import Profile, Setting, candidates, machine_profile, threads_of
 
 # %% ../nbs/05_sampling.ipynb #b7d797a7
 @dataclass
@@ -415,6 +416,16 @@ def _read_prompt(prompt:str, prompt_file:str|None) -> str:
     try: return load_text(prompt_file)
     except CraftError as e: raise CraftError(f"prompt file: {e}") from None
 
+# %% ../nbs/05_sampling.ipynb #90c454a5
+def check_sampling_memory(run, config:GenerationConfig, device:str='auto', dtype:str='auto', threads:int=0):
+    "Refuse, before loading the model (and timing it), a generation that would not fit in `device`'s memory."
+    device = pick_device(device)
+    widest = max((s.dtype for s in candidates(device, dtype, threads)), key=DTYPE_BYTES.get)   # the profile times each
+    need = sampling_memory(GPTConfig.from_dict(read_checkpoint_header(run)['config']), config.num_samples,
+                           config.max_new_tokens, widest)
+    check_memory(need, device, f"{config.num_samples:,} sample(s) of {config.max_new_tokens:,} characters",
+                 "lower --num-samples or --max-new-tokens")
+
 # %% ../nbs/05_sampling.ipynb #231ec21e
 def sample_command(run:str,                           # run directory or .safetensors checkpoint
                    prompt:str='\n',                   # text to continue
@@ -442,6 +453,7 @@ def sample_command(run:str,                           # run directory or .safete
                               compile=compile)
     if on_unknown not in ('error', 'drop', 'unk'): raise CraftError(f"unknown on_unknown={on_unknown!r}; use error or drop")
     prompt_text = _read_prompt(prompt, prompt_file)
+    check_sampling_memory(run, config, device, dtype, threads)
     model, tokenizer, profile = load_for_sampling(run, device, dtype, threads, num_samples)
     if compile: print("craft sample: compiling the decode step (once per process: seconds on a GPU, up to a minute on a CPU)", file=sys.stderr)
     s = TextStream(model, tokenizer, prompt_text, config, on_unknown)   # checks the prompt

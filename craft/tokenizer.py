@@ -14,6 +14,7 @@ import numpy as np
 from fastcore.basics import patch
 
 from .errors import CraftError
+from .files import atomic_write_text
 
 # %% ../nbs/00_tokenizer.ipynb #e3368bb1
 def shakespeare_path() -> Path:
@@ -206,10 +207,10 @@ def from_dict(cls: CharTokenizer, d: dict, where: str = 'tokenizer data') -> Cha
 # %% ../nbs/00_tokenizer.ipynb #00157414
 @patch
 def save(self: CharTokenizer, path: str | Path) -> Path:
-    "Write the tokenizer to `path` as pretty UTF-8 JSON (parent folders are created); returns the path."
+    "Write the tokenizer to `path` as pretty UTF-8 JSON, atomically (parent folders are created); returns the path."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + '\n', encoding='utf-8')
+    atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + '\n')
     return path
 
 @patch(cls_method=True)

@@ -4,14 +4,14 @@
 
 # %% auto #0
 __all__ = ['DTYPES', 'OPTIMIZERS', 'LORA_TARGETS', 'TRAIN_PRESETS', 'MODEL_FIELDS', 'TRAIN_FIELDS', 'BITS_PER_NAT', 'RUN_FORMAT',
-           'RUN_VERSION', 'TrainConfig', 'RunConfig', 'read_config_file', 'resolve_config', 'corpus_files',
-           'read_corpus', 'fingerprint', 'load_tokens', 'Batches', 'split_tokens', 'make_optimizers', 'learning_rate',
-           'estimate_loss', 'full_loss', 'read_run_config', 'read_metrics', 'read_status', 'plot_metrics', 'Dist',
-           'dist_from_env', 'training_profile', 'Trainer', 'process_age', 'tensorboard_writer', 'write_sample',
-           'resume_config', 'train']
+           'RUN_VERSION', 'STATE_LAYOUT', 'TrainConfig', 'RunConfig', 'read_config_file', 'resolve_config',
+           'corpus_files', 'read_corpus', 'fingerprint', 'corpus_record', 'load_tokens', 'Batches', 'split_tokens',
+           'make_optimizers', 'learning_rate', 'estimate_loss', 'full_loss', 'read_run_config', 'read_metrics',
+           'read_status', 'plot_metrics', 'Dist', 'dist_from_env', 'training_profile', 'Trainer', 'read_training_state',
+           'process_age', 'tensorboard_writer', 'write_sample', 'resume_config', 'train']
 
 # %% ../nbs/04_training.ipynb #15aedaa9
-import contextlib, hashlib, json, math, os, signal, sys, threading, time
+import contextlib, functools, hashlib, json, math, os, signal, stat, sys, threading, time
 from dataclasses import dataclass, asdict, fields, replace
 from datetime import datetime
 from pathlib import Path
@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 from fastcore.basics import patch
 from .errors import CraftError
-from .files import atomic_write_text, cache_dir
+from .files import atomic_path, atomic_write, atomic_write_text, cache_dir, describe_os_error, RunLock
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, PRESETS, save_checkpoint, load_checkpoint, read_checkpoint_header, pick_device, check_field_types
+from .model import checksum, check_memory, memory_budget, sampling_memory, available_memory, oom_message, DTYPE_BYTES
 from .machine import Profile, Setting, cpu_cores, candidates, machine_profile, threads_of
 
 # %% ../nbs/04_training.ipynb #03489263
@@ -95,6 +96,7 @@ def validate(self:TrainConfig):
     if self.muon_lr < 0: _fail('muon_lr', self.muon_lr, "must be >= 0 (0 = the same as lr)")
     if not 0 <= self.muon_momentum < 1: _fail('muon_momentum', self.muon_momentum, "must be in [0, 1)")
     if self.preset not in ('auto', *TRAIN_PRESETS): _fail('preset', self.preset, f"is unknown; choose one of: auto, {', '.join(TRAIN_PRESETS)}")
+    if not 0 <= self.seed < 2**63: _fail('seed', self.seed, "must be in [0, 2**63)")
     self._validate_finetune()
 
 # %% ../nbs/04_training.ipynb #f5f1a162
@@ -125,25 +127,38 @@ TRAIN_PRESETS = {
 # %% ../nbs/04_training.ipynb #3960686f
 @dataclass
 class RunConfig:
-    "Everything a run needs: the model's config and the training config."
+    "Everything a run needs: the model's config, the training config, and (once read) what its corpus was."
     model: GPTConfig
     train: TrainConfig
-    def to_dict(self) -> dict: return {'format': 'craft.run', 'version': 1, 'model': self.model.to_dict(), 'train': asdict(self.train)}
+    corpus: dict|None = None   # `corpus_record`: absolute path (None: bundled), number of files, content hash
+    def to_dict(self) -> dict:
+        d = {'format': 'craft.run', 'version': 1, 'model': self.model.to_dict(), 'train': asdict(self.train)}
+        return {**d, 'corpus': self.corpus} if self.corpus else d
 
 MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig))
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
 
+# %% ../nbs/04_training.ipynb #0fb083ef
+def _read_settings(path:Path):
+    "The parsed YAML or JSON of the config file `path`, or one clear `CraftError`."
+    if not path.exists(): raise CraftError(f"config file not found: {path}")
+    if path.is_dir(): raise CraftError(f"--config {path} is a folder; pass a YAML or JSON file")
+    try: text = path.read_text(encoding='utf-8')
+    except OSError as e: raise CraftError(f"--config {describe_os_error(e)}") from None
+    except UnicodeDecodeError as e: raise CraftError(f"{path}: not UTF-8 (byte {e.start}); pass YAML or JSON") from None
+    try:
+        import yaml  # YAML is a superset of JSON, so this reads both
+        return yaml.safe_load(text)
+    except Exception as e: raise CraftError(f"{path}: not valid YAML or JSON ({str(e).splitlines()[0]})") from None
+
+# %% ../nbs/04_training.ipynb #54dff8f8
 def read_config_file(path) -> dict:
     "Read a YAML or JSON config file into a flat dict of settings."
     path = Path(path)
-    if not path.is_file(): raise CraftError(f"config file not found: {path}")
-    try:
-        import yaml  # YAML is a superset of JSON, so this reads both
-        d = yaml.safe_load(path.read_text(encoding='utf-8'))
-    except Exception as e: raise CraftError(f"{path}: not valid YAML or JSON ({str(e).splitlines()[0]})") from None
+    d = _read_settings(path)
     if d is None: return {}
     if not isinstance(d, dict): raise CraftError(f"{path}: expected a mapping of settings, got {type(d).__name__}")
-    if set(d) <= {'model', 'train', 'format', 'version'} and ('model' in d or 'train' in d):
+    if set(d) <= {'model', 'train', 'format', 'version', 'corpus'} and ('model' in d or 'train' in d):
         d = {**(d.get('model') or {}), **(d.get('train') or {})}
         d.pop('out', None)  # a run's own config.json reproduces the run, in a new directory
     floats = {f.name for cls in (GPTConfig, TrainConfig) for f in fields(cls) if f.type in ('float', float)}
@@ -153,6 +168,7 @@ def read_config_file(path) -> dict:
             except ValueError: pass
     return d
 
+# %% ../nbs/04_training.ipynb #170996ce
 def resolve_config(preset:str|None=None, config_file=None, device:str|None=None, **overrides) -> RunConfig:
     "The run config from a preset, then a config file, then `overrides`; 'auto' picks the preset by device."
     settings = {**(read_config_file(config_file) if config_file else {}), **{k: v for k, v in overrides.items() if v is not None}}
@@ -171,12 +187,20 @@ def resolve_config(preset:str|None=None, config_file=None, device:str|None=None,
     return RunConfig(model, train)
 
 # %% ../nbs/04_training.ipynb #dcc77691
+def _file_kind(path:Path) -> str:
+    "What `path` is, when it is neither a regular file nor a folder: a named pipe, a device, a socket."
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISFIFO, 'a named pipe (FIFO)'), (stat.S_ISCHR, 'a character device'),
+             (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'))
+    return next((name for test, name in kinds if test(mode)), 'a special file')
+
 def corpus_files(data:str|Path='') -> list[Path]:
     "The text files of `data`: the file itself, a folder's visible files in sorted order, or the bundled corpus."
     if not data: return [shakespeare_path()]
     path = Path(data)
     if not path.exists(): raise CraftError(f"--data {path}: no such file or directory")
     if path.is_file(): return [path]
+    if not path.is_dir(): raise CraftError(f"--data {path} is {_file_kind(path)}, not a text file or a folder of them")
     files = sorted(p for p in path.rglob('*') if p.is_file() and not any(part.startswith('.') for part in p.relative_to(path).parts))
     if not files: raise CraftError(f"--data {path}: the folder has no files; put .txt files in it")
     return files
@@ -186,8 +210,9 @@ def read_corpus(data:str|Path='', separator:str='\n\n') -> str:
     return separator.join(load_text(f) for f in corpus_files(data))
 
 # %% ../nbs/04_training.ipynb #1b81d9de
-def fingerprint(files:list[Path]) -> str:
-    "SHA-256 over the names' order and the bytes of the files."
+_fingerprints = {}   # (path, size, mtime) of each file -> fingerprint: a resumed run hashes its corpus once, not twice
+
+def _hash_files(files:list[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(b'\0file\0')
@@ -195,25 +220,49 @@ def fingerprint(files:list[Path]) -> str:
             for chunk in iter(lambda: fh.read(1 << 24), b''): h.update(chunk)
     return h.hexdigest()[:24]
 
+def fingerprint(files:list[Path]) -> str:
+    "SHA-256 over the bytes of the files, in order (remembered in this process while their sizes and times stay)."
+    try:
+        stats = [os.stat(f) for f in files]
+        key = tuple((str(Path(f).resolve()), st.st_size, st.st_mtime_ns) for f, st in zip(files, stats))
+        if key not in _fingerprints: _fingerprints[key] = _hash_files(files)
+    except OSError as e: raise CraftError(f"--data: cannot read {describe_os_error(e)}") from None
+    return _fingerprints[key]
+
+def corpus_record(data:str|Path='') -> dict:
+    "What a run records of its corpus: its absolute path (None when bundled), its number of files and its content hash."
+    files = corpus_files(data)
+    path = str(Path(data).resolve()) if data else None
+    return {'path': path, 'bundled': not data, 'files': len(files), 'fingerprint': fingerprint(files)}
+
+# %% ../nbs/04_training.ipynb #003eb307
+def _cache_tokens(ids:np.ndarray, tok:CharTokenizer, files:list[Path], tokens_path:Path, meta_path:Path) -> np.ndarray:
+    "Write the token cache and map it back read-only; if it cannot be written (read-only, full), warn, keep the tokens."
+    try:
+        tokens_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(tokens_path, 'wb') as f: ids.tofile(f)
+        meta = dict(tokenizer=tok.to_dict(), dtype=ids.dtype.str, n_tokens=len(ids), files=[str(f) for f in files])
+        atomic_write_text(meta_path, json.dumps(meta))
+    except OSError as e:
+        print(f"craft: warning: no token cache ({describe_os_error(e)}); the tokens stay in memory. "
+              "Set CRAFT_CACHE_DIR to a writable folder to cache them", file=sys.stderr)
+        return ids
+    return np.memmap(tokens_path, dtype=ids.dtype, mode='r', shape=(len(ids),))
+
+# %% ../nbs/04_training.ipynb #0b14776a
 def load_tokens(data:str|Path='', tokenizer:CharTokenizer|None=None) -> tuple[np.ndarray, CharTokenizer]:
     "Tokens of the corpus as a read-only memmap, and the tokenizer (built from the corpus unless given), cached by fingerprint."
     files = corpus_files(data)
     key = fingerprint(files) + ('' if tokenizer is None else '-' + hashlib.sha256(json.dumps(tokenizer.to_dict()).encode()).hexdigest()[:8])
     tokens_path, meta_path = cache_dir() / f"{key}.tokens", cache_dir() / f"{key}.json"
-    if tokens_path.is_file() and meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            tok = CharTokenizer.from_dict(meta['tokenizer'])
-            return np.memmap(tokens_path, dtype=np.dtype(meta['dtype']), mode='r', shape=(meta['n_tokens'],)), tok
-        except Exception: pass  # a damaged cache is rebuilt below
+    try:
+        meta = json.loads(meta_path.read_text())
+        tok = CharTokenizer.from_dict(meta['tokenizer'])
+        return np.memmap(tokens_path, dtype=np.dtype(meta['dtype']), mode='r', shape=(meta['n_tokens'],)), tok
+    except Exception: pass  # no cache yet, or a damaged or unreadable one: it is rebuilt below
     text = read_corpus(data)
     tok = tokenizer or CharTokenizer.from_text(text)
-    ids = tok.encode(text)
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    tmp = tokens_path.with_suffix(f'.tmp{os.getpid()}')
-    ids.tofile(tmp); os.replace(tmp, tokens_path)
-    meta_path.write_text(json.dumps({'tokenizer': tok.to_dict(), 'dtype': ids.dtype.str, 'n_tokens': len(ids), 'files': [str(f) for f in files]}))
-    return np.memmap(tokens_path, dtype=ids.dtype, mode='r', shape=(len(ids),)), tok
+    return _cache_tokens(tok.encode(text), tok, files, tokens_path, meta_path), tok
 
 # %% ../nbs/04_training.ipynb #61d8a392
 class Batches:
@@ -327,7 +376,8 @@ def read_run_config(run_dir) -> RunConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise CraftError(f"{path}: damaged run config ({e})") from None
     if not isinstance(d, dict) or d.get('format') != RUN_FORMAT or d.get('version') != RUN_VERSION:
         raise CraftError(f"{path}: not a craft run config of version {RUN_VERSION}")
-    try: return RunConfig(GPTConfig.from_dict(d['model']), TrainConfig(**d['train']))
+    corpus = d.get('corpus') if isinstance(d.get('corpus'), dict) else None
+    try: return RunConfig(GPTConfig.from_dict(d['model']), TrainConfig(**d['train']), corpus)
     except (KeyError, TypeError, AttributeError) as e: raise CraftError(f"{path}: damaged run config ({type(e).__name__}: {e})") from None
 
 def read_metrics(run_dir) -> list[dict]:
@@ -415,12 +465,13 @@ class Trainer:
             if self.owns_group: torch.distributed.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
             if self.device.type == 'cuda':
                 self.device = torch.device('cuda', self.dist.local_rank); torch.cuda.set_device(self.device)
-        self.out = Path(resume) if resume else self._new_run_dir()
-        with self._main_first(): tokens, self.tokenizer = load_tokens(cfg.data, self._make_tokenizer(resume))
-        self.run = RunConfig(replace(run.model, vocab_size=self.tokenizer.vocab_size), cfg)
+        self.out, self.lock = self._claim_run_dir(resume)   # rank 0 locks it: one writer at a time
+        with self._main_first(): tokens, self.tokenizer, corpus = self._load_corpus(run, self._make_tokenizer(resume))
+        self.run = RunConfig(replace(run.model, vocab_size=self.tokenizer.vocab_size), cfg, corpus)
+        train_tokens, val_tokens = split_tokens(tokens, cfg.val_fraction, self.run.model.block_size)
+        self._check_resources(len(val_tokens))   # before anything big is allocated (the profile's timed steps too)
         self.profile = training_profile(self.run, self.device, self.dist)   # dtype and threads, measured (03a)
         self.dtype = self.profile.choice.torch_dtype
-        train_tokens, val_tokens = split_tokens(tokens, cfg.val_fraction, self.run.model.block_size)
         self.val_tokens = val_tokens
         self.train_batches = Batches(train_tokens, self.run.model.block_size, cfg.batch_size, self.device, cfg.seed + self.dist.rank)
         self.val_batches = Batches(val_tokens, self.run.model.block_size, cfg.batch_size, self.device)
@@ -438,11 +489,8 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
 
     def _new_run_dir(self) -> Path:
-        "The directory of a new run: `out`, which must not hold a run already, or a fresh runs/<date-time> (the same on every rank)."
-        if self.cfg.out:
-            out = Path(self.cfg.out)
-            if any((out / name).exists() for name in ('config.json', 'metrics.jsonl', 'state.pt', 'status.json')):
-                raise CraftError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
+        "The directory of a new run: `out`, or a fresh runs/<date-time> (the same on every rank); then locked."
+        if self.cfg.out: out = Path(self.cfg.out)
         else:
             stamp = Path('runs') / datetime.now().strftime('%Y%m%d-%H%M%S')
             out = next(p for p in (stamp.with_name(f"{stamp.name}{f'-{i}' if i else ''}") for i in range(1000)) if not p.exists())
@@ -463,6 +511,77 @@ class Trainer:
         "The autocast context of this run (a no-op in float32)."
         if self.dtype == torch.float32: return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
+
+# %% ../nbs/04_training.ipynb #8968efa4
+@patch
+def _claim_run_dir(self:Trainer, resume) -> tuple[Path, RunLock|None]:
+    "The run directory (`resume`'s, or a new one that must not hold a run), locked by rank 0 for this process's writes."
+    out = Path(resume) if resume else self._new_run_dir()
+    if not self.dist.is_main: return out, None
+    if out.exists() and not out.is_dir(): raise CraftError(f"--out {out} is a file, not a folder; choose another --out")
+    try: lock = RunLock(out).acquire()
+    except OSError as e: raise CraftError(f"cannot write the run directory: {describe_os_error(e)}") from None
+    if not resume and any((out / f).exists() for f in ('config.json', 'metrics.jsonl', 'state.pt', 'status.json')):
+        lock.release()
+        raise CraftError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
+    return out, lock
+
+@patch
+def close(self:Trainer):
+    "Release the run directory's lock: `fit` does it when it ends; close a trainer you build and do not fit."
+    if getattr(self, 'lock', None) is not None: self.lock.release(); self.lock = None
+
+# %% ../nbs/04_training.ipynb #7cc59cba
+def _released_on_failure(init):
+    "Wrap `Trainer.__init__`: a trainer that fails to build releases the run directory it locked."
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        try: init(self, *args, **kwargs)
+        except BaseException: self.close(); raise
+    return wrapper
+
+Trainer.__init__ = _released_on_failure(Trainer.__init__)
+
+# %% ../nbs/04_training.ipynb #c590c38d
+@patch
+def _load_corpus(self:Trainer, run:RunConfig, tokenizer:CharTokenizer|None) -> tuple[np.ndarray, CharTokenizer, dict]:
+    "Tokens, tokenizer and record of the corpus; on resume, the recorded corpus, checked (unless `--data` is given)."
+    data, recorded = (run.corpus.get('path') or '', run.corpus) if run.corpus else (self.cfg.data, None)
+    if recorded:
+        try: now = corpus_record(data)['fingerprint']
+        except CraftError: now = None
+        if now != recorded.get('fingerprint'):
+            where = data or 'the bundled corpus'
+            what = 'is missing' if now is None else 'has changed since the run began'
+            raise CraftError(f"cannot resume {self.out}: its corpus {where} {what}; restore it, or continue on other "
+                             "text with --data FILE (its characters must be in the run's vocabulary)")
+    try: tokens, tok = load_tokens(data, tokenizer)
+    except CraftError as e:
+        if tokenizer is None or "not in the tokenizer's vocabulary" not in str(e): raise
+        raise CraftError(f"cannot resume {self.out} on --data {data}: {str(e).split(';')[0]}; "
+                         "continue on text made of the run's characters") from None
+    return tokens, tok, corpus_record(data)
+
+# %% ../nbs/04_training.ipynb #0f52784d
+@patch
+def _check_resources(self:Trainer, n_val_tokens:int):
+    "Refuse, before anything big is allocated, an endless evaluation and a batch or sample that cannot fit in memory."
+    cfg, c = self.cfg, self.run.model
+    dtype = max((s.dtype for s in candidates(self.device, cfg.dtype, cfg.threads)), key=DTYPE_BYTES.get)  # the profile times each
+    if cfg.eval_iters > max(1000, n_val_tokens // cfg.batch_size):
+        draws = cfg.eval_iters * cfg.batch_size
+        raise CraftError(f"--eval-iters {cfg.eval_iters} draws {draws:,} windows per evaluation, more than the "
+                         f"{n_val_tokens:,} tokens of the validation split; use --eval-iters 0 (every window once, "
+                         "exact), or fewer")
+    if self.device.type not in ('cpu', 'cuda'): return
+    fixed = memory_budget(c, 0, dtype)['total']
+    per_row = memory_budget(c, 1, dtype)['total'] - fixed
+    fits = ((available_memory(self.device) or 0) - fixed) // per_row
+    fix = (f"lower --batch-size (about {fits:,} fits; --grad-accum keeps the effective batch)" if fits >= 1
+           else "the model alone does not fit: make it smaller (--n-layer, --n-embd, --block-size)")
+    check_memory(fixed + per_row * cfg.batch_size, self.device, f"training at --batch-size {cfg.batch_size}", fix)
+    check_memory(sampling_memory(c, 1, cfg.sample_chars), self.device,
+                 f"the end-of-training sample of --sample-chars {cfg.sample_chars}", "lower --sample-chars")
 
 # %% ../nbs/04_training.ipynb #39c8304d
 @patch
@@ -508,43 +627,123 @@ def _training_state(self:Trainer) -> dict:
             'torch_rng': self._gather(torch.get_rng_state()), 'batches_rng': self._gather(self.train_batches.state()),
             'cuda_rng': self._gather(torch.cuda.get_rng_state(self.device)) if cuda else torch.empty(0)}
 
+# %% ../nbs/04_training.ipynb #8d6b5e1d
+Trainer.committed_step = None   # the step of the last checkpoint this trainer wrote or resumed from
+Trainer.resumed_step = None     # the step it resumed from; None for a run started from scratch
+
 @patch
 def save(self:Trainer, best:bool=False):
-    "Write the latest checkpoint and training state (and the best weights if `best`), atomically. Every rank calls it; rank 0 writes."
+    "Commit a checkpoint: best weights (if `best`), latest, then state.pt, the one file resuming reads. Rank 0 writes."
     state = self._training_state()   # gathers from every rank
     if not self.dist.is_main: return
     meta, model = {'step': self.step, 'best_val_loss': self.best_val_loss}, self._checkpoint_model()
-    tmp = self.out / '.state.pt.tmp'
-    torch.save(state, tmp); os.replace(tmp, self.out / 'state.pt')
-    save_checkpoint(self.out / 'latest.safetensors', model, self.tokenizer, meta)
     if best: save_checkpoint(self.out / 'best.safetensors', model, self.tokenizer, meta)
+    save_checkpoint(self.out / 'latest.safetensors', model, self.tokenizer, meta)
+    state['model'] = self.raw_model.state_dict()
+    state['checksum'] = checksum(state)
+    with atomic_path(self.out / 'state.pt') as tmp: torch.save(state, tmp)
+    self.committed_step = self.step
 
+# %% ../nbs/04_training.ipynb #e5c97b3f
+STATE_LAYOUT = {'step': int, 'best_val_loss': float, 'elapsed_s': float, 'scaler': dict,
+                'torch_rng': torch.Tensor, 'batches_rng': torch.Tensor, 'cuda_rng': torch.Tensor}
+
+def _layout_problem(state) -> str|None:
+    "What is wrong with the layout of a loaded state.pt, or None."
+    if not isinstance(state, dict): return f"it holds a {type(state).__name__}, not a dict"
+    for key, kind in STATE_LAYOUT.items():
+        if key not in state: return f"it has no {key!r}"
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            return f"its {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}"
+    if not isinstance(state.get('optimizers', state.get('optimizer')), (list, dict)): return "it has no optimizer state"
+    if not isinstance(state.get('model', {}), dict): return "its 'model' is not a dict of weights"
+    return None
+
+# %% ../nbs/04_training.ipynb #9c968692
+def read_training_state(run_dir) -> dict:
+    "The training state in `run_dir`'s state.pt: loaded safely (tensors and plain values), layout and checksum checked."
+    file = Path(run_dir) / 'state.pt'
+    try: state = torch.load(file, map_location='cpu', weights_only=True)
+    except OSError as e: raise CraftError(f"cannot resume {run_dir}: {describe_os_error(e)}") from None
+    except Exception as e:
+        raise CraftError(f"cannot resume {run_dir}: state.pt is truncated or corrupted ({type(e).__name__})") from None
+    if problem := _layout_problem(state):
+        raise CraftError(f"cannot resume {run_dir}: state.pt is not a craft training state ({problem})")
+    if 'checksum' in state and checksum({k: v for k, v in state.items() if k != 'checksum'}) != state['checksum']:
+        raise CraftError(f"cannot resume {run_dir}: state.pt is damaged (it does not match its checksum); "
+                         "its weights are in best.safetensors and latest.safetensors")
+    return state
+
+# %% ../nbs/04_training.ipynb #97ae738e
 @patch
 def _restore(self:Trainer):
-    "Load weights and training state from the run directory `self.out`."
-    file = self.out / 'state.pt'
-    if not file.is_file(): raise CraftError(f"cannot resume {self.out}: no state.pt (the run never saved a checkpoint)")
-    try: state = torch.load(file, map_location='cpu', weights_only=True)
-    except Exception as e: raise CraftError(f"cannot resume {self.out}: state.pt is truncated or corrupted ({type(e).__name__})") from None
-    self._restore_weights(state)
+    "Continue from the run directory's last committed checkpoint (or, if it has none yet, start it again)."
+    if not (self.out / 'state.pt').exists(): return self._restart()
+    state = read_training_state(self.out)
+    try:
+        self._restore_weights(state)
+        self._restore_optimizers(state)
+        self._restore_random_states(state)
+    except CraftError: raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        raise CraftError(f"cannot resume {self.out}: its state.pt does not fit this run ({why})") from None
+    self.step, self.elapsed_before, self.committed_step = state['step'], state['elapsed_s'], state['step']
+    self.best_val_loss = min(state['best_val_loss'], self._best_file_loss())
+    self.shared_elapsed, self.resumed_step = self.elapsed_before, self.step
+    self._check_can_continue()
+
+@patch
+def _restart(self:Trainer):
+    "A run directory with no state.pt: a run killed before its first checkpoint starts again from step 0."
+    if (self.out / 'latest.safetensors').exists():
+        raise CraftError(f"cannot resume {self.out}: it has weights but no state.pt (was it deleted?); start a new run")
+    if self.dist.is_main: print(f"{self.out} stopped before its first checkpoint: it starts again", file=sys.stderr)
+
+# %% ../nbs/04_training.ipynb #9c711958
+@patch
+def _older_run_weights(self:Trainer, step:int) -> dict:
+    "The weights of a run saved before state.pt held them: latest.safetensors, if it is from the same step."
+    if read_checkpoint_header(self.out / 'latest.safetensors')['metadata'].get('step') != step:
+        raise CraftError(f"cannot resume {self.out}: an older craft saved it, and a crash left latest.safetensors and "
+                         "state.pt at different steps; start a new run (its best weights are in best.safetensors)")
+    return load_checkpoint(self.out / 'latest.safetensors')[0].state_dict()
+
+@patch
+def _best_file_loss(self:Trainer) -> float:
+    "The validation loss of best.safetensors (inf if none): the best weights may be a checkpoint ahead of state.pt."
+    try: return float(read_checkpoint_header(self.out / 'best.safetensors')['metadata'].get('best_val_loss', math.inf))
+    except (CraftError, TypeError, ValueError): return math.inf
+
+@patch
+def _restore_optimizers(self:Trainer, state:dict):
+    "The optimisers' moments, with this run's settings (which a resume may change), and the gradient scaler."
     saved_optimizers = state['optimizers'] if 'optimizers' in state else [state['optimizer']]  # runs saved before Muon had one
     for optimizer, saved in zip(self.optimizers, saved_optimizers, strict=True):
         settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
         optimizer.load_state_dict(saved)                     # the moments, and the hyperparameters they were saved with...
         for group, setting in zip(optimizer.param_groups, settings): group.update(setting)   # ...which this run's config overrides
     if state['scaler'] and self.scaler.is_enabled(): self.scaler.load_state_dict(state['scaler'])  # empty when saved without float16
-    self.step, self.best_val_loss, self.elapsed_before = state['step'], state['best_val_loss'], state['elapsed_s']
-    self.shared_elapsed = self.elapsed_before
-    cfg, rank = self.cfg, self.dist.rank
+
+# %% ../nbs/04_training.ipynb #347b7d9a
+@patch
+def _restore_random_states(self:Trainer, state:dict):
+    "Each rank's random states back, when the number of processes is the same; else fresh, distinct streams."
+    cfg, rank, step = self.cfg, self.dist.rank, state['step']
     if len(state['batches_rng']) == self.dist.world_size:   # the same number of processes: each takes its own states back
         own = lambda key: state[key][rank].clone()              # a copy: set_rng_state crashes on a view into a stack
         torch.set_rng_state(own('torch_rng'))
         self.train_batches.load_state(own('batches_rng'))
         if len(state['cuda_rng']) and self.device.type == 'cuda': torch.cuda.set_rng_state(own('cuda_rng'), self.device)
     else:                                                    # another number of processes: fresh, distinct streams
-        torch.manual_seed(cfg.seed + 1000 * self.step + rank)
-        self.train_batches.generator.manual_seed(cfg.seed + 1000 * self.step + rank)
+        torch.manual_seed(cfg.seed + 1000 * step + rank)
+        self.train_batches.generator.manual_seed(cfg.seed + 1000 * step + rank)
         if self.dist.is_main: print(f"resuming {len(state['batches_rng'])} process(es)' run on {self.dist.world_size}: the batches go on from new random streams", file=sys.stderr)
+
+@patch
+def _check_can_continue(self:Trainer):
+    "Refuse to resume a run that already reached its stop condition."
+    cfg = self.cfg
     if self.step >= cfg.max_iters:
         raise CraftError(f"cannot resume {self.out}: it is already at step {self.step} >= max_iters={cfg.max_iters}; pass a larger --max-iters")
     if 0 < self.best_val_loss <= cfg.target_loss:
@@ -556,15 +755,8 @@ def _restore(self:Trainer):
 # %% ../nbs/04_training.ipynb #ea92cbec
 @patch
 def _restore_weights(self:Trainer, state:dict):
-    "Load the model's weights from latest.safetensors, which must match the config and the step of `state`."
-    model, _, config = load_checkpoint(self.out / 'latest.safetensors', self.device)
-    if config != self.run.model:
-        diff = ', '.join(f"{f}={getattr(self.run.model, f)!r} (checkpoint: {getattr(config, f)!r})"
-                         for f in MODEL_FIELDS if getattr(config, f) != getattr(self.run.model, f))
-        raise CraftError(f"cannot resume {self.out}: the model differs from the checkpoint: {diff}; drop those flags to resume")
-    if read_checkpoint_header(self.out / 'latest.safetensors')['metadata'].get('step') != state['step']:
-        raise CraftError(f"cannot resume {self.out}: latest.safetensors and state.pt are from different steps (a crash between writes); start a new run")
-    self.raw_model.load_state_dict(model.state_dict())
+    "The weights from state.pt (a run saved before state.pt held them: from latest.safetensors of the same step)."
+    self.raw_model.load_state_dict(state['model'] if 'model' in state else self._older_run_weights(state['step']))
 
 # %% ../nbs/04_training.ipynb #b1660592
 def process_age() -> float|None:
@@ -600,6 +792,17 @@ def set_status(self:Trainer, status:str, **extra):
         'status': status, 'step': self.step, 'best_val_loss': best, 'elapsed_s': round(self.elapsed(), 3),
         'startup_s': None if startup is None else round(startup, 3),
         'updated': datetime.now().isoformat(timespec='seconds'), 'profile': self.profile.to_dict(), **extra}, indent=1))
+
+# %% ../nbs/04_training.ipynb #b4097378
+@patch
+def _record_status(self:Trainer, status:str, **extra):
+    "`set_status` on the way out of a failure; if it fails too (a full disk), write status.json in place. No `OSError`."
+    try: self.set_status(status, **extra)
+    except OSError:
+        if not self.dist.is_main: return
+        with contextlib.suppress(OSError):
+            text = json.dumps({'status': status, 'step': self.step, **extra})
+            (self.out / 'status.json').write_text(text, encoding='utf-8')
 
 # %% ../nbs/04_training.ipynb #509595c3
 def tensorboard_writer(run_dir:Path, run:RunConfig|None=None):
@@ -672,7 +875,120 @@ def _should_stop(self:Trainer) -> str|None:
     out_of_time = 0 < self.cfg.max_time <= self.shared_elapsed
     return next((r for r, f in zip(reasons, (at_max_iters, out_of_time, at_target, interrupted)) if f), None)
 
-# %% ../nbs/04_training.ipynb #0ca729e3
+# %% ../nbs/04_training.ipynb #116ea660
+@patch
+@contextlib.contextmanager
+def _signals(self:Trainer):
+    "While training: a first SIGINT or SIGTERM asks to save and stop after this step, a second stops at once."
+    if threading.current_thread() is not threading.main_thread(): yield; return   # only the main thread handles signals
+    def on_signal(signum, frame):
+        if not self.interrupted: self.interrupted = signum; return
+        for sig in previous: signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous: signal.signal(sig, on_signal)
+    try: yield
+    finally:
+        for sig, handler in previous.items(): signal.signal(sig, handler)
+
+# %% ../nbs/04_training.ipynb #4782bc05
+@patch
+def _begin(self:Trainer):
+    "Write what the run directory holds from the start, cut metrics.jsonl back to the resumed step, start the clock."
+    if self.dist.is_main:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._write_run_files()
+        for tmp in self.out.glob('.*.tmp'): tmp.unlink(missing_ok=True)   # left by a killed writer; we hold the lock
+        if (self.out / 'metrics.jsonl').exists():   # resumed: the lines after its checkpoint go (a new run has none)
+            last = -1 if self.resumed_step is None else self.resumed_step
+            kept = [r for r in read_metrics(self.out) if r.get('step', math.inf) <= last]
+            atomic_write_text(self.out / 'metrics.jsonl', ''.join(json.dumps(r) + '\n' for r in kept))
+    self.t_start, self.interrupted, self.startup_s = time.perf_counter(), 0, process_age()
+    self.model.train()
+    self.writer = tensorboard_writer(self.out, self.run) if self.cfg.tensorboard and self.dist.is_main else None
+    self.set_status('running')
+    if self.dist.is_main and self.cfg.progress: print(f"craft: {self.profile.line()}", file=sys.stderr)   # beside the bar
+
+# %% ../nbs/04_training.ipynb #708c001f
+@patch
+def _train_loop(self:Trainer, bar) -> str:
+    "Step, log and evaluate until a stop condition; returns it: max_iters, max_time, target_loss or interrupted."
+    cfg = self.cfg
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * self.run.model.block_size * self.dist.world_size
+    if self.resumed_step is None: self.evaluate()      # a new run's first evaluation, at step 0
+    t_log, step_log, loss = time.perf_counter(), self.step, None
+    while (reason := self._should_stop()) is None:
+        loss = self.train_step()
+        bar.update(1)
+        if self.step % cfg.log_interval == 0:
+            loss_value, now = loss.item(), time.perf_counter()
+            if not math.isfinite(loss_value): raise _diverged('the training loss', loss_value, self.step, self.out)
+            speed = tokens_per_step * (self.step - step_log) / (now - t_log)
+            t_log, step_log = now, self.step
+            self.log(train_loss=loss_value, lr=self.lr, tokens_per_sec=round(speed, 1))
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{self.lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
+        if self.step % cfg.eval_interval == 0: self.evaluate()
+    if reason == 'interrupted' and loss is not None and not math.isfinite(loss.item()):
+        raise _diverged('the training loss', loss.item(), self.step, self.out)
+    return reason
+
+# %% ../nbs/04_training.ipynb #8ec8c7b5
+@patch
+def _save_interrupted(self:Trainer):
+    "Save a resumable checkpoint after SIGINT or SIGTERM, and say how to resume."
+    self.save()
+    name = signal.Signals(self.interrupted or signal.SIGINT).name
+    self.set_status('interrupted', signal=name)
+    if self.dist.is_main:
+        print(f"interrupted ({name}) at step {self.step}; resume with: craft train --resume {self.out}",
+              file=sys.stderr)
+
+# %% ../nbs/04_training.ipynb #216fcb6f
+@patch
+def _finish(self:Trainer, reason:str):
+    "The last evaluation, the exact one of the best weights, the status, and the loss plot."
+    cfg, extra = self.cfg, {'stop_reason': reason}
+    if self.step % cfg.eval_interval: self.evaluate()
+    if self.target_reached_s is not None: extra['target_reached_s'] = round(self.target_reached_s, 3)
+    if cfg.full_eval and self.dist.is_main:
+        if self.best_is_exact: full = self.best_val_loss        # the best evaluation was the exact one: not again
+        else:
+            best_model, _, _ = load_checkpoint(self.out, self.device)
+            full = full_loss(best_model, self.val_tokens, self.run.model.block_size, cfg.batch_size, self.device,
+                             self.autocast)
+        self.log(full_val_loss=full, full_val_bpc=full * BITS_PER_NAT)
+        extra.update(full_val_loss=round(full, 6), full_val_bpc=round(full * BITS_PER_NAT, 6))
+    self.set_status('finished', **extra)
+    if self.dist.is_main: self._plot()
+
+# %% ../nbs/04_training.ipynb #70c3d352
+@patch
+def _plot(self:Trainer):
+    "Save the loss plot; a finished run is finished even if the plot cannot be written (a warning says why)."
+    try:
+        with atomic_write(self.out / 'loss.png', 'wb') as f:
+            plot_metrics(self.out).figure.savefig(f, format='png', dpi=120, bbox_inches='tight')
+    except OSError as e: print(f"craft: warning: no loss plot ({describe_os_error(e)})", file=sys.stderr)
+
+@patch
+def _failed(self:Trainer, e:BaseException) -> BaseException:
+    "Record in status.json how the run ended; return the error to raise: `e`, or one line for memory and file errors."
+    cfg, step = self.cfg, self.committed_step
+    kept = "nothing was saved yet" if step is None else f"its last checkpoint (step {step}) is kept"
+    if isinstance(e, KeyboardInterrupt): self._record_status('interrupted', signal=(e.args or ('SIGINT',))[0]); return e
+    smaller = f"--batch-size {max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2}"
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        e = CraftError(f"CUDA ran out of memory at batch size {cfg.batch_size}; try a smaller --batch-size with a "
+                       f"larger --grad-accum (e.g. {smaller}): same effective batch, less memory")
+    elif message := oom_message(e, f"lower --batch-size with a larger --grad-accum (e.g. {smaller}), then resume with: "
+                                   f"craft train --resume {self.out}"):
+        e = CraftError(message)
+    elif isinstance(e, OSError):
+        e = CraftError(f"{describe_os_error(e)}; {kept}: fix that, then resume with: craft train --resume {self.out}")
+    self._record_status('failed', error=str(e) if isinstance(e, CraftError) else f"{type(e).__name__}: {e}")
+    return e
+
+# %% ../nbs/04_training.ipynb #918b710f
 @patch
 def _leave_group(self:Trainer):
     "Under torchrun, wait for every process, then close the process group we opened: a process that exits with it open can abort."
@@ -680,79 +996,32 @@ def _leave_group(self:Trainer):
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
+# %% ../nbs/04_training.ipynb #79a88f6b
 @patch
 def fit(self:Trainer) -> Path:
-    "Train until a stop condition; returns the run directory."
-    cfg, main = self.cfg, self.dist.is_main
-    if main: self._write_run_files()
-    self.t_start, self.interrupted, self.startup_s = time.perf_counter(), False, process_age()
-    self.writer = tensorboard_writer(self.out, self.run) if cfg.tensorboard and main else None
-    self.set_status('running')
-    if main and cfg.progress: print(f"craft: {self.profile.line()}", file=sys.stderr)   # with the progress bar, on stderr
-    threads_before = torch.get_num_threads()
-    if self.profile.choice.threads: torch.set_num_threads(self.profile.choice.threads)
+    "Train until a stop condition; returns the run directory. Whatever ends it, status.json says how."
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not (main and cfg.progress), unit='step', dynamic_ncols=True)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * self.run.model.block_size * self.dist.world_size
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    def on_sigint(signum, frame):
-        if self.interrupted: raise KeyboardInterrupt   # a second Ctrl-C stops at once
-        self.interrupted = True
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:
-        for sig in previous: signal.signal(sig, on_sigint)   # Ctrl-C, or a polite kill: save and stop
-    try:
-        self.model.train()
-        if self.step == 0: self.evaluate()
-        t_log, step_log, loss = time.perf_counter(), self.step, None
-        while (reason := self._should_stop()) is None:
-            loss = self.train_step()
-            bar.update(1)
-            if self.step % cfg.log_interval == 0:
-                loss_value, now = loss.item(), time.perf_counter()
-                if not math.isfinite(loss_value): raise _diverged('the training loss', loss_value, self.step, self.out)
-                speed = tokens_per_step * (self.step - step_log) / (now - t_log)
-                t_log, step_log = now, self.step
-                self.log(train_loss=loss_value, lr=self.lr, tokens_per_sec=round(speed, 1))
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{self.lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
-            if self.step % cfg.eval_interval == 0: self.evaluate()
-        if reason == 'interrupted':
-            if loss is not None and not math.isfinite(loss.item()): raise _diverged('the training loss', loss.item(), self.step, self.out)
-            self.save()
-            self.set_status('interrupted')
-            if main: print(f"interrupted at step {self.step}; resume with: craft train --resume {self.out}", file=sys.stderr)
+    bar, self.writer, threads_before = None, None, torch.get_num_threads()
+    with self._signals():   # around the failure handling too: a second Ctrl-C must not cut the status write short
+        try:
+            self._begin()
+            if self.profile.choice.threads: torch.set_num_threads(self.profile.choice.threads)
+            shown = self.dist.is_main and self.cfg.progress
+            bar = tqdm(total=self.cfg.max_iters, initial=self.step, disable=not shown, unit='step', dynamic_ncols=True)
+            reason = self._train_loop(bar)
+            if reason == 'interrupted': self._save_interrupted()
+            else: self._finish(reason)
             self._leave_group()
             return self.out
-        if self.step % cfg.eval_interval: self.evaluate()
-        extra = {'stop_reason': reason}
-        if self.target_reached_s is not None: extra['target_reached_s'] = round(self.target_reached_s, 3)
-        if cfg.full_eval and main:
-            if self.best_is_exact: full = self.best_val_loss        # the best evaluation was the exact one: no need to repeat it
-            else:
-                best_model, _, _ = load_checkpoint(self.out, self.device)
-                full = full_loss(best_model, self.val_tokens, self.run.model.block_size, cfg.batch_size, self.device, self.autocast)
-            self.log(full_val_loss=full, full_val_bpc=full * BITS_PER_NAT)
-            extra.update(full_val_loss=round(full, 6), full_val_bpc=round(full * BITS_PER_NAT, 6))
-        self.set_status('finished', **extra)
-        if main: plot_metrics(self.out).figure.savefig(self.out / 'loss.png', dpi=120, bbox_inches='tight')
-        self._leave_group()
-        return self.out
-    except torch.cuda.OutOfMemoryError:
-        self.set_status('failed', error='out of memory')
-        raise CraftError(f"CUDA ran out of memory at batch size {cfg.batch_size}; try a smaller --batch-size with a larger --grad-accum "
-                         f"(e.g. --batch-size {max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2}): same effective batch, less memory") from None
-    except CraftError as e:
-        self.set_status('failed', error=str(e)); raise
-    except KeyboardInterrupt:
-        self.set_status('interrupted'); raise
-    except Exception as e:
-        self.set_status('failed', error=f"{type(e).__name__}: {e}"); raise
-    finally:
-        torch.set_num_threads(threads_before)
-        bar.close()
-        if self.writer is not None: self.writer.close()
-        if in_main_thread:
-            for sig, handler in previous.items(): signal.signal(sig, handler)
+        except BaseException as e:
+            error = self._failed(e)
+            if error is e: raise
+            raise error from None
+        finally:
+            torch.set_num_threads(threads_before)
+            if bar is not None: bar.close()
+            if self.writer is not None: self.writer.close()
+            self.close()
 
 # %% ../nbs/04_training.ipynb #6ac2eb2a
 def resume_config(run_dir, **overrides) -> RunConfig:
@@ -770,7 +1039,8 @@ def resume_config(run_dir, **overrides) -> RunConfig:
     if 'preset' in overrides or Path(overrides.get('out', run_dir)).resolve() != Path(run_dir).resolve():
         raise CraftError(f"--resume {run_dir} continues that run with its own preset and directory; drop --preset and --out")
     train_settings = {k: v for k, v in overrides.items() if k in TRAIN_FIELDS and k != 'out'}
-    return RunConfig(saved.model, TrainConfig(**{**asdict(saved.train), **train_settings}))
+    corpus = None if 'data' in train_settings else saved.corpus   # a new --data is read and recorded anew
+    return RunConfig(saved.model, TrainConfig(**{**asdict(saved.train), **train_settings}), corpus)
 
 def train(preset:str|None=None, config_file=None, resume=None, **overrides) -> Path:
     "Train a model and return its run directory; `resume` continues the run in that directory."

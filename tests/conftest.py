@@ -27,3 +27,20 @@ def served_run(tmp_path_factory):
     from craft.training import train
     root = tmp_path_factory.mktemp('served')
     return train('tiny', out=root / 'tiny', max_iters=300, lr=1e-2, warmup_iters=20, progress=False, full_eval=False, eval_iters=5, sample_chars=0)
+
+
+def pytest_addoption(parser):
+    parser.addoption('--slow', action='store_true', help='also run the slow versions of tests (marked slow)')
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: a longer version of a test, run with --slow')
+
+
+def pytest_collection_modifyitems(config, items):
+    "Without --slow, tests marked slow are deselected (not skipped): their quick versions run instead."
+    if config.getoption('--slow'): return
+    slow = [item for item in items if 'slow' in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if 'slow' not in item.keywords]

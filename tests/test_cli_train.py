@@ -1,5 +1,5 @@
 "Black-box tests of `craft train`: run directories, resume, DDP under torchrun, and every bad input."
-import hashlib, json, os, shutil, signal, subprocess, sys, time
+import hashlib, json, os, shutil, signal, subprocess, sys, time, zipfile
 from pathlib import Path
 import pytest
 
@@ -205,17 +205,38 @@ def test_resume_from_something_that_is_not_a_run(env, tmp_path):
     assert_one_line_error(craft(env, 'train', '--resume', tmp_path / 'empty'), 'not a craft run directory')
 
 
+def flip_a_bit_of_the_largest_record(path: Path):
+    "Flip one bit in the middle of the largest tensor of a torch.save file (a zip whose records are stored, not compressed)."
+    record = max(zipfile.ZipFile(path).infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    data[record.header_offset + 30 + len(record.filename.encode()) + len(record.extra) + record.file_size // 2] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize('damage, fragment', [
     ('truncate_state', 'state.pt is truncated or corrupted'),
-    ('corrupt_weights', 'truncated or corrupted'),
+    ('flipped_bit', 'state.pt is damaged (it does not match its checksum)'),
+    ('not_a_dict', 'state.pt is not a craft training state (it holds a list, not a dict)'),
+    ('wrong_type', "state.pt is not a craft training state (its 'step' is a str, not a int)"),
+    ('wrong_optimizer', 'its state.pt does not fit this run'),
+    ('truncate_weights', 'does not fit this run'),
     ('other_shape', 'cannot resume'),
 ])
 def test_resume_failures_leave_the_run_intact(env, tiny_run, tmp_path, damage, fragment):
+    import torch
     run = tmp_path / 'run'
     shutil.copytree(tiny_run, run)
-    args = []
+    args, state = [], torch.load(run / 'state.pt', weights_only=True)
+    unchecked = {k: v for k, v in state.items() if k != 'checksum'}   # damage that the checksum would not let through
     if damage == 'truncate_state': (run / 'state.pt').write_bytes((run / 'state.pt').read_bytes()[:500])
-    if damage == 'corrupt_weights': (run / 'latest.safetensors').write_bytes(b'\x00' * 64)
+    if damage == 'flipped_bit': flip_a_bit_of_the_largest_record(run / 'state.pt')
+    if damage == 'not_a_dict': torch.save([1, 2], run / 'state.pt')
+    if damage == 'wrong_type': torch.save({**unchecked, 'step': 'ten'}, run / 'state.pt')
+    if damage == 'wrong_optimizer':
+        torch.save({**unchecked, 'optimizers': [{'state': {}, 'param_groups': [{'params': [0]}]}]}, run / 'state.pt')
+    if damage == 'truncate_weights':   # state.pt holds the weights: one of another shape does not fit
+        state['model']['head.weight'] = state['model']['head.weight'][:10]
+        torch.save({**unchecked, 'model': state['model']}, run / 'state.pt')
     if damage == 'other_shape': args = ['--n-layer', 5]
     before = snapshot(run)
     assert_one_line_error(craft(env, 'train', '--resume', run, '--max-iters', 40, *args), fragment)

@@ -132,8 +132,16 @@ def test_runs_command(root, tmp_path):
     with pytest.raises(CraftError, match='is a file'): runs_command(str(root / 'notes.txt'))
 
 
-def test_a_silent_running_run_is_stale(root, tmp_path):
+def test_a_running_run_whose_lock_is_free_was_killed(root, tmp_path):
+    run = Path(shutil.copytree(root / 'base', tmp_path / 'dead'))
+    (run / 'status.json').write_text(json.dumps({**read_status(run), 'status': 'running'}))
+    row = collect_runs(run)[0]
+    assert row['status'] == 'killed' and f'craft train --resume {run}' in row['problem']
+
+
+def test_a_silent_running_run_from_before_locks_is_stale(root, tmp_path):
     run = Path(shutil.copytree(root / 'base', tmp_path / 'alive'))
+    (run / '.lock').unlink(missing_ok=True)                    # written by a craft without run locks
     status = {**read_status(run), 'status': 'running', 'updated': datetime.now().isoformat(timespec='seconds')}
     (run / 'status.json').write_text(json.dumps(status))
     assert collect_runs(run)[0]['status'] == 'running'
