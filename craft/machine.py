@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DTYPES', 'Setting', 'cpu_cores', 'thread_counts', 'fixed_threads', 'candidates', 'threads_of', 'time_call', 'measure',
-           'Profile', 'cpu_name', 'profile_key', 'cached_profiles', 'cache_profile', 'machine_profile', 'step_seconds',
-           'wait_policy_figures', 'record_wait_policy']
+           'Profile', 'cpu_name', 'profile_key', 'other_runnable', 'machine_load', 'cached_profiles', 'cache_profile',
+           'machine_profile', 'step_seconds', 'wait_policy_figures', 'record_wait_policy']
 
 # %% ../nbs/03a_machine.ipynb #8cfdb77b
 import contextlib, hashlib, json, os, platform, time
@@ -105,17 +105,19 @@ class Profile:
     figures: dict         # str(setting) -> seconds per step; empty when nothing was measured
     source: str           # 'measured', 'cached' or 'fixed'
     work: str = ''        # what was timed, e.g. 'training cpu 4x128, batch 64'
+    load: str = 'idle'    # 'idle' or 'busy': how loaded the machine was when it was measured
 
     def line(self) -> str:
         "The decision and the figures behind it, on one line."
         timed = ', '.join(f"{name} {1e3 * s:.3g} ms" for name, s in sorted(self.figures.items(), key=lambda kv: kv[1]))
-        return f"{self.work}: {self.choice} ({self.source}{'; per step: ' + timed if timed else ''})"
+        busy = ' on a busy machine' if self.load == 'busy' and self.source != 'fixed' else ''
+        return f"{self.work}: {self.choice} ({self.source}{busy}{'; per step: ' + timed if timed else ''})"
 
     def to_dict(self) -> dict: return {**asdict(self), 'choice': asdict(self.choice)}
 
     @classmethod
     def from_dict(cls, d:dict, source:str|None=None) -> 'Profile':
-        return cls(Setting(**d['choice']), dict(d['figures']), source or d['source'], d.get('work', ''))
+        return cls(Setting(**d['choice']), dict(d['figures']), source or d['source'], d.get('work', ''), d.get('load', 'idle'))
 
 # %% ../nbs/03a_machine.ipynb #5850fb73
 def cpu_name() -> str:
@@ -126,13 +128,30 @@ def cpu_name() -> str:
     except OSError: pass
     return platform.processor() or platform.machine() or 'unknown CPU'
 
-def profile_key(device, work:str, shape:dict, settings:list[Setting]) -> str:
-    "A digest of everything a profile depends on: CPU, cores, torch, device, the work and its shape, and the candidates."
+def profile_key(device, work:str, shape:dict, settings:list[Setting], load:str='idle') -> str:
+    "A digest of what a profile depends on: CPU, cores, torch, device, the work and its shape, the candidates, the load."
     device = torch.device(device)
     gpu = torch.cuda.get_device_name(device) if device.type == 'cuda' else None
     key = dict(cpu=cpu_name(), cores=cpu_cores(), torch=torch.__version__, device=str(device), gpu=gpu,
-               work=work, shape=shape, settings=[str(s) for s in settings])
+               work=work, shape=shape, settings=[str(s) for s in settings], load=load)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+# %% ../nbs/03a_machine.ipynb #430436e6
+def other_runnable(looks:int=5, gap:float=0.01) -> float|None:
+    "The median number of threads, other than this one, running or waiting for a core (Linux /proc/stat; else None)."
+    counts = []
+    try:
+        for _ in range(looks):
+            line = next(l for l in Path('/proc/stat').read_text().splitlines() if l.startswith('procs_running'))
+            counts.append(int(line.split()[1]) - 1)
+            time.sleep(gap)
+    except (OSError, StopIteration, ValueError): return None
+    return sorted(counts)[len(counts) // 2]
+
+def machine_load() -> str:
+    "'busy' when other work would keep at least half of this process's cores busy, else 'idle' (also when unknown)."
+    others = other_runnable()
+    return 'busy' if others is not None and others >= cpu_cores() / 2 else 'idle'
 
 # %% ../nbs/03a_machine.ipynb #d84e3591
 def _profiles_file() -> Path: return cache_dir() / 'machine-profiles.json'
@@ -156,11 +175,12 @@ def machine_profile(work:str, shape:dict, device, make_step:Callable[[Setting], 
     "How to run `work` (of `shape`) on `device`: fixed by flags or environment, else cached, else measured with `make_step` and cached."
     settings = candidates(device, dtype, threads)
     if len(settings) == 1: return Profile(settings[0], {}, 'fixed', work)
-    key = profile_key(device, work, shape, settings)
+    load = machine_load()
+    key = profile_key(device, work, shape, settings, load)
     if (cached := cached_profiles().get(key)) is not None:
         with contextlib.suppress(KeyError, TypeError, ValueError): return Profile.from_dict(cached, 'cached')
     figures = measure(make_step, settings, sync)
-    profile = Profile(min(figures, key=figures.get), {str(s): t for s, t in figures.items()}, 'measured', work)
+    profile = Profile(min(figures, key=figures.get), {str(s): t for s, t in figures.items()}, 'measured', work, load)
     cache_profile(key, profile)
     return profile
 
@@ -168,7 +188,7 @@ def machine_profile(work:str, shape:dict, device, make_step:Callable[[Setting], 
 def step_seconds(work:str, shape:dict, device, make_step:Callable[[Setting], Callable[[], None]], setting:Setting,
                  sync=lambda: None) -> float:
     "Seconds per step of `work` (of `shape`) in `setting`: measured once with `make_step`, then cached like a profile."
-    key = profile_key(device, work, shape, [setting])
+    key = profile_key(device, work, shape, [setting], machine_load())
     cached = cached_profiles().get(key)
     if isinstance(cached, dict) and isinstance(cached.get('seconds'), (int, float)): return float(cached['seconds'])
     with threads_of(setting): seconds = time_call(make_step(setting), sync)

@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['DTYPES', 'OPTIMIZERS', 'LORA_TARGETS', 'TRAIN_PRESETS', 'MODEL_FIELDS', 'TRAIN_FIELDS', 'BITS_PER_NAT', 'RUN_FORMAT',
-           'RUN_VERSION', 'STATE_LAYOUT', 'TrainConfig', 'RunConfig', 'read_config_file', 'resolve_config',
+           'RUN_VERSION', 'MIN_BATCH', 'STATE_LAYOUT', 'TrainConfig', 'RunConfig', 'read_config_file', 'resolve_config',
            'corpus_files', 'read_corpus', 'fingerprint', 'corpus_record', 'load_tokens', 'Batches', 'split_tokens',
            'make_optimizers', 'learning_rate', 'estimate_loss', 'full_loss', 'read_run_config', 'read_metrics',
-           'read_status', 'plot_metrics', 'Dist', 'dist_from_env', 'training_profile', 'Trainer', 'read_training_state',
-           'process_age', 'tensorboard_writer', 'write_sample', 'resume_config', 'train']
+           'read_status', 'plot_metrics', 'Dist', 'dist_from_env', 'training_profile', 'fit_batch_to_time', 'Trainer',
+           'read_training_state', 'process_age', 'tensorboard_writer', 'write_sample', 'resume_config', 'train']
 
 # %% ../nbs/04_training.ipynb #15aedaa9
 import contextlib, functools, hashlib, json, math, os, signal, stat, sys, threading, time
@@ -24,7 +24,7 @@ from .files import atomic_path, atomic_write, atomic_write_text, cache_dir, desc
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, PRESETS, save_checkpoint, load_checkpoint, read_checkpoint_header, pick_device, check_field_types
 from .model import checksum, check_memory, memory_budget, sampling_memory, available_memory, oom_message, DTYPE_BYTES
-from .machine import Profile, Setting, cpu_cores, candidates, machine_profile, threads_of
+from .machine import Profile, Setting, cpu_cores, candidates, machine_profile, step_seconds, threads_of
 
 # %% ../nbs/04_training.ipynb #03489263
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
@@ -42,6 +42,7 @@ class TrainConfig:
     grad_accum: int = 1           # micro-batches accumulated per optimiser step
     max_iters: int = 5000         # optimiser steps to run
     max_time: float = 0.0         # stop after this many seconds of training (0 = no limit)
+    min_steps: int = 0            # with max_time: halve the batch (down to 16) until the measured step time leaves this many steps (0 = off)
     lr: float = 1e-3              # peak learning rate
     min_lr: float = 1e-4          # learning rate at the end of the cosine decay
     warmup_iters: int = 100       # steps of linear warmup from 0 to lr
@@ -85,7 +86,8 @@ def validate(self:TrainConfig):
     check_field_types(self, 'training')
     for name in ('batch_size', 'grad_accum', 'max_iters', 'eval_interval', 'log_interval'):
         if getattr(self, name) < 1: _fail(name, getattr(self, name), "must be at least 1")
-    for name in ('max_time', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'weight_decay', 'grad_clip', 'sample_chars', 'eval_iters', 'target_loss', 'threads'):
+    for name in ('max_time', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'weight_decay', 'grad_clip', 'sample_chars', 'eval_iters', 'target_loss', 'threads',
+                 'min_steps'):
         if getattr(self, name) < 0: _fail(name, getattr(self, name), "must be >= 0")
     if not 0 < self.val_fraction < 1: _fail('val_fraction', self.val_fraction, "must be between 0 and 1")
     if not self.lr > 0: _fail('lr', self.lr, "must be > 0")
@@ -114,7 +116,7 @@ def _validate_finetune(self:TrainConfig):
 TRAIN_PRESETS = {
     'nanogpt': dict(batch_size=64, grad_accum=1, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                     beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=200),
-    'cpu':     dict(batch_size=64, grad_accum=1, max_iters=100_000, max_time=100.0, lr=1e-2, min_lr=1e-3, warmup_iters=50,
+    'cpu':     dict(batch_size=64, min_steps=400, grad_accum=1, max_iters=100_000, max_time=100.0, lr=1e-2, min_lr=1e-3, warmup_iters=50,
                     lr_decay_iters=0, optimizer='muon', beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=20),
     'speedrun': dict(batch_size=64, grad_accum=1, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=50, optimizer='muon',
                      beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=50, eval_iters=0, target_loss=1.47, sample_chars=0),
@@ -321,6 +323,7 @@ def make_optimizers(model:nn.Module, cfg:TrainConfig, device:torch.device) -> li
         optimizers.append(muon)
     return optimizers
 
+# %% ../nbs/04_training.ipynb #5dcec51c
 def learning_rate(step:int, cfg:TrainConfig, elapsed:float=0.0) -> float:
     "Linear warmup to `lr`, then cosine decay to `min_lr` at `lr_decay_iters` (default `max_iters`) or at `max_time`, whichever comes first."
     if step < cfg.warmup_iters: return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
@@ -348,6 +351,7 @@ def estimate_loss(model:nn.Module, batches:Batches, iters:int, autocast=contextl
     batches.load_state(state)
     return losses.mean().item()
 
+# %% ../nbs/04_training.ipynb #153b2bd2
 @torch.no_grad()
 def full_loss(model:nn.Module, tokens:np.ndarray, block_size:int, batch_size:int=64, device='cpu', autocast=contextlib.nullcontext) -> float:
     "Exact mean loss over all non-overlapping `block_size` windows of `tokens` (in nats per token)."
@@ -380,6 +384,7 @@ def read_run_config(run_dir) -> RunConfig:
     try: return RunConfig(GPTConfig.from_dict(d['model']), TrainConfig(**d['train']), corpus)
     except (KeyError, TypeError, AttributeError) as e: raise CraftError(f"{path}: damaged run config ({type(e).__name__}: {e})") from None
 
+# %% ../nbs/04_training.ipynb #51988519
 def read_metrics(run_dir) -> list[dict]:
     "The lines of a run's `metrics.jsonl`; unreadable lines (a crash mid-write) are skipped."
     path = Path(run_dir) / 'metrics.jsonl'
@@ -453,64 +458,121 @@ def training_profile(run:RunConfig, device:torch.device, dist:Dist|None=None) ->
     with torch.random.fork_rng(devices=[]):                          # the run's random streams stay untouched
         return machine_profile(work, shape, device, _training_step_maker(run, device), dtype, threads)
 
+# %% ../nbs/04_training.ipynb #56f3c699
+MIN_BATCH = 16   # fit_batch_to_time halves no further
+
+def _step_seconds(run:RunConfig, device:torch.device, setting:Setting, batch:int) -> float:
+    "Seconds per optimiser step of `run`'s model at `batch`, in `setting` (measured once per machine, then cached)."
+    c, cfg = run.model, replace(run.train, batch_size=batch)
+    work, shape = f"training {c.n_layer}x{c.n_embd}, batch {batch}x{c.block_size}", {**c.to_dict(), 'batch_size': batch}
+    with torch.random.fork_rng(devices=[]):
+        return step_seconds(work, shape, device, _training_step_maker(RunConfig(c, cfg), device), setting)
+
+def fit_batch_to_time(run:RunConfig, device:torch.device, profile:Profile) -> int:
+    "With `min_steps` and `max_time`: the batch, halved from `batch_size` down to `MIN_BATCH`, that leaves `min_steps` steps."
+    cfg = run.train
+    if not (cfg.min_steps and cfg.max_time): return cfg.batch_size
+    batch, seconds = cfg.batch_size, profile.figures.get(str(profile.choice))
+    while True:
+        if seconds is None: seconds = _step_seconds(run, device, profile.choice, batch)
+        if cfg.max_time / (seconds * cfg.grad_accum) >= cfg.min_steps or batch <= MIN_BATCH: return batch
+        batch, seconds = batch // 2, None
+
 # %% ../nbs/04_training.ipynb #238e6cc6
 class Trainer:
     "One training run, fresh or resumed: `Trainer(run_config).fit()` returns the run directory."
     def __init__(self, run:RunConfig, resume:str|Path|None=None):
         self.cfg, self.dist = run.train, dist_from_env()
-        cfg = self.cfg
-        self.device = pick_device(cfg.device)
-        self.owns_group = self.dist.enabled and not torch.distributed.is_initialized()   # then fit closes it at the end
-        if self.dist.enabled:
-            if self.owns_group: torch.distributed.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
-            if self.device.type == 'cuda':
-                self.device = torch.device('cuda', self.dist.local_rank); torch.cuda.set_device(self.device)
+        self.device = self._join_processes()                # torchrun's process group, and this process's device
         self.out, self.lock = self._claim_run_dir(resume)   # rank 0 locks it: one writer at a time
-        with self._main_first(): tokens, self.tokenizer, corpus = self._load_corpus(run, self._make_tokenizer(resume))
-        self.run = RunConfig(replace(run.model, vocab_size=self.tokenizer.vocab_size), cfg, corpus)
-        train_tokens, val_tokens = split_tokens(tokens, cfg.val_fraction, self.run.model.block_size)
-        self._check_resources(len(val_tokens))   # before anything big is allocated (the profile's timed steps too)
-        self.profile = training_profile(self.run, self.device, self.dist)   # dtype and threads, measured (03a)
-        self.dtype = self.profile.choice.torch_dtype
-        self.val_tokens = val_tokens
-        self.train_batches = Batches(train_tokens, self.run.model.block_size, cfg.batch_size, self.device, cfg.seed + self.dist.rank)
-        self.val_batches = Batches(val_tokens, self.run.model.block_size, cfg.batch_size, self.device)
-        torch.manual_seed(cfg.seed)
-        self.raw_model = self._make_model().to(self.device)
-        if self.dist.enabled: torch.manual_seed(cfg.seed + self.dist.rank)  # one init (DDP broadcasts rank 0's), different dropout per rank
-        self.optimizers = make_optimizers(self.raw_model, cfg, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self._load_data(run, resume)                        # corpus, tokenizer, the run's config, the split
+        self._fit_to_machine(resume)                        # dtype and threads (03a), and a batch for max_time
+        self._build_model()                                 # batches, model, optimisers, gradient scaler
         self.step, self.best_val_loss, self.elapsed_before, self.shared_elapsed = 0, float('inf'), 0.0, 0.0
         self.target_reached_s = None   # training seconds at the first evaluation at or below target_loss
-        self.best_is_exact = False     # whether best_val_loss is already the whole-split figure (an exact evaluation, in this process)
+        self.best_is_exact = False     # whether best_val_loss is already the whole-split figure (an exact evaluation)
         if resume: self._restore()
-        self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        if self.dist.enabled:
-            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+        self.model = self._wrap_model()                     # compiled if asked, and under DDP
 
-    def _new_run_dir(self) -> Path:
-        "The directory of a new run: `out`, or a fresh runs/<date-time> (the same on every rank); then locked."
-        if self.cfg.out: out = Path(self.cfg.out)
-        else:
-            stamp = Path('runs') / datetime.now().strftime('%Y%m%d-%H%M%S')
-            out = next(p for p in (stamp.with_name(f"{stamp.name}{f'-{i}' if i else ''}") for i in range(1000)) if not p.exists())
-        if self.dist.enabled:  # rank 0's choice, for every rank
-            chosen = [str(out)]
-            torch.distributed.broadcast_object_list(chosen, src=0)
-            out = Path(chosen[0])
-        return out
+# %% ../nbs/04_training.ipynb #e69fe428
+@patch
+def _join_processes(self:Trainer) -> torch.device:
+    "Under torchrun, join the process group (once) and take this rank's GPU; returns the device to train on."
+    device = pick_device(self.cfg.device)
+    self.owns_group = self.dist.enabled and not torch.distributed.is_initialized()   # then fit closes it at the end
+    if self.dist.enabled:
+        if self.owns_group: torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        if device.type == 'cuda': device = torch.device('cuda', self.dist.local_rank); torch.cuda.set_device(device)
+    return device
 
-    @contextlib.contextmanager
-    def _main_first(self):
-        "Run the block on rank 0 first, then on the other ranks (so that one process writes shared caches)."
-        if self.dist.enabled and not self.dist.is_main: torch.distributed.barrier()
-        yield
-        if self.dist.enabled and self.dist.is_main: torch.distributed.barrier()
+@patch
+@contextlib.contextmanager
+def _main_first(self:Trainer):
+    "Run the block on rank 0 first, then on the other ranks (so that one process writes shared caches)."
+    if self.dist.enabled and not self.dist.is_main: torch.distributed.barrier()
+    yield
+    if self.dist.enabled and self.dist.is_main: torch.distributed.barrier()
 
-    def autocast(self):
-        "The autocast context of this run (a no-op in float32)."
-        if self.dtype == torch.float32: return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+# %% ../nbs/04_training.ipynb #0f710ceb
+@patch
+def _new_run_dir(self:Trainer) -> Path:
+    "The directory of a new run: `out`, or a fresh runs/<date-time> (the same on every rank)."
+    if self.cfg.out: out = Path(self.cfg.out)
+    else:
+        stamp = Path('runs') / datetime.now().strftime('%Y%m%d-%H%M%S')
+        out = next(p for p in (stamp.with_name(f"{stamp.name}{f'-{i}' if i else ''}") for i in range(1000)) if not p.exists())
+    if self.dist.enabled:  # rank 0's choice, for every rank
+        chosen = [str(out)]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        out = Path(chosen[0])
+    return out
+
+# %% ../nbs/04_training.ipynb #de3a5d34
+@patch
+def _load_data(self:Trainer, run:RunConfig, resume):
+    "The corpus's tokens, the tokenizer, the run's config (with the vocabulary's size) and the train/validation split."
+    with self._main_first(): tokens, self.tokenizer, corpus = self._load_corpus(run, self._make_tokenizer(resume))
+    self.run = RunConfig(replace(run.model, vocab_size=self.tokenizer.vocab_size), self.cfg, corpus)
+    self.train_tokens, self.val_tokens = split_tokens(tokens, self.cfg.val_fraction, self.run.model.block_size)
+    self._check_resources(len(self.val_tokens))   # before anything big is allocated (the profile's timed steps too)
+
+# %% ../nbs/04_training.ipynb #952f0a4e
+@patch
+def _fit_to_machine(self:Trainer, resume):
+    "The machine profile's dtype and threads; with `min_steps`, a new run's batch small enough for that many steps."
+    self.profile = training_profile(self.run, self.device, self.dist)
+    batch = self.cfg.batch_size if resume or self.dist.enabled else fit_batch_to_time(self.run, self.device, self.profile)
+    if batch != self.cfg.batch_size:
+        self.cfg = replace(self.cfg, batch_size=batch)
+        self.run = replace(self.run, train=self.cfg)
+        self.profile = training_profile(self.run, self.device, self.dist)   # at this batch, other settings may win
+    self.dtype = self.profile.choice.torch_dtype
+
+# %% ../nbs/04_training.ipynb #d6979553
+@patch
+def _build_model(self:Trainer):
+    "The batch samplers, the model (seeded), the optimisers and the gradient scaler."
+    cfg, T = self.cfg, self.run.model.block_size
+    self.train_batches = Batches(self.train_tokens, T, cfg.batch_size, self.device, cfg.seed + self.dist.rank)
+    self.val_batches = Batches(self.val_tokens, T, cfg.batch_size, self.device)
+    torch.manual_seed(cfg.seed)
+    self.raw_model = self._make_model().to(self.device)
+    if self.dist.enabled: torch.manual_seed(cfg.seed + self.dist.rank)   # one init (DDP broadcasts rank 0's), dropout per rank
+    self.optimizers = make_optimizers(self.raw_model, cfg, self.device)
+    self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+@patch
+def _wrap_model(self:Trainer) -> nn.Module:
+    "The model the loop calls: compiled if asked, and wrapped in DDP under torchrun."
+    model = torch.compile(self.raw_model) if self.cfg.compile else self.raw_model
+    if not self.dist.enabled: return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+
+@patch
+def autocast(self:Trainer):
+    "The autocast context of this run (a no-op in float32)."
+    if self.dtype == torch.float32: return contextlib.nullcontext()
+    return torch.autocast(self.device.type, dtype=self.dtype)
 
 # %% ../nbs/04_training.ipynb #8968efa4
 @patch
@@ -740,6 +802,7 @@ def _restore_random_states(self:Trainer, state:dict):
         self.train_batches.generator.manual_seed(cfg.seed + 1000 * step + rank)
         if self.dist.is_main: print(f"resuming {len(state['batches_rng'])} process(es)' run on {self.dist.world_size}: the batches go on from new random streams", file=sys.stderr)
 
+# %% ../nbs/04_training.ipynb #3aab81cc
 @patch
 def _check_can_continue(self:Trainer):
     "Refuse to resume a run that already reached its stop condition."
@@ -772,6 +835,7 @@ def elapsed(self:Trainer) -> float:
     "Seconds of training so far, across resumes."
     return self.elapsed_before + (time.perf_counter() - self.t_start if hasattr(self, 't_start') else 0.0)
 
+# %% ../nbs/04_training.ipynb #fc7acd6b
 @patch
 def log(self:Trainer, **values):
     "Append one line of metrics (with `step` and `elapsed_s`) to metrics.jsonl."
@@ -863,6 +927,7 @@ def evaluate(self:Trainer) -> float:
     self.save(best=improved)
     return val
 
+# %% ../nbs/04_training.ipynb #7af2a236
 @patch
 def _should_stop(self:Trainer) -> str|None:
     "Why to stop now (max_iters, max_time, target_loss, interrupted), agreed across processes; None to go on. Also agrees on the elapsed time."
@@ -970,6 +1035,7 @@ def _plot(self:Trainer):
             plot_metrics(self.out).figure.savefig(f, format='png', dpi=120, bbox_inches='tight')
     except OSError as e: print(f"craft: warning: no loss plot ({describe_os_error(e)})", file=sys.stderr)
 
+# %% ../nbs/04_training.ipynb #b639ab39
 @patch
 def _failed(self:Trainer, e:BaseException) -> BaseException:
     "Record in status.json how the run ended; return the error to raise: `e`, or one line for memory and file errors."
