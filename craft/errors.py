@@ -7,4 +7,5 @@ __all__ = ['CraftError']
 
 # %% ../nbs/00_errors.ipynb #8a14b5bf
 class CraftError(ValueError):
-    "A user-facing error: its message is one line saying what is wrong, where, and how to fix it. The CLI prints it without a traceback."
+    ("A user-facing error: its message is one line saying what is wrong, where, and how to fix it. The CLI prints it "
+     "without a traceback.")
