@@ -124,6 +124,7 @@ def _attend(q, k, v, dropout_p:float, fast:bool):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(n_queries, n_keys, q.device),
                                           dropout_p=dropout_p)
 
+# %% ../nbs/01_attention.ipynb #31a23ea0
 @patch
 def forward(self:CausalSelfAttention, x:torch.Tensor, cache:KVCache|None=None, start:int|torch.Tensor=0,
             mask:torch.Tensor|None=None) -> torch.Tensor:

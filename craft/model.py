@@ -147,8 +147,7 @@ def reset_parameters(self:GPT):
 @patch
 def forward(self:GPT, idx:torch.Tensor, targets:torch.Tensor|None=None,
             caches:list[KVCache]|None=None, start:int|torch.Tensor=0, last_only:bool=False):
-    ("Logits `(B, T, V)` (or `(B, 1, V)` with `last_only`) for ids `(B, T)`, "
-     "and the mean cross-entropy if `targets` `(B, T)` are given.")
+    "Logits `(B, T, V)` (`(B, 1, V)` with `last_only`) for ids `(B, T)`; the mean cross-entropy given `targets`."
     B, T = idx.shape
     per_row = isinstance(start, torch.Tensor)  # `(B,)` positions, one per row (with caches)
     if per_row and caches is None: raise ValueError("per-row positions need caches: they index the rows' KV caches")
@@ -384,6 +383,7 @@ def verify_checkpoint(path):
         raise CraftError(f"{file} is damaged: its contents do not match their checksum (a bad disk or copy); "
                          "use another checkpoint of the run (best or latest), or copy the file again")
 
+# %% ../nbs/03_model.ipynb #d1a5e7db
 def load_checkpoint(path, device='cpu') -> tuple[GPT, CharTokenizer, GPTConfig]:
     "Load `(model, tokenizer, config)` from a checkpoint file or run directory, safely, checksum checked, in eval mode."
     file = checkpoint_file(path)
