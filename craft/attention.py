@@ -14,7 +14,8 @@ from fastcore.basics import patch
 
 # %% ../nbs/01_attention.ipynb #a5618f99
 def causal_mask(n_queries:int, n_keys:int, device=None) -> torch.Tensor:
-    "Boolean `(n_queries, n_keys)` mask, True where a query may attend a key; the queries are the last `n_queries` positions."
+    ("Boolean `(n_queries, n_keys)` mask, True where a query may attend a "
+     "key; the queries are the last `n_queries` positions.")
     offset = n_keys - n_queries
     query_pos = torch.arange(n_queries, device=device)[:, None] + offset  # (Tq, 1)
     key_pos = torch.arange(n_keys, device=device)[None, :]                # (1, Tk)
@@ -79,7 +80,8 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, H, end, D) each
 
     def update_rows(self, k:torch.Tensor, v:torch.Tensor, starts:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Store new keys and values `(B, H, T, D)` of row b at positions `starts[b]:starts[b]+T`; return the whole buffers."
+        ("Store new keys and values `(B, H, T, D)` of row b at positions "
+         "`starts[b]:starts[b]+T`; return the whole buffers.")
         B, T = k.size(0), k.size(2)
         positions = starts[:, None] if T == 1 else starts[:, None] + torch.arange(T, device=starts.device)  # (B, T)
         rows = self.rows[:B]                                                 # (B, 1)
@@ -89,7 +91,8 @@ class KVCache:
 
 # %% ../nbs/01_attention.ipynb #9ad14ecb
 def row_mask(starts:torch.Tensor, n_queries:int, n_keys:int) -> torch.Tensor:
-    "Boolean `(B, 1, Tq, Tk)` mask, True where query t of row b (at position `starts[b] + t`) may attend key position j."
+    ("Boolean `(B, 1, Tq, Tk)` mask, True where query t of row b (at "
+     "position `starts[b] + t`) may attend key position j.")
     query_pos = starts[:, None] + torch.arange(n_queries, device=starts.device)   # (B, Tq)
     key_pos = torch.arange(n_keys, device=starts.device)                          # (Tk,)
     return (key_pos <= query_pos[:, :, None])[:, None]                            # (B, Tq, Tk) -> (B, 1, Tq, Tk)
@@ -112,17 +115,21 @@ class CausalSelfAttention(nn.Module):
 
 # %% ../nbs/01_attention.ipynb #f046aa3e
 def _attend(q, k, v, dropout_p:float, fast:bool):
-    "Causal attention of `(B, H, Tq, D)` queries over `(B, H, Tk, D)` keys and values, the queries being the last Tq positions."
+    ("Causal attention of `(B, H, Tq, D)` queries over `(B, H, Tk, D)` keys "
+     "and values, the queries being the last Tq positions.")
     n_queries, n_keys = q.size(2), k.size(2)
     if not fast: return attention_scratch(q, k, v, causal_mask(n_queries, n_keys, q.device), dropout_p)
     if n_queries == n_keys: return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     if n_queries == 1: return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(n_queries, n_keys, q.device), dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(n_queries, n_keys, q.device),
+                                          dropout_p=dropout_p)
 
+# %% ../nbs/01_attention.ipynb #31a23ea0
 @patch
 def forward(self:CausalSelfAttention, x:torch.Tensor, cache:KVCache|None=None, start:int|torch.Tensor=0,
             mask:torch.Tensor|None=None) -> torch.Tensor:
-    "Attend over `x` `(B, T, C)` and the cached positions before `start` (an int, or `(B,)` positions with a cache and their `row_mask`); returns `(B, T, C)`."
+    ("Attend over `x` `(B, T, C)` and the cached positions before `start` (an int, or `(B,)` positions with a cache "
+     "and their `row_mask`); returns `(B, T, C)`.")
     B, T, C = x.shape
     H, D = self.n_head, self.head_dim
     q, k, v = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)   # (B, T, 3C) -> (3, B, H, T, D): q, k, v

@@ -48,7 +48,8 @@ def atomic_path(path):
 
 @contextlib.contextmanager
 def atomic_write(path, mode:str='w'):
-    "Open a temporary file beside `path` for writing (`mode` 'w' or 'wb'); on success it replaces `path` atomically, on error it is removed."
+    ("Open a temporary file beside `path` for writing (`mode` 'w' or 'wb'); on success it replaces `path` atomically, "
+     "on error it is removed.")
     with atomic_path(path) as tmp, open(tmp, mode, **({'encoding': 'utf-8'} if 'b' not in mode else {})) as f: yield f
 
 def atomic_write_text(path, text:str):

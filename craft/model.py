@@ -11,6 +11,7 @@ __all__ = ['POS_EMBS', 'PRESETS', 'DTYPE_BYTES', 'CHECKPOINT_FORMAT', 'CHECKPOIN
 # %% ../nbs/03_model.ipynb #93b27303
 import hashlib, json, math, os, re
 from dataclasses import dataclass, asdict, fields
+from functools import partial
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -18,11 +19,11 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from safetensors import safe_open
 from safetensors.torch import save_model, save_file, load_model
-from .errors import CraftError
+from .errors import CraftError, check_setting
 from .files import atomic_path
 from .tokenizer import CharTokenizer
 from .attention import KVCache, row_mask
-from .block import Block, make_norm, NORMS, MLPS
+from .block import Block, make_norm, mlp_hidden, NORMS, MLPS
 
 # %% ../nbs/03_model.ipynb #99dc36b0
 POS_EMBS = ('learned', 'rope')
@@ -49,18 +50,18 @@ class GPTConfig:
     def __post_init__(self): self.validate()
 
 # %% ../nbs/03_model.ipynb #201bff5d
-def _check(ok:bool, field:str, value, why:str):
-    if not ok: raise CraftError(f"invalid model config: {field}={value!r} {why}")
+_check = partial(check_setting, 'model config')   # _check(ok, field, value, why)
 
 def check_field_types(config, what:str):
-    "Raise `CraftError` for the first field of the dataclass `config` whose value is not of its type (int, float, bool or str)."
+    ("Raise `CraftError` for the first field of the dataclass `config` "
+     "whose value is not of its type (int, float, bool or str).")
     for f in fields(config):
         value, type_name = getattr(config, f.name), f.type if isinstance(f.type, str) else f.type.__name__
         want = {'int': int, 'float': (int, float), 'bool': bool, 'str': str}[type_name]
-        if not isinstance(value, want) or (type_name != 'bool' and isinstance(value, bool)):
-            raise CraftError(f"invalid {what} config: {f.name}={value!r} must be of type {type_name}")
-        if type_name in ('int', 'float') and not (math.isfinite(value) and abs(value) < 2**63):
-            raise CraftError(f"invalid {what} config: {f.name}={value!r} must be a finite number below 2**63 in size")
+        is_type = isinstance(value, want) and (type_name == 'bool' or not isinstance(value, bool))
+        check_setting(f'{what} config', is_type, f.name, value, f"must be of type {type_name}")
+        in_range = type_name not in ('int', 'float') or (math.isfinite(value) and abs(value) < 2**63)
+        check_setting(f'{what} config', in_range, f.name, value, "must be a finite number below 2**63 in size")
 
 # %% ../nbs/03_model.ipynb #7bf1a7a8
 @patch
@@ -90,17 +91,18 @@ def from_dict(cls:GPTConfig, d:dict) -> GPTConfig:
     "Build a config from a dict, rejecting unknown keys."
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
-    if unknown: raise CraftError(f"unknown model config field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+    if unknown: raise CraftError(f"unknown model config field(s) {', '.join(unknown)}; "
+                                 f"known fields: {', '.join(sorted(known))}")
     return cls(**d)
 
 # %% ../nbs/03_model.ipynb #d7bc51d0
 PRESETS = {
     'nanogpt': dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
     'cpu':     dict(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
-    'speedrun': dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.1, pos_emb='rope', norm='rmsnorm', mlp='relu2',
-                     qk_norm=True, tie_weights=False, zero_init_proj=True, logit_softcap=30.0),
-    'quality': dict(block_size=256, n_layer=8, n_head=8, n_embd=512, dropout=0.25, pos_emb='rope', norm='rmsnorm', mlp='relu2',
-                    qk_norm=True, tie_weights=False, zero_init_proj=True, logit_softcap=30.0),
+    'speedrun': dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.1, pos_emb='rope', norm='rmsnorm',
+                     mlp='relu2', qk_norm=True, tie_weights=False, zero_init_proj=True, logit_softcap=30.0),
+    'quality': dict(block_size=256, n_layer=8, n_head=8, n_embd=512, dropout=0.25, pos_emb='rope', norm='rmsnorm',
+                    mlp='relu2', qk_norm=True, tie_weights=False, zero_init_proj=True, logit_softcap=30.0),
     'tiny':    dict(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
 }
 
@@ -145,7 +147,7 @@ def reset_parameters(self:GPT):
 @patch
 def forward(self:GPT, idx:torch.Tensor, targets:torch.Tensor|None=None,
             caches:list[KVCache]|None=None, start:int|torch.Tensor=0, last_only:bool=False):
-    "Logits `(B, T, V)` (or `(B, 1, V)` with `last_only`) for ids `(B, T)`, and the mean cross-entropy if `targets` `(B, T)` are given."
+    "Logits `(B, T, V)` (`(B, 1, V)` with `last_only`) for ids `(B, T)`; the mean cross-entropy given `targets`."
     B, T = idx.shape
     per_row = isinstance(start, torch.Tensor)  # `(B,)` positions, one per row (with caches)
     if per_row and caches is None: raise ValueError("per-row positions need caches: they index the rows' KV caches")
@@ -173,8 +175,8 @@ def forward(self:GPT, idx:torch.Tensor, targets:torch.Tensor|None=None,
 def new_caches(self:GPT, batch_size:int, max_len:int|None=None, dtype:torch.dtype|None=None) -> list[KVCache]:
     "One empty `KVCache` per block, `(batch_size, n_head, max_len, head_dim)` each."
     c, weight = self.config, self.tok_emb.weight
-    return [KVCache(batch_size, c.n_head, max_len or c.block_size, c.n_embd // c.n_head, weight.device, dtype or weight.dtype)
-            for _ in range(c.n_layer)]
+    return [KVCache(batch_size, c.n_head, max_len or c.block_size, c.n_embd // c.n_head, weight.device,
+                    dtype or weight.dtype) for _ in range(c.n_layer)]
 
 # %% ../nbs/03_model.ipynb #4a49975b
 def pick_device(device:str='auto') -> torch.device:
@@ -185,7 +187,8 @@ def pick_device(device:str='auto') -> torch.device:
         return torch.device('cpu')
     try: dev = torch.device(device)
     except RuntimeError: raise CraftError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == 'cuda' and not torch.cuda.is_available(): raise CraftError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise CraftError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
     if dev.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
         raise CraftError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
     return dev
@@ -202,7 +205,7 @@ def num_params(self:GPT, non_embedding:bool=True) -> int:
 def matmul_params(config:GPTConfig) -> int:
     "Weights used in matrix products per token: all parameters but the embedding lookups, plus the head."
     c = config
-    hidden = 4 * c.n_embd if c.mlp != 'swiglu' else -(-8 * c.n_embd // 3 // 8) * 8
+    hidden = mlp_hidden(c.n_embd, c.mlp)
     mlp_in = 2 * hidden if c.mlp == 'swiglu' else hidden
     per_block = 4 * c.n_embd**2 + c.n_embd * mlp_in + hidden * c.n_embd
     return c.n_layer * per_block + c.vocab_size * c.n_embd
@@ -345,7 +348,8 @@ def checkpoint_file(path) -> Path:
     if path.is_file(): return path
     for name in ('best.safetensors', 'latest.safetensors'):
         if _readable(path / name) and (path / name).is_file(): return path / name
-    raise CraftError(f"{path} is not a craft run directory (no best.safetensors or latest.safetensors); train one with `craft train --out {path}`")
+    raise CraftError(f"{path} is not a craft run directory (no best.safetensors or "
+                     f"latest.safetensors); train one with `craft train --out {path}`")
 
 # %% ../nbs/03_model.ipynb #b21aafa3
 def read_checkpoint_header(path) -> dict:
@@ -356,10 +360,13 @@ def read_checkpoint_header(path) -> dict:
     try:
         with safe_open(str(file), framework='pt') as f: header = f.metadata() or {}
     except Exception as e:
-        raise CraftError(f"{file}: not a readable safetensors file, it may be truncated or corrupted ({type(e).__name__}: {e})") from None
-    if header.get('format') != CHECKPOINT_FORMAT: raise CraftError(f"{file} is a safetensors file but not a craft checkpoint (no '{CHECKPOINT_FORMAT}' header)")
+        raise CraftError(f"{file}: not a readable safetensors file, it may be "
+                         f"truncated or corrupted ({type(e).__name__}: {e})") from None
+    if header.get('format') != CHECKPOINT_FORMAT:
+        raise CraftError(f"{file} is a safetensors file but not a craft checkpoint (no '{CHECKPOINT_FORMAT}' header)")
     if header.get('version') != str(CHECKPOINT_VERSION):
-        raise CraftError(f"{file} has checkpoint version {header.get('version')}, this craft reads version {CHECKPOINT_VERSION}; upgrade craft")
+        raise CraftError(f"{file} has checkpoint version {header.get('version')}, this craft reads version "
+                         f"{CHECKPOINT_VERSION}; upgrade craft")
     try: return {**header, **{k: json.loads(header[k]) for k in ('config', 'tokenizer', 'metadata')}}
     except (KeyError, json.JSONDecodeError) as e: raise CraftError(f"{file}: damaged craft header ({e})") from None
 
@@ -376,6 +383,7 @@ def verify_checkpoint(path):
         raise CraftError(f"{file} is damaged: its contents do not match their checksum (a bad disk or copy); "
                          "use another checkpoint of the run (best or latest), or copy the file again")
 
+# %% ../nbs/03_model.ipynb #d1a5e7db
 def load_checkpoint(path, device='cpu') -> tuple[GPT, CharTokenizer, GPTConfig]:
     "Load `(model, tokenizer, config)` from a checkpoint file or run directory, safely, checksum checked, in eval mode."
     file = checkpoint_file(path)
@@ -383,9 +391,12 @@ def load_checkpoint(path, device='cpu') -> tuple[GPT, CharTokenizer, GPTConfig]:
     config = GPTConfig.from_dict(header['config'])
     tokenizer = CharTokenizer.from_dict(header['tokenizer'])
     if tokenizer.vocab_size != config.vocab_size:
-        raise CraftError(f"{file}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {config.vocab_size}")
+        raise CraftError(f"{file}: tokenizer has {tokenizer.vocab_size} tokens "
+                         f"but the model expects {config.vocab_size}")
     model = GPT(config)
     try: load_model(model, str(file), strict=True, device=str(device))
-    except Exception as e: raise CraftError(f"{file}: weights do not match their config, or are damaged ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise CraftError(f"{file}: weights do not match their config, or are damaged "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     verify_checkpoint(file)
     return model.to(device).eval(), tokenizer, config

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SAMPLING_FIELDS', 'GenerationConfig', 'apply_temperature', 'apply_top_k', 'apply_top_p', 'apply_min_p',
            'presence_mask', 'apply_repetition_penalty', 'next_token_probs', 'next_tokens', 'sampling_settings',
-           'Decoder', 'decode_step', 'RowText', 'TextStream', 'stream', 'generate', 'decoding_profile',
+           'decode_step', 'Decoder', 'RowText', 'TextStream', 'stream', 'generate', 'decoding_profile',
            'load_for_sampling', 'check_sampling_memory', 'sample_command', 'next_char_probs', 'SamplerApp',
            'sampler_app', 'attention_maps', 'plot_attention']
 
@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from fastcore.basics import patch
-from .errors import CraftError
+from .errors import CraftError, check_setting
 from .tokenizer import CharTokenizer, load_text
 from .model import GPT, GPTConfig, load_checkpoint, pick_device
 from .model import DTYPE_BYTES, check_memory, read_checkpoint_header, sampling_memory
@@ -26,19 +26,20 @@ from .machine import Profile, Setting, candidates, machine_profile, threads_of
 # %% ../nbs/05_sampling.ipynb #b7d797a7
 @dataclass
 class GenerationConfig:
-    "How to generate: sampling controls (named as in Hugging Face), length, stop strings, batch and seed. Invalid values raise `CraftError` naming the field."
+    ("How to generate: sampling controls (named as in Hugging Face), length, stop strings, batch and seed. Invalid "
+     "values raise `CraftError` naming the field.")
     max_new_tokens: int = 500         # characters to generate per sample (fewer if a stop string ends it)
-    temperature: float = 0.8          # divides the logits: < 1 sharpens, > 1 flattens; 0 = greedy (always the most likely)
+    temperature: float = 0.8          # divides the logits: < 1 sharpens, > 1 flattens; 0 = greedy (the most likely)
     top_k: int = 0                    # keep only the k most likely characters; 0 = all
-    top_p: float = 1.0                # nucleus: keep the most likely characters until their probabilities add up to top_p; 1 = all
+    top_p: float = 1.0                # nucleus: the most likely characters whose probabilities add up to top_p; 1 = all
     min_p: float = 0.0                # drop characters less likely than min_p times the most likely one; 0 = none
     repetition_penalty: float = 1.0   # > 1 makes characters already in the context less likely (CTRL); 1 = off
     stop: list[str] | None = None     # strings that end a sample; the stop string itself is not output
     num_samples: int = 1              # independent samples, generated together as one batch
     seed: int | None = None           # random seed: the same seed gives the same text; None = a fresh one
-    use_cache: bool = True            # KV cache: feed one new character per step; False recomputes the context every step
+    use_cache: bool = True            # KV cache: one new character per step; False recomputes the context every step
     window_keep: float = 0.75         # with the cache, the fraction of block_size kept when the window slides
-    compile: bool = False             # compile the one-token decode step (torch.compile; CUDA graphs on a GPU): a slower start, faster steps
+    compile: bool = False             # torch.compile the decode step (CUDA graphs on a GPU): slower start, faster steps
 
     def __post_init__(self):
         if isinstance(self.stop, str): self.stop = [self.stop]
@@ -50,27 +51,37 @@ class GenerationConfig:
         self.validate()
 
 # %% ../nbs/05_sampling.ipynb #c5587933
-def _check(ok:bool, name:str, value, why:str):
-    if not ok: raise CraftError(f"invalid generation setting: {name}={value!r} {why}")
+_check = functools.partial(check_setting, 'generation setting')   # _check(ok, name, value, why)
 
 def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
 def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 @patch
-def validate(self:GenerationConfig):
-    "Check every field; raise `CraftError` naming the first bad one."
-    for name in ('max_new_tokens', 'top_k', 'num_samples'): _check(_is_int(getattr(self, name)), name, getattr(self, name), "must be an integer")
+def _check_numbers(self:GenerationConfig):
+    "Raise `CraftError` for the first count that is not an integer, or setting that is not a finite number."
+    for name in ('max_new_tokens', 'top_k', 'num_samples'):
+        _check(_is_int(getattr(self, name)), name, getattr(self, name), "must be an integer")
     for name in ('temperature', 'top_p', 'min_p', 'repetition_penalty', 'window_keep'):
         _check(_is_number(getattr(self, name)), name, getattr(self, name), "must be a finite number")
+
+# %% ../nbs/05_sampling.ipynb #1596c0a7
+@patch
+def validate(self:GenerationConfig):
+    "Check every field; raise `CraftError` naming the first bad one."
+    self._check_numbers()
     _check(self.max_new_tokens >= 0, 'max_new_tokens', self.max_new_tokens, "must be >= 0")
-    _check(self.temperature == 0 or self.temperature >= 1e-4, 'temperature', self.temperature, "must be 0 (greedy) or >= 1e-4")
+    _check(self.temperature == 0 or self.temperature >= 1e-4, 'temperature', self.temperature,
+           "must be 0 (greedy) or >= 1e-4")
     _check(self.top_k >= 0, 'top_k', self.top_k, "must be >= 0 (0 = off)")
     _check(1e-6 <= self.top_p <= 1, 'top_p', self.top_p, "must be in [1e-6, 1] (1 = off)")
     _check(0 <= self.min_p < 1, 'min_p', self.min_p, "must be in [0, 1) (0 = off)")
-    _check(0.01 <= self.repetition_penalty <= 100, 'repetition_penalty', self.repetition_penalty, "must be in [0.01, 100] (1 = off, > 1 penalises repeats)")
+    _check(0.01 <= self.repetition_penalty <= 100, 'repetition_penalty', self.repetition_penalty,
+           "must be in [0.01, 100] (1 = off, > 1 penalises repeats)")
     _check(self.num_samples >= 1, 'num_samples', self.num_samples, "must be >= 1")
-    _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), 'seed', self.seed, "must be an integer in [0, 2**63) or None")
-    for name in ('use_cache', 'compile'): _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be True or False")
+    _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), 'seed', self.seed,
+           "must be an integer in [0, 2**63) or None")
+    for name in ('use_cache', 'compile'):
+        _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be True or False")
     _check(0 < self.window_keep <= 1, 'window_keep', self.window_keep, "must be in (0, 1]")
     for s in self.stop or []: _check(isinstance(s, str) and s != '', 'stop', self.stop, "must be non-empty strings")
 
@@ -93,7 +104,8 @@ def apply_temperature(logits:torch.Tensor, temperature) -> torch.Tensor:
 
 # %% ../nbs/05_sampling.ipynb #b0cfca8d
 def apply_top_k(logits:torch.Tensor, top_k) -> torch.Tensor:
-    "Logits `(B, V)` with all but the `top_k` largest of each row set to -inf; `top_k` is a number or `(B,)`, 0 = keep all."
+    ("Logits `(B, V)` with all but the `top_k` largest of each row set to "
+     "-inf; `top_k` is a number or `(B,)`, 0 = keep all.")
     V = logits.size(-1)
     if not torch.is_tensor(top_k):
         if top_k <= 0 or top_k >= V: return logits
@@ -105,7 +117,8 @@ def apply_top_k(logits:torch.Tensor, top_k) -> torch.Tensor:
 
 # %% ../nbs/05_sampling.ipynb #755268e7
 def apply_top_p(logits:torch.Tensor, top_p) -> torch.Tensor:
-    "Logits `(B, V)` keeping, per row, the most likely tokens until their probability reaches `top_p` (a number or `(B,)`; 1 = all)."
+    ("Logits `(B, V)` keeping, per row, the most likely tokens until their "
+     "probability reaches `top_p` (a number or `(B,)`; 1 = all).")
     if not torch.is_tensor(top_p) and top_p >= 1: return logits
     p = _column(top_p, logits)                                           # (B, 1)
     sorted_logits, order = logits.sort(-1, descending=True)              # (B, V) each
@@ -117,7 +130,8 @@ def apply_top_p(logits:torch.Tensor, top_p) -> torch.Tensor:
 
 # %% ../nbs/05_sampling.ipynb #1647dd2f
 def apply_min_p(logits:torch.Tensor, min_p) -> torch.Tensor:
-    "Logits `(B, V)` with tokens less likely than `min_p` (a number or `(B,)`; 0 = off) times the row's most likely set to -inf."
+    ("Logits `(B, V)` with tokens less likely than `min_p` (a number or "
+     "`(B,)`; 0 = off) times the row's most likely set to -inf.")
     if not torch.is_tensor(min_p) and min_p <= 0: return logits
     threshold = logits.amax(-1, keepdim=True) + _column(min_p, logits).log()   # (B, 1); log 0 = -inf keeps all
     return logits.masked_fill(logits < threshold, float('-inf'))
@@ -128,7 +142,8 @@ def presence_mask(ids:torch.Tensor, vocab_size:int) -> torch.Tensor:
     return torch.zeros(ids.size(0), vocab_size, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
 
 def apply_repetition_penalty(logits:torch.Tensor, seen:torch.Tensor, penalty) -> torch.Tensor:
-    "Logits `(B, V)` of the tokens in `seen` `(B, V)` pushed down by `penalty` (a number or `(B,)`; 1 = off): positive ones divided, negative ones multiplied."
+    ("Logits `(B, V)` of the tokens in `seen` `(B, V)` pushed down by `penalty` (a number or `(B,)`; 1 = off): "
+     "positive ones divided, negative ones multiplied.")
     if not torch.is_tensor(penalty) and penalty == 1: return logits
     r = _column(penalty, logits)                                          # (B, 1)
     penalised = torch.where(logits > 0, logits / r, logits * r)           # (B, V)
@@ -138,12 +153,15 @@ def apply_repetition_penalty(logits:torch.Tensor, seen:torch.Tensor, penalty) ->
 SAMPLING_FIELDS = ('temperature', 'top_k', 'top_p', 'min_p', 'repetition_penalty')
 
 def next_token_probs(logits:torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
-    "Probabilities `(B, V)` to draw from: temperature, then top-k, top-p and min-p on logits `(B, V)`, then softmax; each setting a number or `(B,)`."
-    return apply_min_p(apply_top_p(apply_top_k(apply_temperature(logits, temperature), top_k), top_p), min_p).softmax(-1)
+    ("Probabilities `(B, V)` to draw from: temperature, then top-k, top-p and min-p on logits `(B, V)`, then softmax; "
+     "each setting a number or `(B,)`.")
+    logits = apply_top_k(apply_temperature(logits, temperature), top_k)
+    return apply_min_p(apply_top_p(logits, top_p), min_p).softmax(-1)
 
 def next_tokens(logits:torch.Tensor, generator:torch.Generator|None=None, seen:torch.Tensor|None=None,
                 temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0) -> torch.Tensor:
-    "One next token per row, `(B,)`, from last-position logits `(B, V)`; each setting is a number or a `(B,)` tensor, `seen` the `(B, V)` presence mask."
+    ("One next token per row, `(B,)`, from last-position logits `(B, V)`; each setting is a number or a `(B,)` tensor, "
+     "`seen` the `(B, V)` presence mask.")
     logits = logits.float()
     if seen is not None: logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     if not torch.is_tensor(temperature) and temperature == 0: return logits.argmax(-1)   # greedy
@@ -151,14 +169,21 @@ def next_tokens(logits:torch.Tensor, generator:torch.Generator|None=None, seen:t
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)                  # (B,)
 
 def sampling_settings(configs:GenerationConfig|list[GenerationConfig], device=None) -> dict:
-    "`next_tokens`' settings: numbers from one config, or one `(B,)` tensor per setting from a list of configs (one per row)."
+    ("`next_tokens`' settings: numbers from one config, or one `(B,)` "
+     "tensor per setting from a list of configs (one per row).")
     if isinstance(configs, GenerationConfig): return {f: getattr(configs, f) for f in SAMPLING_FIELDS}
-    return {f: torch.tensor([getattr(c, f) for c in configs], device=device, dtype=torch.long if f == 'top_k' else torch.float32)
-            for f in SAMPLING_FIELDS}
+    return {f: torch.tensor([getattr(c, f) for c in configs], device=device,
+                            dtype=torch.long if f == 'top_k' else torch.float32) for f in SAMPLING_FIELDS}
+
+# %% ../nbs/05_sampling.ipynb #fd16d6ac
+def decode_step(model:GPT, caches:list, tokens:torch.Tensor, positions:torch.Tensor) -> torch.Tensor:
+    "Next-token logits `(B, V)` for one token per row `(B,)` at `positions` `(B,)` through `caches`: shapes fixed."
+    return model(tokens[:, None], caches=caches, start=positions, last_only=True)[0][:, -1]
 
 # %% ../nbs/05_sampling.ipynb #c59c8c2b
 class Decoder:
-    "Feeds a GPT a batch of token sequences and returns next-token logits `(B, V)`: the prompt once (`prefill`), then one token per `step`."
+    ("Feeds a GPT a batch of token sequences and returns next-token logits "
+     "`(B, V)`: the prompt once (`prefill`), then one token per `step`.")
     def __init__(self, model:GPT, batch_size:int, use_cache:bool=True, window_keep:float=0.75, compile:bool=False):
         self.model, self.batch_size, self.use_cache = model, batch_size, use_cache
         self.block_size = T = model.config.block_size
@@ -168,8 +193,9 @@ class Decoder:
         self.n_tokens = 0       # tokens in self.tokens
         self.pos = 0            # positions filled in the caches
         self.n_slides = 0       # times the window slid
-        self.caches = model.new_caches(batch_size) if use_cache and not compile else None   # compiled: from a pool, below
-        self.decode_one = self._compiled_decode() if compile and use_cache else functools.partial(decode_step, model, self.caches)
+        self.caches = model.new_caches(batch_size) if use_cache and not compile else None   # compiled: from a pool
+        eager = functools.partial(decode_step, model, self.caches)
+        self.decode_one = self._compiled_decode() if compile and use_cache else eager
 
 # %% ../nbs/05_sampling.ipynb #885baed2
 @patch
@@ -187,6 +213,7 @@ def context(self:Decoder) -> torch.Tensor:
     "The last (up to) `block_size` tokens, `(B, t)`."
     return self.tokens[:, max(0, self.n_tokens - self.block_size):self.n_tokens]
 
+# %% ../nbs/05_sampling.ipynb #a1363591
 @patch
 @torch.inference_mode()
 def prefill(self:Decoder, ids:torch.Tensor) -> torch.Tensor:
@@ -199,6 +226,7 @@ def prefill(self:Decoder, ids:torch.Tensor) -> torch.Tensor:
     self.pos = ids.size(1)
     return logits[:, -1]
 
+# %% ../nbs/05_sampling.ipynb #ea7d93f5
 @patch
 @torch.inference_mode()
 def step(self:Decoder, tokens:torch.Tensor) -> torch.Tensor:
@@ -206,7 +234,7 @@ def step(self:Decoder, tokens:torch.Tensor) -> torch.Tensor:
     self._append(tokens[:, None])
     if not self.use_cache: return self.model(self.context(), last_only=True)[0][:, -1]
     if self.pos < self.block_size:                                     # room in the cache: one position
-        positions = torch.full((len(tokens),), self.pos, device=tokens.device)  # (B,): the server's per-row decode path, so both round alike
+        positions = torch.full((len(tokens),), self.pos, device=tokens.device)  # (B,): the server's per-row path
         self.pos += 1
         return self.decode_one(tokens, positions)
     window = self.tokens[:, self.n_tokens - self.keep:self.n_tokens]  # full: slide the window, (B, keep)
@@ -214,17 +242,14 @@ def step(self:Decoder, tokens:torch.Tensor) -> torch.Tensor:
     self.pos, self.n_slides = self.keep, self.n_slides + 1
     return logits[:, -1]
 
-def decode_step(model:GPT, caches:list, tokens:torch.Tensor, positions:torch.Tensor) -> torch.Tensor:
-    "Next-token logits `(B, V)` for one token per row `(B,)` at `positions` `(B,)`, through `caches`: every shape fixed."
-    return model(tokens[:, None], caches=caches, start=positions, last_only=True)[0][:, -1]
-
 # %% ../nbs/05_sampling.ipynb #5c2335e3
 _COMPILED_STEPS = {}                          # torch.compile mode -> compiled `decode_step`
-_FREE_CACHES = weakref.WeakKeyDictionary()    # model -> {(batch_size, dtype, device): [caches that no decoder is using]}
+_FREE_CACHES = weakref.WeakKeyDictionary()    # model -> {(batch_size, dtype, device): [caches no decoder uses]}
 
 @patch
 def _compiled_decode(self:Decoder):
-    "`decode_step` compiled (with CUDA graphs on a GPU), on caches from the model's pool, returned to it when this decoder is gone."
+    ("`decode_step` compiled (with CUDA graphs on a GPU), on caches from the "
+     "model's pool, returned to it when this decoder is gone.")
     weight = self.model.tok_emb.weight
     cuda = weight.device.type == 'cuda'
     free = _FREE_CACHES.setdefault(self.model, {}).setdefault((self.batch_size, weight.dtype, weight.device), [])
@@ -234,7 +259,8 @@ def _compiled_decode(self:Decoder):
         for cache in self.caches: torch._dynamo.mark_static_address(cache.k); torch._dynamo.mark_static_address(cache.v)
     weakref.finalize(self, free.append, self.caches)
     mode = 'reduce-overhead' if cuda else None
-    if mode not in _COMPILED_STEPS: _COMPILED_STEPS[mode] = torch.compile(decode_step, mode=mode, dynamic=False, fullgraph=True)
+    if mode not in _COMPILED_STEPS:
+        _COMPILED_STEPS[mode] = torch.compile(decode_step, mode=mode, dynamic=False, fullgraph=True)
     compiled, model, caches = _COMPILED_STEPS[mode], self.model, self.caches
     if not cuda: return lambda tokens, positions: compiled(model, caches, tokens, positions)
     def decode_one(tokens, positions):
@@ -244,7 +270,8 @@ def _compiled_decode(self:Decoder):
 
 # %% ../nbs/05_sampling.ipynb #15d27a9f
 class RowText:
-    "The text generated for one row: cut before the first stop string, and released only when it cannot be the start of one."
+    ("The text generated for one row: cut before the first stop string, "
+     "and released only when it cannot be the start of one.")
     def __init__(self, stop:list[str]|None=None):
         self.stop = list(stop or [])
         self.parts = []          # released text, in pieces
@@ -258,26 +285,30 @@ class RowText:
 
     def _held_length(self, text:str) -> int:
         "Length of the longest end of `text` that is a proper beginning of a stop string."
-        return max((k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
+        return max((k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+                   default=0)
 
-    def add(self, chars:str) -> str:
-        "Append generated `chars`; return the text that is now safe to output (maybe '')."
-        if self.stopped: return ''
-        if not self.stop: self.parts.append(chars); return chars
-        text = self.held + chars
-        hits = [i for s in self.stop if (i := text.find(s)) >= 0]
-        if hits: out, self.held, self.stopped = text[:min(hits)], '', True
-        else:
-            keep = self._held_length(text)
-            out, self.held = text[:len(text) - keep], text[len(text) - keep:]
-        self.parts.append(out)
-        return out
+# %% ../nbs/05_sampling.ipynb #5e7e520f
+@patch
+def add(self:RowText, chars:str) -> str:
+    "Append generated `chars`; return the text that is now safe to output (maybe '')."
+    if self.stopped: return ''
+    if not self.stop: self.parts.append(chars); return chars
+    text = self.held + chars
+    hits = [i for s in self.stop if (i := text.find(s)) >= 0]
+    if hits: out, self.held, self.stopped = text[:min(hits)], '', True
+    else:
+        keep = self._held_length(text)
+        out, self.held = text[:len(text) - keep], text[len(text) - keep:]
+    self.parts.append(out)
+    return out
 
-    def flush(self) -> str:
-        "Release the held text: generation ended without completing a stop string."
-        out, self.held = self.held, ''
-        self.parts.append(out)
-        return out
+@patch
+def flush(self:RowText) -> str:
+    "Release the held text: generation ended without completing a stop string."
+    out, self.held = self.held, ''
+    self.parts.append(out)
+    return out
 
 # %% ../nbs/05_sampling.ipynb #6d160bc5
 class _HostCopy:
@@ -294,30 +325,34 @@ class _HostCopy:
 
 # %% ../nbs/05_sampling.ipynb #ac7e4e9f
 class TextStream:
-    "Generation as it happens: iterate for `(row, text)` chunks; afterwards `texts`, `n_tokens`, `seconds`, `tokens_per_s` and `seed` say what happened."
+    ("Generation as it happens: iterate for `(row, text)` chunks; afterwards `texts`, `n_tokens`, `seconds`, "
+     "`tokens_per_s` and `seed` say what happened.")
     def __init__(self, model:GPT, tokenizer:CharTokenizer, prompt:str='\n', config:GenerationConfig|None=None,
                  on_unknown:str='error', cancel:threading.Event|None=None):
         self.model, self.tokenizer, self.cancel = model, tokenizer, cancel
         self.config = c = config or GenerationConfig()
         if tokenizer.vocab_size != model.config.vocab_size:
-            raise CraftError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}; use the tokenizer saved with the model")
+            raise CraftError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model expects "
+                             f"{model.config.vocab_size}; use the tokenizer saved with the model")
         self.prompt_ids = tokenizer.encode(prompt, on_unknown=on_unknown)          # (T,)
         if len(self.prompt_ids) == 0:
-            raise CraftError("the prompt is empty (after dropping unknown characters); give at least one character, e.g. a newline")
+            raise CraftError("the prompt is empty (after dropping unknown characters); "
+                             "give at least one character, e.g. a newline")
         self.seed = c.seed if c.seed is not None else secrets.randbits(63)
         self.rows = [RowText(c.stop) for _ in range(c.num_samples)]
         self.n_tokens, self.seconds, self.finish_reason = 0, 0.0, None
         self._started = False
 
-    @property
-    def texts(self) -> list[str]:
-        "The text of each sample so far."
-        return [r.text for r in self.rows]
+# %% ../nbs/05_sampling.ipynb #36d1f66c
+@patch(as_prop=True)
+def texts(self:TextStream) -> list[str]:
+    "The text of each sample so far."
+    return [r.text for r in self.rows]
 
-    @property
-    def tokens_per_s(self) -> float:
-        "Generated tokens (all rows) per second."
-        return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
+@patch(as_prop=True)
+def tokens_per_s(self:TextStream) -> float:
+    "Generated tokens (all rows) per second."
+    return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
 
 # %% ../nbs/05_sampling.ipynb #4749b5b3
 @patch
@@ -378,7 +413,8 @@ def _config(config:GenerationConfig|None, settings:dict) -> GenerationConfig:
     "`config` (or the defaults) with `settings` applied."
     known = {f.name for f in fields(GenerationConfig)}
     if unknown := sorted(set(settings) - known):
-        raise CraftError(f"unknown generation setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}")
+        raise CraftError(f"unknown generation setting(s) {', '.join(unknown)}; "
+                         f"known settings: {', '.join(sorted(known))}")
     return replace(config or GenerationConfig(), **settings)
 
 def stream(model:GPT, tokenizer:CharTokenizer, prompt:str='\n', config:GenerationConfig|None=None,
@@ -395,7 +431,8 @@ def generate(model:GPT, tokenizer:CharTokenizer, prompt:str='\n', config:Generat
 
 # %% ../nbs/05_sampling.ipynb #0167b604
 def decoding_profile(model:GPT, batch_size:int=1, dtype:str='auto', threads:int=0) -> Profile:
-    "How to sample from `model` here: the machine profile of one decoding step at `batch_size` rows (see `03a_machine`)."
+    ("How to sample from `model` here: the machine profile of one "
+     "decoding step at `batch_size` rows (see `03a_machine`).")
     c, device = model.config, model.tok_emb.weight.device
     def make_step(setting:Setting):
         decoder = Decoder(copy.deepcopy(model).to(setting.torch_dtype).eval(), batch_size)
@@ -405,8 +442,10 @@ def decoding_profile(model:GPT, batch_size:int=1, dtype:str='auto', threads:int=
     work = f"sampling {c.n_layer}x{c.n_embd}, batch {batch_size}"
     return machine_profile(work, {**c.to_dict(), 'batch_size': batch_size}, device, make_step, dtype, threads)
 
-def load_for_sampling(run, device:str='auto', dtype:str='auto', threads:int=0, batch_size:int=1) -> tuple[GPT, CharTokenizer, Profile]:
-    "A run directory or checkpoint loaded for generation: the model in the dtype its machine profile picks, its tokenizer, and the profile."
+def load_for_sampling(run, device:str='auto', dtype:str='auto', threads:int=0,
+                      batch_size:int=1) -> tuple[GPT, CharTokenizer, Profile]:
+    ("A run directory or checkpoint loaded for generation: the model in the dtype "
+     "its machine profile picks, its tokenizer, and the profile.")
     model, tokenizer, _ = load_checkpoint(run, pick_device(device))
     profile = decoding_profile(model, batch_size, dtype, threads)
     return model.to(profile.choice.torch_dtype), tokenizer, profile
@@ -426,53 +465,70 @@ def check_sampling_memory(run, config:GenerationConfig, device:str='auto', dtype
     check_memory(need, device, f"{config.num_samples:,} sample(s) of {config.max_new_tokens:,} characters",
                  "lower --num-samples or --max-new-tokens")
 
-# %% ../nbs/05_sampling.ipynb #231ec21e
-def sample_command(run:str,                           # run directory or .safetensors checkpoint
-                   prompt:str='\n',                   # text to continue
-                   prompt_file:str|None=None,         # read the prompt from this UTF-8 file instead
-                   max_new_tokens:int=500,            # characters to generate per sample
-                   temperature:float=0.8,             # < 1 sharper, > 1 more random; 0 = greedy (always the most likely)
-                   top_k:int=0,                       # sample from the k most likely characters only; 0 = all
-                   top_p:float=1.0,                   # sample from the most likely characters making up this probability; 1 = all
-                   min_p:float=0.0,                   # drop characters less likely than min_p times the most likely; 0 = none
-                   repetition_penalty:float=1.0,      # > 1 discourages characters already in the context; 1 = off
-                   stop:list[str]|None=None,          # end a sample at this string (not printed)
-                   num_samples:int=1,                 # samples to generate, together as one batch
-                   seed:int|None=None,                # random seed, to reproduce a sample; None = a fresh one, shown on stderr
-                   device:str='auto',                 # auto, cpu, cuda, cuda:N or mps
-                   dtype:str='auto',                  # weights: auto (measured: the faster of float32 and bfloat16 here; bfloat16 on a GPU), float32, bfloat16, float16
-                   threads:int=0,                     # CPU threads for torch; 0 = measured (see craft.machine), or $CRAFT_THREADS
-                   on_unknown:str='error',            # prompt characters outside the vocabulary: error or drop
-                   cache:bool=True,                   # use the KV cache; --no-cache recomputes the whole context each step
-                   compile:bool=False,                # compile the decode step (torch.compile; CUDA graphs on a GPU): slower start, faster steps
-                   echo:bool=False,                   # print the prompt before each sample
-                  ) -> list[str]:
-    "Stream generated text to stdout (sample 1 as it comes, then the others), the speed to stderr; returns the samples."
-    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              repetition_penalty=repetition_penalty, stop=stop, num_samples=num_samples, seed=seed, use_cache=cache,
-                              compile=compile)
-    if on_unknown not in ('error', 'drop', 'unk'): raise CraftError(f"unknown on_unknown={on_unknown!r}; use error or drop")
-    prompt_text = _read_prompt(prompt, prompt_file)
-    check_sampling_memory(run, config, device, dtype, threads)
-    model, tokenizer, profile = load_for_sampling(run, device, dtype, threads, num_samples)
-    if compile: print("craft sample: compiling the decode step (once per process: seconds on a GPU, up to a minute on a CPU)", file=sys.stderr)
-    s = TextStream(model, tokenizer, prompt_text, config, on_unknown)   # checks the prompt
-    print(f"craft sample: {profile.line()}", file=sys.stderr)
+# %% ../nbs/05_sampling.ipynb #5ff28b9c
+def _print_samples(s:TextStream, prompt:str, echo:bool, setting:Setting):
+    "Run `s` on `setting`'s threads, printing sample 1 as it comes, then the others (`echo`: each after `prompt`)."
     out, last = sys.stdout, ['\n']           # last: the last character written, to know when a newline is needed
     def write(chunk:str):
         if chunk: out.write(chunk); out.flush(); last[0] = chunk[-1]
     def begin(row:int):                       # a new sample starts on a new line, under its header
         if last[0] != '\n': write('\n')
-        write((f"--- sample {row + 1} ---\n" if num_samples > 1 else '') + (prompt_text if echo else ''))
+        write((f"--- sample {row + 1} ---\n" if s.config.num_samples > 1 else '') + (prompt if echo else ''))
     begin(0)
-    with threads_of(profile.choice):
+    with threads_of(setting):
         for row, chunk in s:
             if row == 0: write(chunk)         # sample 1 as it comes
     for row, sample in enumerate(s.texts[1:], 1): begin(row); write(sample)
     if last[0] != '\n': write('\n')
+
+# %% ../nbs/05_sampling.ipynb #4e6e9c19
+def _sample(run, config:GenerationConfig, prompt:str, prompt_file:str|None, device:str, dtype:str, threads:int,
+            on_unknown:str, echo:bool) -> list[str]:
+    "`sample_command`, its generation settings gathered in `config`."
+    if on_unknown not in ('error', 'drop', 'unk'):
+        raise CraftError(f"unknown on_unknown={on_unknown!r}; use error or drop")
+    prompt_text = _read_prompt(prompt, prompt_file)
+    check_sampling_memory(run, config, device, dtype, threads)
+    model, tokenizer, profile = load_for_sampling(run, device, dtype, threads, config.num_samples)
+    if config.compile: print("craft sample: compiling the decode step (once per process: "
+                             "seconds on a GPU, up to a minute on a CPU)", file=sys.stderr)
+    s = TextStream(model, tokenizer, prompt_text, config, on_unknown)   # checks the prompt
+    print(f"craft sample: {profile.line()}", file=sys.stderr)
+    _print_samples(s, prompt_text, echo, profile.choice)
     print(f"{s.n_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_s:.0f} tokens/s "
           f"(seed {s.seed}, {model.tok_emb.weight.device.type}, {profile.choice})", file=sys.stderr)
     return s.texts
+
+def _generation_settings(args:dict) -> dict:
+    "The `GenerationConfig` fields among `sample_command`'s arguments `args` (its `cache` is `use_cache`)."
+    names = {f.name for f in fields(GenerationConfig)}
+    return {('use_cache' if k == 'cache' else k): v for k, v in args.items() if k in names or k == 'cache'}
+
+# %% ../nbs/05_sampling.ipynb #231ec21e
+def sample_command(
+    run:str,                          # run directory or .safetensors checkpoint
+    prompt:str='\n',                  # text to continue
+    prompt_file:str|None=None,        # read the prompt from this UTF-8 file instead
+    max_new_tokens:int=500,           # characters to generate per sample
+    temperature:float=0.8,            # < 1 sharper, > 1 more random; 0 = greedy (always the most likely)
+    top_k:int=0,                      # sample from the k most likely characters only; 0 = all
+    top_p:float=1.0,                  # sample from the most likely characters making up this probability; 1 = all
+    min_p:float=0.0,                  # drop characters less likely than min_p times the most likely; 0 = none
+    repetition_penalty:float=1.0,     # > 1 discourages characters already in the context; 1 = off
+    stop:list[str]|None=None,         # end a sample at this string (not printed)
+    num_samples:int=1,                # samples to generate, together as one batch
+    seed:int|None=None,               # random seed, to reproduce a sample; None = a fresh one, shown on stderr
+    device:str='auto',                # auto, cpu, cuda, cuda:N or mps
+    dtype:str='auto',                 # weights: auto (timed: the faster; bfloat16 on a GPU), float32, bfloat16, float16
+    threads:int=0,                    # CPU threads for torch; 0 = measured (see craft.machine), or $CRAFT_THREADS
+    on_unknown:str='error',           # prompt characters outside the vocabulary: error or drop
+    cache:bool=True,                  # use the KV cache; --no-cache recomputes the whole context each step
+    compile:bool=False,               # torch.compile the decode step (CUDA graphs on a GPU): slower start, faster steps
+    echo:bool=False,                  # print the prompt before each sample
+) -> list[str]:
+    "Stream generated text to stdout (sample 1 as it comes, then the others), the speed to stderr; returns the samples."
+    config = GenerationConfig(**_generation_settings(locals()))
+    return _sample(run, config, prompt, prompt_file, device, dtype, threads, on_unknown, echo)
 
 # %% ../nbs/05_sampling.ipynb #daaccfd9
 import html
@@ -481,7 +537,8 @@ import craft.attention as attention_module
 # %% ../nbs/05_sampling.ipynb #4fa73c85
 @torch.inference_mode()
 def next_char_probs(model:GPT, tokenizer:CharTokenizer, text:str, config:GenerationConfig|None=None) -> torch.Tensor:
-    "Probabilities `(V,)` of the character after `text` under `config`'s settings: the model on its last `block_size` characters, then `next_tokens`' transforms."
+    ("Probabilities `(V,)` of the character after `text` under `config`'s settings: the model on its last `block_size` "
+     "characters, then `next_tokens`' transforms.")
     c, device = config or GenerationConfig(), model.tok_emb.weight.device
     if not text: raise CraftError("there is no text to continue; give at least one character")
     ids = torch.from_numpy(tokenizer.encode(text).astype(np.int64)).to(device)[None]          # (1, t)
@@ -496,34 +553,41 @@ def _visible(ch:str) -> str: return {' ': '␣', '\n': '⏎', '\t': '⇥'}.get(c
 
 def _text_html(prompt:str, text:str) -> str:
     "The prompt (grey) and the generated text, as they are, wrapped."
-    return (f"<pre style='white-space:pre-wrap;margin:0;min-height:10em'><span style='color:#667085'>{html.escape(prompt)}</span>"
-            f"{html.escape(text)}</pre>")
+    return (f"<pre style='white-space:pre-wrap;margin:0;min-height:10em'>"
+            f"<span style='color:#667085'>{html.escape(prompt)}</span>{html.escape(text)}</pre>")
 
 def _bars_html(probs:torch.Tensor, tokenizer:CharTokenizer, after:str, n:int=10) -> str:
     "Bars of the `n` likeliest next characters (those not ruled out) after the text ending in `after`."
     top = probs.float().topk(min(n, len(probs)))
-    rows = [f"<tr><td><code>{html.escape(_visible(tokenizer.chars[i]))}</code></td><td style='width:16em'><div style='width:{100 * p / top.values[0]:.1f}%;"
-            f"height:0.9em;background:#2f5bd3'></div></td><td style='text-align:right'>{p:.1%}</td></tr>"
+    rows = [f"<tr><td><code>{html.escape(_visible(tokenizer.chars[i]))}</code></td>"
+            f"<td style='width:16em'><div style='width:{100 * p / top.values[0]:.1f}%;height:0.9em;background:#2f5bd3'>"
+            f"</div></td><td style='text-align:right'>{p:.1%}</td></tr>"
             for p, i in zip(top.values.tolist(), top.indices.tolist()) if p > 0]
-    return (f"<b>What the model sees</b>: the next character after<br><code>…{html.escape(''.join(map(_visible, after[-20:])))}</code>"
+    return (f"<b>What the model sees</b>: the next character after<br>"
+            f"<code>…{html.escape(''.join(map(_visible, after[-20:])))}</code>"
             f"<table style='border-collapse:collapse'>{''.join(rows)}</table>")
 
 # %% ../nbs/05_sampling.ipynb #b06d6aa6
 class SamplerApp:
-    "An ipywidgets app: a prompt, sliders for the sampling controls, Generate and Stop, the streamed text, and what the model sees next."
-    def __init__(self, model:GPT, tokenizer:CharTokenizer, prompt:str='\n', max_new_tokens:int=300, temperature:float=0.8, top_k:int=0,
-                 top_p:float=1.0, min_p:float=0.0, repetition_penalty:float=1.0, seed:int|None=None, **settings):
+    ("An ipywidgets app: a prompt, sliders for the sampling controls, Generate "
+     "and Stop, the streamed text, and what the model sees next.")
+    def __init__(self, model:GPT, tokenizer:CharTokenizer, prompt:str='\n', max_new_tokens:int=300,
+                 temperature:float=0.8, top_k:int=0, top_p:float=1.0, min_p:float=0.0, repetition_penalty:float=1.0,
+                 seed:int|None=None, **settings):
         import ipywidgets as W
-        self.model, self.tokenizer, self.settings = model, tokenizer, settings   # settings: other GenerationConfig fields
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings   # other GenerationConfig fields
         wide = lambda: dict(style={'description_width': '9em'}, layout=W.Layout(width='24em'))   # room for every label
         self.prompt_box = W.Textarea(value=prompt, description='prompt', layout=W.Layout(width='100%', height='5em'))
-        self.temperature_slider = W.FloatSlider(value=temperature, min=0, max=2, step=0.05, description='temperature', **wide())
+        self.temperature_slider = W.FloatSlider(value=temperature, min=0, max=2, step=0.05, description='temperature',
+                                                **wide())
         self.top_k_slider = W.IntSlider(value=top_k, min=0, max=tokenizer.vocab_size, description='top-k', **wide())
         self.top_p_slider = W.FloatSlider(value=top_p, min=0.01, max=1, step=0.01, description='top-p', **wide())
         self.min_p_slider = W.FloatSlider(value=min_p, min=0, max=0.5, step=0.01, description='min-p', **wide())
-        self.repetition_penalty_slider = W.FloatSlider(value=repetition_penalty, min=0.5, max=2, step=0.05, description='repetition penalty', **wide())
+        self.repetition_penalty_slider = W.FloatSlider(value=repetition_penalty, min=0.5, max=2, step=0.05,
+                                                       description='repetition penalty', **wide())
         self.length_slider = W.IntSlider(value=max_new_tokens, min=1, max=5000, description='length', **wide())
-        self.seed_box = W.Text(value='' if seed is None else str(seed), placeholder='random', description='seed', **wide())
+        self.seed_box = W.Text(value='' if seed is None else str(seed), placeholder='random', description='seed',
+                               **wide())
         self._assemble()
 
     def _ipython_display_(self):
@@ -535,11 +599,14 @@ class SamplerApp:
 def _assemble(self:SamplerApp):
     "Add the buttons and views to the setting widgets, lay them out and connect them."
     import ipywidgets as W
-    self.generate_button, self.stop_button = W.Button(description='Generate', button_style='primary'), W.Button(description='Stop', disabled=True)
-    self.output_box, self.probs_view, self.status = W.HTML(layout=W.Layout(width='100%')), W.HTML(layout=W.Layout(margin='0 0 0 2em')), W.Label()
-    self.sliders = [self.temperature_slider, self.top_k_slider, self.top_p_slider, self.min_p_slider, self.repetition_penalty_slider]
-    controls = W.VBox(self.sliders + [self.length_slider, self.seed_box, W.HBox([self.generate_button, self.stop_button])],
-                      layout=W.Layout(min_width='25em'))
+    self.generate_button = W.Button(description='Generate', button_style='primary')
+    self.stop_button = W.Button(description='Stop', disabled=True)
+    self.output_box, self.status = W.HTML(layout=W.Layout(width='100%')), W.Label()
+    self.probs_view = W.HTML(layout=W.Layout(margin='0 0 0 2em'))
+    self.sliders = [self.temperature_slider, self.top_k_slider, self.top_p_slider, self.min_p_slider,
+                    self.repetition_penalty_slider]
+    buttons = W.HBox([self.generate_button, self.stop_button])
+    controls = W.VBox(self.sliders + [self.length_slider, self.seed_box, buttons], layout=W.Layout(min_width='25em'))
     self.widget = W.VBox([self.prompt_box, W.HBox([controls, self.probs_view]), self.output_box, self.status])
     self.generate_button.on_click(lambda _: self.generate(block=False))
     self.stop_button.on_click(lambda _: self.stop())
@@ -550,7 +617,8 @@ def _assemble(self:SamplerApp):
 
 # %% ../nbs/05_sampling.ipynb #ca1b840f
 def _widget_property(widget:str, doc:str):
-    return property(lambda self: getattr(self, widget).value, lambda self, v: setattr(getattr(self, widget), 'value', v), doc=doc)
+    return property(lambda self: getattr(self, widget).value,
+                    lambda self, v: setattr(getattr(self, widget), 'value', v), doc=doc)
 
 SamplerApp.prompt = _widget_property('prompt_box', "The prompt.")
 SamplerApp.temperature = _widget_property('temperature_slider', "Temperature (0 = greedy).")
@@ -565,7 +633,8 @@ def _get_seed(self:SamplerApp) -> int|None:
     text = self.seed_box.value.strip()
     if not text: return None
     try: return int(text)
-    except ValueError: raise CraftError(f"seed {text!r} is not an integer; type a whole number or leave the box empty") from None
+    except ValueError:
+        raise CraftError(f"seed {text!r} is not an integer; type a whole number or leave the box empty") from None
 
 SamplerApp.seed = property(_get_seed, lambda self, v: setattr(self.seed_box, 'value', '' if v is None else str(v)),
                            doc="The seed in the seed box, or None (an empty box) for a fresh one.")
@@ -574,17 +643,23 @@ SamplerApp.seed = property(_get_seed, lambda self, v: setattr(self.seed_box, 'va
 def config(self:SamplerApp, fresh_seed:bool=False) -> GenerationConfig:
     "The `GenerationConfig` the widgets describe (`fresh_seed`: a new short seed if the box is empty)."
     seed = self.seed if self.seed is not None or not fresh_seed else secrets.randbelow(1_000_000)
-    return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                            min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=seed, **self.settings)
+    return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                            top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=seed,
+                            **self.settings)
 
 # %% ../nbs/05_sampling.ipynb #ac3ff58d
 @patch
 def _show_probs(self:SamplerApp, config:GenerationConfig|None=None):
-    "Bars of what the model sees after the prompt and the text so far (between steps while generating, else with the sliders' settings)."
-    if config is None and self._thread is not None and self._thread.is_alive(): return     # the generating thread draws them
+    ("Bars of what the model sees after the prompt and the text so far (between "
+     "steps while generating, else with the sliders' settings).")
+    if config is None and self._thread is not None and self._thread.is_alive():
+        return     # the generating thread draws them
     text = self.prompt + self.output_text
-    try: self.probs_view.value = _bars_html(next_char_probs(self.model, self.tokenizer, text, config or self.config()), self.tokenizer, text)
-    except CraftError as e: self.probs_view.value = f"<b>What the model sees</b>: nothing, {html.escape(str(e).split(';')[0], quote=False)}"
+    try:
+        probs = next_char_probs(self.model, self.tokenizer, text, config or self.config())   # (V,)
+        self.probs_view.value = _bars_html(probs, self.tokenizer, text)
+    except CraftError as e:
+        self.probs_view.value = f"<b>What the model sees</b>: nothing, {html.escape(str(e).split(';')[0], quote=False)}"
 
 @patch
 def _show(self:SamplerApp, config:GenerationConfig, force:bool=False):
@@ -606,7 +681,8 @@ def _run(self:SamplerApp, s:TextStream):
                 self._show(s.config)
         self._show(s.config, force=True)
         stopped = ' (stopped)' if s.finish_reason == 'cancelled' else ''
-        self.status.value = f"{s.n_tokens} characters in {s.seconds:.2f} s: {s.tokens_per_s:.0f} characters/s, seed {s.seed}{stopped}"
+        self.status.value = (f"{s.n_tokens} characters in {s.seconds:.2f} s: {s.tokens_per_s:.0f} characters/s, "
+                             f"seed {s.seed}{stopped}")
     finally:
         self.generate_button.disabled, self.stop_button.disabled = False, True
 
@@ -620,12 +696,14 @@ def _run_or_report(self:SamplerApp, s:TextStream):
 # %% ../nbs/05_sampling.ipynb #b2aa0c31
 @patch
 def generate(self:SamplerApp, block:bool=True) -> str:
-    "Generate with the current settings, streaming into the output box; `block=False` runs in a thread (as the button does)."
+    ("Generate with the current settings, streaming into the output box; "
+     "`block=False` runs in a thread (as the button does).")
     if self._thread is not None and self._thread.is_alive(): return self.output_text   # already running
     self.output_text, self.error = '', None
     self.output_box.value = _text_html(self.prompt, '')
     self._cancel.clear()
-    try: self.last_stream = s = TextStream(self.model, self.tokenizer, self.prompt, self.config(fresh_seed=True), cancel=self._cancel)
+    try: self.last_stream = s = TextStream(self.model, self.tokenizer, self.prompt, self.config(fresh_seed=True),
+                                           cancel=self._cancel)
     except CraftError as e:
         self.error, self.status.value = e, f"error: {e}"
         if block: raise
@@ -652,9 +730,11 @@ def wait(self:SamplerApp, timeout:float|None=None):
 # %% ../nbs/05_sampling.ipynb #5dde6bed
 def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto',
                 threads:int=0, **defaults) -> SamplerApp:
-    "A `SamplerApp` over a run directory or checkpoint (loaded on `device`, dtype and threads from the machine profile), or over a model and its tokenizer."
+    ("A `SamplerApp` over a run directory or checkpoint (loaded on `device`, dtype and threads from the machine "
+     "profile), or over a model and its tokenizer.")
     if isinstance(run_or_model, GPT):
-        if tokenizer is None: raise CraftError("sampler_app needs the tokenizer that goes with the model: sampler_app(model, tokenizer)")
+        if tokenizer is None:
+            raise CraftError("sampler_app needs the tokenizer that goes with the model: sampler_app(model, tokenizer)")
         model = run_or_model                 # in its own dtype; the threads are measured
         profile = decoding_profile(model, 1, str(model.tok_emb.weight.dtype).removeprefix('torch.'), threads)
     else: model, tokenizer, profile = load_for_sampling(run_or_model, device, dtype, threads)
@@ -665,12 +745,13 @@ def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, de
 # %% ../nbs/05_sampling.ipynb #f74a33e3
 @torch.inference_mode()
 def attention_maps(model:GPT, tokenizer:CharTokenizer, prompt:str) -> torch.Tensor:
-    "Attention weights `(L, H, t, t)` of `model` on `prompt` (its last `block_size` characters): layer, head, query, key."
+    ("Attention weights `(L, H, t, t)` of `model` on `prompt` (its last "
+     "`block_size` characters): layer, head, query, key.")
     layers = [m for m in model.modules() if isinstance(m, attention_module.CausalSelfAttention)]
     scratch, fast, maps = attention_module.attention_scratch, [m.fast for m in layers], []
     def recording(q, k, v, mask=None, dropout_p=0.0):
         eye = torch.eye(k.size(-2), dtype=q.dtype, device=q.device).expand(*k.shape[:-1], -1)   # (B, H, Tk, Tk)
-        maps.append(scratch(q, k, eye, mask)[0])                                                 # (H, Tq, Tk): the weights
+        maps.append(scratch(q, k, eye, mask)[0])                                           # (H, Tq, Tk): the weights
         return scratch(q, k, v, mask, dropout_p)
     ids = torch.from_numpy(tokenizer.encode(prompt).astype(np.int64)).to(model.tok_emb.weight.device)   # (t,)
     try:
@@ -684,12 +765,14 @@ def attention_maps(model:GPT, tokenizer:CharTokenizer, prompt:str) -> torch.Tens
 
 # %% ../nbs/05_sampling.ipynb #3ed57c75
 def plot_attention(model:GPT, tokenizer:CharTokenizer, prompt:str, query:int=-1):
-    "For each layer, heads × positions: how much each head at position `query` (default: the last) attends to each character of `prompt`."
+    ("For each layer, heads × positions: how much each head at position `query` "
+     "(default: the last) attends to each character of `prompt`.")
     import matplotlib.pyplot as plt
     maps = attention_maps(model, tokenizer, prompt)                                   # (L, H, t, t)
     L, H, t, _ = maps.shape
     chars, q = prompt[-t:], query % t
-    fig, axes = plt.subplots(L, 1, figsize=(max(6, 0.32 * (q + 1) + 1.5), 0.4 * H * L + 1.3), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(L, 1, figsize=(max(6, 0.32 * (q + 1) + 1.5), 0.4 * H * L + 1.3), squeeze=False,
+                             sharex=True)
     for layer, ax in enumerate(axes[:, 0]):
         ax.imshow(maps[layer, :, q, :q + 1].cpu().numpy(), cmap='Blues', vmin=0, vmax=1, aspect='auto')   # (H, q+1)
         ax.set_yticks(range(H), [f'head {h}' for h in range(H)])

@@ -58,16 +58,19 @@ def _check_chars(chars: list, where: str):
     if not chars: raise CraftError(f"{where}: the vocabulary is empty; build the tokenizer from non-empty text")
     for i, c in enumerate(chars):
         if not isinstance(c, str) or len(c) != 1:
-            raise CraftError(f"{where}: vocabulary entry {i} is {c!r}, not a single character; pass a string or a list of 1-character strings")
+            raise CraftError(f"{where}: vocabulary entry {i} is {c!r}, not a single character; pass a string or a list "
+                             "of 1-character strings")
         if 0xD800 <= ord(c) <= 0xDFFF:
-            raise CraftError(f"{where}: vocabulary entry {i} is the lone surrogate U+{ord(c):04X}, which is not a Unicode character; read text with load_text")
+            raise CraftError(f"{where}: vocabulary entry {i} is the lone surrogate U+{ord(c):04X}, which is not a "
+                             "Unicode character; read text with load_text")
     if len(set(chars)) < len(chars):
         twice = next(c for i, c in enumerate(chars) if c in chars[:i])
         raise CraftError(f"{where}: the vocabulary lists {_describe(twice)} twice; each character must appear once")
 
 # %% ../nbs/00_tokenizer.ipynb #33ab94a6
 class CharTokenizer:
-    "Character-level tokenizer: id `i` is the `i`-th character of the vocabulary `chars`; `unk=True` adds one last id for unknown characters."
+    ("Character-level tokenizer: id `i` is the `i`-th character of the vocabulary `chars`; `unk=True` adds one last id "
+     "for unknown characters.")
     def __init__(self, chars, unk: bool = False):
         chars = list(chars)
         _check_chars(chars, 'CharTokenizer')
@@ -79,29 +82,6 @@ class CharTokenizer:
         # id -> code point, (vocab_size,); the unknown id (if any) decodes to U+FFFD
         self._decode_table = np.append(codepoints, np.uint32(ord(UNK_CHAR))).astype('<u4') if unk else codepoints
 
-    @classmethod
-    def from_text(cls, text: str, unk: bool = False) -> 'CharTokenizer':
-        "Build the tokenizer whose vocabulary is the sorted set of characters in `text`."
-        if not isinstance(text, str): raise CraftError(f"CharTokenizer.from_text expects a str, got {type(text).__name__}; read files with load_text")
-        return cls(sorted(set(text)), unk=unk)
-
-    @property
-    def chars(self) -> list[str]:
-        "The vocabulary: characters in id order (without the unknown id)."
-        return list(self._chars)
-    @property
-    def vocab_size(self) -> int:
-        "Number of ids: `len(chars)`, plus one if there is an unknown id."
-        return len(self._chars) + self.unk
-    @property
-    def unk_id(self) -> int | None:
-        "The id of unknown characters (`len(chars)`, the last id), or `None` without `unk`."
-        return len(self._chars) if self.unk else None
-    @property
-    def dtype(self) -> type:
-        "Integer type of encoded ids: `np.uint16` if all ids fit (vocab_size <= 65536), else `np.int32`."
-        return np.uint16 if self.vocab_size <= 65536 else np.int32
-
     def __len__(self) -> int: return self.vocab_size
     def __eq__(self, other):
         if not isinstance(other, CharTokenizer): return NotImplemented
@@ -112,6 +92,35 @@ class CharTokenizer:
         if len(self._chars) > 20: shown = shown[:-1] + '…' + shown[-1]
         return f"CharTokenizer(vocab_size={self.vocab_size}, chars={shown}{', unk=True' if self.unk else ''})"
 
+# %% ../nbs/00_tokenizer.ipynb #3adf4870
+@patch(as_prop=True)
+def chars(self: CharTokenizer) -> list[str]:
+    "The vocabulary: characters in id order (without the unknown id)."
+    return list(self._chars)
+
+@patch(as_prop=True)
+def vocab_size(self: CharTokenizer) -> int:
+    "Number of ids: `len(chars)`, plus one if there is an unknown id."
+    return len(self._chars) + self.unk
+
+@patch(as_prop=True)
+def unk_id(self: CharTokenizer) -> int | None:
+    "The id of unknown characters (`len(chars)`, the last id), or `None` without `unk`."
+    return len(self._chars) if self.unk else None
+
+@patch(as_prop=True)
+def dtype(self: CharTokenizer) -> type:
+    "Integer type of encoded ids: `np.uint16` if all ids fit (vocab_size <= 65536), else `np.int32`."
+    return np.uint16 if self.vocab_size <= 65536 else np.int32
+
+# %% ../nbs/00_tokenizer.ipynb #7d9cf50a
+@patch(cls_method=True)
+def from_text(cls: CharTokenizer, text: str, unk: bool = False) -> CharTokenizer:
+    "Build the tokenizer whose vocabulary is the sorted set of characters in `text`."
+    if not isinstance(text, str):
+        raise CraftError(f"CharTokenizer.from_text expects a str, got {type(text).__name__}; read files with load_text")
+    return cls(sorted(set(text)), unk=unk)
+
 # %% ../nbs/00_tokenizer.ipynb #a3aa7e2c
 _CHUNK = 1 << 20  # characters per step of encode/decode: bounds the temporary arrays to ~13 MB
 
@@ -119,31 +128,46 @@ def _codepoints(text: str) -> np.ndarray:
     "Code points of `text` as a `(len(text),)` uint32 array (a view of its UTF-32 encoding)."
     return np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), dtype='<u4')
 
-def _unknown_message(unknown: dict, on_unknown_hint: str) -> str:
-    "One line listing unknown characters (`unknown` maps code point -> first index in the text)."
+@patch
+def _lookup(self: CharTokenizer, cps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "The ids `(n,)` of code points `cps` `(n,)` (meaningless where unknown), and the mask `(n,)` of the known ones."
+    vocab = self._codepoints                                         # (V,) sorted
+    rank = np.minimum(np.searchsorted(vocab, cps), len(vocab) - 1)   # (n,) rank in vocab, if known
+    known = vocab[rank] == cps                                       # (n,) mismatch mask, inverted
+    return (rank if self._id_of_rank is None else self._id_of_rank[rank]), known   # (n,) ids, if known; (n,)
+
+# %% ../nbs/00_tokenizer.ipynb #942d103c
+def _check_encode_args(tok, text, on_unknown: str):
+    "Raise `CraftError` unless `text` is a str and `tok` can do what `on_unknown` asks."
+    if not isinstance(text, str):
+        raise CraftError(f"encode expects a str, got {type(text).__name__}; decode bytes to text first (see load_text)")
+    if on_unknown not in ('error', 'unk', 'drop'):
+        raise CraftError(f"on_unknown must be 'error', 'unk' or 'drop', got {on_unknown!r}")
+    if on_unknown == 'unk' and tok.unk_id is None:
+        raise CraftError("on_unknown='unk' needs a tokenizer with an unknown id; build it with unk=True, or use "
+                         "on_unknown='drop'")
+
+def _unknown_message(unknown: dict, unk: bool) -> str:
+    "One line listing unknown characters (`unknown` maps code point -> first index in the text); `unk`: `tok.unk`."
     first = sorted(unknown.items(), key=lambda kv: kv[1])
     listed = ', '.join(f"{_describe(chr(cp))} at index {i}" for cp, i in first[:5])
     more = f" and {len(first) - 5} more" if len(first) > 5 else ''
+    hint = ("pass on_unknown='unk' to map them to the unknown id or 'drop' to remove them" if unk
+            else "pass on_unknown='drop' to remove them (or use a tokenizer built with unk=True)")
     return (f"text has {len(first)} character(s) not in the tokenizer's vocabulary: {listed}{more}; "
-            f"{on_unknown_hint}, or build the tokenizer from text that contains them")
+            f"{hint}, or build the tokenizer from text that contains them")
 
 # %% ../nbs/00_tokenizer.ipynb #03ae8610
 @patch
 def encode(self: CharTokenizer, text: str, on_unknown: str = 'error') -> np.ndarray:
-    "Encode `text` into a `(len(text),)` array of ids of dtype `self.dtype`. Unknown characters: `on_unknown` is 'error', 'unk' or 'drop'."
-    if not isinstance(text, str): raise CraftError(f"encode expects a str, got {type(text).__name__}; decode bytes to text first (see load_text)")
-    if on_unknown not in ('error', 'unk', 'drop'):
-        raise CraftError(f"on_unknown must be 'error', 'unk' or 'drop', got {on_unknown!r}")
-    if on_unknown == 'unk' and self.unk_id is None:
-        raise CraftError("on_unknown='unk' needs a tokenizer with an unknown id; build it with unk=True, or use on_unknown='drop'")
-    vocab = self._codepoints                                   # (V,) sorted
+    ("Encode `text` into a `(len(text),)` array of ids of dtype `self.dtype`. Unknown characters: `on_unknown` is "
+     "'error', 'unk' or 'drop'.")
+    _check_encode_args(self, text, on_unknown)
     ids = np.empty(len(text), dtype=self.dtype)                # (N,)
     n_ids, unknown = 0, {}                                     # unknown: code point -> first index in text
     for start in range(0, len(text), _CHUNK):
-        cps = _codepoints(text[start:start + _CHUNK])   # (n,) code points of this chunk
-        rank = np.minimum(np.searchsorted(vocab, cps), len(vocab) - 1)   # (n,) rank in vocab, if known
-        known = vocab[rank] == cps                             # (n,) mismatch mask, inverted
-        pos = rank if self._id_of_rank is None else self._id_of_rank[rank]   # (n,) ids, if known
+        cps = _codepoints(text[start:start + _CHUNK])          # (n,) code points of this chunk
+        pos, known = self._lookup(cps)                         # (n,) ids, if known; (n,)
         if not known.all():
             bad = np.flatnonzero(~known)                       # (n_bad,) chunk positions of unknowns
             bad_cps, first = np.unique(cps[bad], return_index=True)
@@ -152,10 +176,7 @@ def encode(self: CharTokenizer, text: str, on_unknown: str = 'error') -> np.ndar
             elif on_unknown == 'drop': pos = pos[known]        # (n_known,)
         ids[n_ids:n_ids + len(pos)] = pos
         n_ids += len(pos)
-    if unknown and on_unknown == 'error':
-        hint = ("pass on_unknown='unk' to map them to the unknown id or 'drop' to remove them" if self.unk
-                else "pass on_unknown='drop' to remove them (or use a tokenizer built with unk=True)")
-        raise CraftError(_unknown_message(unknown, hint))
+    if unknown and on_unknown == 'error': raise CraftError(_unknown_message(unknown, self.unk))
     return ids if n_ids == len(ids) else ids[:n_ids].copy()
 
 # %% ../nbs/00_tokenizer.ipynb #901fbcda
@@ -165,14 +186,17 @@ def decode(self: CharTokenizer, ids) -> str:
     if hasattr(ids, 'detach'): ids = ids.detach().cpu().numpy()   # torch tensor -> numpy, no torch import needed
     ids = np.asarray(ids)
     if ids.ndim > 1:
-        raise CraftError(f"decode expects a 0-d or 1-d sequence of ids, got shape {ids.shape}; decode each row, e.g. [tok.decode(row) for row in ids]")
+        raise CraftError(f"decode expects a 0-d or 1-d sequence of ids, got shape {ids.shape}; decode each row, e.g. "
+                         "[tok.decode(row) for row in ids]")
     if ids.size == 0: return ''
-    if ids.dtype.kind not in 'iu': raise CraftError(f"decode expects integer ids, got dtype {ids.dtype}; pass ids returned by encode")
+    if ids.dtype.kind not in 'iu':
+        raise CraftError(f"decode expects integer ids, got dtype {ids.dtype}; pass ids returned by encode")
     ids = ids.reshape(-1)                                          # (N,)
     if ids.min() < 0 or ids.max() >= self.vocab_size:              # two reductions, no (N,) temporaries
         i = int(np.argmax((ids < 0) | (ids >= self.vocab_size)))   # first bad position
-        raise CraftError(f"id {ids[i]} at position {i} is out of range for this tokenizer (ids are 0..{self.vocab_size - 1}); "
-                         "the ids probably come from a model trained with a different tokenizer")
+        raise CraftError(f"id {ids[i]} at position {i} is out of range for this tokenizer "
+                         f"(ids are 0..{self.vocab_size - 1}); the ids probably come from a model trained with a "
+                         "different tokenizer")
     table = self._decode_table                                     # (vocab_size,) id -> code point
     return ''.join(table[ids[i:i + _CHUNK]].tobytes().decode('utf-32-le')   # (n,) code points -> str
                    for i in range(0, len(ids), _CHUNK))
@@ -182,7 +206,8 @@ TOKENIZER_FORMAT, TOKENIZER_VERSION = 'craft.tokenizer', 1
 
 @patch
 def to_dict(self: CharTokenizer) -> dict:
-    "The JSON-able form: `{'format': 'craft.tokenizer', 'version': 1, 'chars': <vocabulary as one string>, 'unk': bool}`."
+    ("The JSON-able form: "
+     "`{'format': 'craft.tokenizer', 'version': 1, 'chars': <vocabulary as one string>, 'unk': bool}`.")
     return {'format': TOKENIZER_FORMAT, 'version': TOKENIZER_VERSION, 'chars': ''.join(self._chars), 'unk': self.unk}
 
 @patch(cls_method=True)
@@ -192,14 +217,15 @@ def from_dict(cls: CharTokenizer, d: dict, where: str = 'tokenizer data') -> Cha
     if not isinstance(d, dict):
         raise CraftError(f"{where}: expected a JSON object describing a craft tokenizer, got {type(d).__name__}; {fix}")
     if d.get('format') != TOKENIZER_FORMAT:
-        raise CraftError(f"{where}: not a craft tokenizer (format is {d.get('format')!r}, expected {TOKENIZER_FORMAT!r}); "
-                         "pass a tokenizer file written by craft")
+        raise CraftError(f"{where}: not a craft tokenizer (format is {d.get('format')!r}, "
+                         f"expected {TOKENIZER_FORMAT!r}); pass a tokenizer file written by craft")
     version = d.get('version')
     if type(version) is not int or version != TOKENIZER_VERSION:
         raise CraftError(f"{where}: tokenizer format version {version!r} is not supported (this craft reads version "
                          f"{TOKENIZER_VERSION}); use the craft version that wrote it, or {fix}")
     chars, unk = d.get('chars'), d.get('unk', False)
-    if not isinstance(chars, str): raise CraftError(f"{where}: 'chars' must be a string of characters, got {type(chars).__name__}; {fix}")
+    if not isinstance(chars, str):
+        raise CraftError(f"{where}: 'chars' must be a string of characters, got {type(chars).__name__}; {fix}")
     if not isinstance(unk, bool): raise CraftError(f"{where}: 'unk' must be true or false, got {unk!r}; {fix}")
     _check_chars(list(chars), where)
     return cls(chars, unk=unk)
@@ -223,8 +249,9 @@ def load(cls: CharTokenizer, path: str | Path) -> CharTokenizer:
     try: d = json.loads(path.read_bytes().decode('utf-8'))
     except OSError as e: raise CraftError(f"cannot read {path}: {e.strerror}; check the file's permissions") from None
     except UnicodeDecodeError as e:
-        raise CraftError(f"{path}: not a UTF-8 JSON file (bad byte at offset {e.start}); re-create it with CharTokenizer.save") from None
+        raise CraftError(f"{path}: not a UTF-8 JSON file (bad byte at offset {e.start}); re-create it with "
+                         "CharTokenizer.save") from None
     except json.JSONDecodeError as e:
-        raise CraftError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno}), the file may be truncated "
-                         "or corrupted; re-create it with CharTokenizer.save") from None
+        raise CraftError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno}), the file may be "
+                         "truncated or corrupted; re-create it with CharTokenizer.save") from None
     return cls.from_dict(d, where=str(path))
