@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['Parser', 'add_option', 'add_function_options', 'train_parser', 'train_command', 'print_sample', 'build_parser',
-           'compare_parser', 'parse_args', 'main']
+           'compare_parser', 'parse_args', 'main', 'export_parser']
 
 # %% ../nbs/90_cli.ipynb #c5fdeb68
 import os
@@ -126,6 +126,7 @@ def build_parser(command:str|None=None) -> argparse.ArgumentParser:
                           epilog="craft runs compare RUN RUN... [--plot FILE.png] compares runs: their config diff and loss curves.")
     add_function_options(runs, runs_command, positional=('dir',))
     runs.set_defaults(func=lambda args: runs_command(**_kwargs(args)))
+    export_parser(sub)
     return parser
 
 def compare_parser() -> argparse.ArgumentParser:
@@ -161,6 +162,19 @@ def main(argv:list[str]|None=None) -> int:
     except BrokenPipeError:  # the reader went away (`craft runs | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+# %% ../nbs/90_cli.ipynb #f85bcb56
+from .deploy import export_command
+
+# %% ../nbs/90_cli.ipynb #b9a72081
+def export_parser(sub) -> argparse.ArgumentParser:
+    "The parser of `craft export`, added to the subcommands `sub`."
+    p = sub.add_parser('export', help='export a model to ONNX, to run without PyTorch',
+                       description="Export a run directory or checkpoint as one ONNX graph (the full forward and the decode step "
+                                   "with its KV cache), with the tokenizer in its metadata.")
+    add_function_options(p, export_command)
+    p.set_defaults(func=lambda args: export_command(**_kwargs(args)) and 0)
+    return p
 
 # %% ../nbs/90_cli.ipynb #8ba22001
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

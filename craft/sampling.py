@@ -419,6 +419,7 @@ def sample_command(run:str,                           # run directory or .safete
                    seed:int|None=None,                # random seed, to reproduce a sample; None = a fresh one, shown on stderr
                    device:str='auto',                 # auto, cpu, cuda, cuda:N or mps
                    dtype:str='auto',                  # weights: auto (bfloat16 where the GPU or CPU computes it natively, else float32), float32, bfloat16, float16
+                   quantize:str|None=None,            # int8: the blocks' Linear layers get int8 weights, for faster sampling on a CPU (see 10_deploy); None = float
                    on_unknown:str='error',            # prompt characters outside the vocabulary: error or drop
                    cache:bool=True,                   # use the KV cache; --no-cache recomputes the whole context each step
                    compile:bool=False,                # compile the decode step (torch.compile; CUDA graphs on a GPU): slower start, faster steps
@@ -432,7 +433,7 @@ def sample_command(run:str,                           # run directory or .safete
     prompt_text = _read_prompt(prompt, prompt_file)
     dev = pick_device(device)
     torch_dtype = inference_dtype(dtype, dev)
-    model, tokenizer, _ = load_checkpoint(run, dev)
+    model, tokenizer, _ = load_checkpoint(run, dev, quantize)
     model.to(torch_dtype)
     if compile: print("craft sample: compiling the decode step (once per process: seconds on a GPU, up to a minute on a CPU)", file=sys.stderr)
     s = TextStream(model, tokenizer, prompt_text, config, on_unknown)
@@ -448,7 +449,7 @@ def sample_command(run:str,                           # run directory or .safete
     for row, sample in enumerate(s.texts[1:], 1): begin(row); write(sample)
     if last[0] != '\n': write('\n')
     print(f"{s.n_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_s:.0f} tokens/s "
-          f"(seed {s.seed}, {dev.type}, {str(torch_dtype).removeprefix('torch.')})", file=sys.stderr)
+          f"(seed {s.seed}, {dev.type}, {str(torch_dtype).removeprefix('torch.')}{', int8 weights' if quantize == 'int8' else ''})", file=sys.stderr)
     return s.texts
 
 # %% ../nbs/05_sampling.ipynb #b06d6aa6
@@ -556,11 +557,13 @@ def wait(self:SamplerApp, timeout:float|None=None):
     if self._thread is not None: self._thread.join(timeout)
 
 # %% ../nbs/05_sampling.ipynb #5dde6bed
-def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto', **defaults) -> SamplerApp:
-    "A `SamplerApp` over a run directory or checkpoint (loaded on `device` in `dtype`), or over a model and its tokenizer."
+def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto', quantize:str|None=None,
+                **defaults) -> SamplerApp:
+    "A `SamplerApp` over a run directory or checkpoint (loaded on `device` in `dtype`, `quantize`d on request), or over a model and its tokenizer."
     if isinstance(run_or_model, GPT):
+        if quantize not in (None, 'none'): raise CraftError("sampler_app(model, ...) uses the model as it is: pass a run directory to quantize it")
         if tokenizer is None: raise CraftError("sampler_app needs the tokenizer that goes with the model: sampler_app(model, tokenizer)")
         return SamplerApp(run_or_model, tokenizer, **defaults)
     dev = pick_device(device)
-    model, tokenizer, _ = load_checkpoint(run_or_model, dev)
+    model, tokenizer, _ = load_checkpoint(run_or_model, dev, quantize)
     return SamplerApp(model.to(inference_dtype(dtype, dev)), tokenizer, **defaults)
