@@ -8,7 +8,7 @@ __all__ = ['EXPORT_INSTALL', 'ONNX_FORMAT', 'ONNX_VERSION', 'EXPORT_FORMATS', 'v
            'decode_ids', 'pick_token', 'generate_onnx', 'onnx_sample_main', 'example_program', 'onnx_errors',
            'export_command', 'bench_deploy', 'deploy_summary']
 
-# %% ../nbs/10_deploy.ipynb #c3dda33e
+# %% ../nbs/10_deploy.ipynb #a965e9cb
 import argparse, contextlib, copy, importlib.util, inspect, io, json, logging, os, sys, tempfile, time, warnings
 from pathlib import Path
 import numpy as np
@@ -21,7 +21,7 @@ from .training import atomic_write_text, full_loss, load_tokens, read_run_config
 from .sampling import stream
 from .bench import BENCH_FORMAT, BENCH_VERSION, _check_out, machine_info, write_results
 
-# %% ../nbs/10_deploy.ipynb #1b672e39
+# %% ../nbs/10_deploy.ipynb #1c804db8
 def validation_loss(model:GPT, run_dir) -> float:
     "The exact loss of `model` (nats per character) over the whole validation split of the corpus `run_dir` trained on."
     run = read_run_config(run_dir)
@@ -29,12 +29,13 @@ def validation_loss(model:GPT, run_dir) -> float:
     _, val = split_tokens(tokens, run.train.val_fraction, model.config.block_size)
     return full_loss(model, val, model.config.block_size, device=model.tok_emb.weight.device)
 
-# %% ../nbs/10_deploy.ipynb #9ac8d82b
+# %% ../nbs/10_deploy.ipynb #13e6cd5d
 def int_range(bits:int=8, symmetric:bool=True) -> tuple[int, int]:
     "The integers a `bits`-bit code uses: -127..127 for 8-bit symmetric, 0..255 for 8-bit asymmetric."
     return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
 
-def quantize(x:torch.Tensor, bits:int=8, symmetric:bool=True, per_row:bool=True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(x:torch.Tensor, bits:int=8, symmetric:bool=True, per_row:bool=True
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Integer codes `q` (as floats) of `x` `(rows, cols)`, with scales and zero points `(rows, 1)` (`per_row`) or `()`."
     q_min, q_max = int_range(bits, symmetric)
     dims = dict(dim=1, keepdim=True) if per_row else {}
@@ -48,7 +49,7 @@ def dequantize(q:torch.Tensor, scale:torch.Tensor, zero:torch.Tensor) -> torch.T
     "The real numbers the codes stand for: `scale * (q - zero)`."
     return scale * (q - zero)
 
-# %% ../nbs/10_deploy.ipynb #cb35092f
+# %% ../nbs/10_deploy.ipynb #0e42eded
 def round_weights(model:GPT, bits:int=8) -> GPT:
     "A copy of `model` whose blocks' Linear weights are rounded to `bits`-bit symmetric codes, one scale per row."
     rounded = copy.deepcopy(model)
@@ -57,9 +58,9 @@ def round_weights(model:GPT, bits:int=8) -> GPT:
             with torch.no_grad(): module.weight.copy_(dequantize(*quantize(module.weight.float(), bits)))
     return rounded
 
-# %% ../nbs/10_deploy.ipynb #2366edf7
+# %% ../nbs/10_deploy.ipynb #7a63ef4c
 class _ConcatCache:
-    "One layer's KV cache as a graph sees it: past keys and values `(B, H, P, D)` in; with the new ones, `(B, H, P+T, D)`, out."
+    "One layer's KV cache as a graph sees it: past keys and values `(B, H, P, D)` in, and `(B, H, P+T, D)` out."
     def __init__(self, k:torch.Tensor, v:torch.Tensor): self.k, self.v = k, v
 
     def update(self, k:torch.Tensor, v:torch.Tensor, start) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,70 +68,71 @@ class _ConcatCache:
         return self.k, self.v
 
 class OnnxStep(nn.Module):
-    "A float32 copy of a GPT as one function: ids `(B, T)` and past keys and values -> logits `(B, T, V)` and the longer caches."
+    "A float32 copy of a GPT as one function: ids `(B, T)` and past keys and values -> logits `(B, T, V)` and caches."
     def __init__(self, model:GPT):
         super().__init__()
-        if any(isinstance(m, Int8Linear) for m in model.modules()): raise CraftError("export a float model: load it without quantize")
+        if any(isinstance(m, Int8Linear) for m in model.modules()):
+            raise CraftError("export a float model: load it without quantize")
         self.model = copy.deepcopy(model).float().eval()
-        for block in self.model.blocks: block.attn.fast = False      # the written-out attention: one path for every size
+        for block in self.model.blocks: block.attn.fast = False      # the written-out attention: one path for all sizes
 
     def forward(self, ids:torch.Tensor, past:list[tuple[torch.Tensor, torch.Tensor]]):
         caches = [_ConcatCache(k, v) for k, v in past]
         logits, _ = self.model(ids, caches=caches, start=past[0][0].size(2))   # positions P..P+T-1
         return logits, [(c.k, c.v) for c in caches]
 
-# %% ../nbs/10_deploy.ipynb #ac5f15b2
+# %% ../nbs/10_deploy.ipynb #207a9386
 EXPORT_INSTALL = 'pip install -e ".[export]" in a craft checkout (or: pip install onnx onnxscript)'
+ONNX_FORMAT, ONNX_VERSION = 'craft.onnx', 1
 
 def _require_export():
     "Check that this Python can export to ONNX; a `CraftError` with the install command if not."
     missing = [name for name in ('onnx', 'onnxscript') if importlib.util.find_spec(name) is None]
     if missing: raise CraftError(f"ONNX export needs {' and '.join(missing)} (the export extra): {EXPORT_INSTALL}")
     if 'dynamo' not in inspect.signature(torch.onnx.export).parameters:
-        raise CraftError(f"ONNX export needs PyTorch's dynamo exporter, torch >= 2.6 (this is torch {torch.__version__}); upgrade torch")
+        raise CraftError(f"ONNX export needs torch >= 2.6 with its dynamo exporter (this is {torch.__version__})")
 
 def onnx_names(n_layer:int) -> tuple[list[str], list[str]]:
-    "The graph's input names (`ids`, then each layer's past key and value) and output names (`logits`, then the present ones)."
+    "The graph's inputs (`ids`, then each layer's past key and value) and outputs (`logits`, then the present ones)."
     past = [f"past_{kind}_{i}" for i in range(n_layer) for kind in ('key', 'value')]
     return ['ids', *past], ['logits', *(name.replace('past', 'present') for name in past)]
 
 @contextlib.contextmanager
 def _quietly():
     "Hold back the exporter's progress lines, warnings and log messages."
-    logger = logging.getLogger('torch.onnx')
-    level, logger.level = logger.level, logging.ERROR
+    logger = logging.getLogger('torch')
+    level, logger.level = logger.level, logging.CRITICAL      # its fallbacks log errors on the way to success
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter('ignore')
         try: yield
         finally: logger.setLevel(level)
 
-# %% ../nbs/10_deploy.ipynb #f53dc2e8
-ONNX_FORMAT, ONNX_VERSION = 'craft.onnx', 1
-
+# %% ../nbs/10_deploy.ipynb #a03e67ed
 def export_onnx(model:GPT, tokenizer:CharTokenizer, path) -> Path:
-    "Write `model` (float32) to `path` as one ONNX graph, full forward and decode step, with the config and `tokenizer` in its metadata."
+    "Write `model` (float32) to `path`: one ONNX graph (full forward, decode step), config and tokenizer as metadata."
     _require_export()
     c, path = model.config, Path(path)
     H, D = c.n_head, c.n_embd // c.n_head
     ids = torch.zeros(2, 3, dtype=torch.long)                              # example inputs: sizes >= 2 stay symbolic
     past = [(torch.zeros(2, H, 2, D), torch.zeros(2, H, 2, D)) for _ in range(c.n_layer)]
     batch, seq = torch.export.Dim('batch', min=1), torch.export.Dim('seq', min=1, max=c.block_size)
-    past_len = torch.export.Dim('past', min=0, max=c.block_size)
+    past_len = torch.export.Dim('past', min=0, max=c.block_size - 1)     # a step adds at least one position
     cache_axes = {0: batch, 2: past_len}
     inputs, outputs = onnx_names(c.n_layer)
     with _quietly():
-        program = torch.onnx.export(OnnxStep(model).eval(), (ids, past), dynamo=True, external_data=False, verbose=False,
-                                    input_names=inputs, output_names=outputs,
+        program = torch.onnx.export(OnnxStep(model).eval(), (ids, past), dynamo=True, external_data=False,
+                                    verbose=False, input_names=inputs, output_names=outputs,
                                     dynamic_shapes=({0: batch, 1: seq}, [(cache_axes, cache_axes)] * c.n_layer))
     program.model.metadata_props.update({'craft.format': ONNX_FORMAT, 'craft.version': str(ONNX_VERSION),
-                                         'craft.config': json.dumps(c.to_dict()), 'craft.tokenizer': json.dumps(tokenizer.to_dict())})
+                                         'craft.config': json.dumps(c.to_dict()),
+                                         'craft.tokenizer': json.dumps(tokenizer.to_dict())})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try: program.save(str(tmp), external_data=False); os.replace(tmp, path)
     except OSError as e: raise CraftError(f"cannot write {path}: {e.strerror or e}; choose a writable path") from None
     finally: tmp.unlink(missing_ok=True)
     return path
 
-# %% ../nbs/10_deploy.ipynb #85e72a52
+# %% ../nbs/10_deploy.ipynb #eaf6017c
 class OnnxModel:
     "A craft model exported to ONNX: `forward(ids, past)` gives the logits `(B, T, V)` and the longer KV cache."
     def __init__(self, path:str, threads:int=0):
@@ -153,19 +155,20 @@ class OnnxModel:
         logits, *present = self.session.run(None, {'ids': ids.astype(np.int64), **dict(zip(self.past_names, past))})
         return logits, present
 
-# %% ../nbs/10_deploy.ipynb #07ae371b
+# %% ../nbs/10_deploy.ipynb #f6f0ac42
 def encode_text(model:OnnxModel, text:str) -> list:
     "The ids of the characters of `text`."
     index = {c: i for i, c in enumerate(model.chars)}
     if model.unk: return [index.get(c, len(model.chars)) for c in text]
-    if unknown := sorted(set(text) - set(index)): raise ValueError(f"characters not in the model's vocabulary: {unknown}")
+    if unknown := sorted(set(text) - set(index)):
+        raise ValueError(f"characters not in the model's vocabulary: {unknown}")
     return [index[c] for c in text]
 
 def decode_ids(model:OnnxModel, ids:list) -> str:
     "The text of `ids` (the unknown id shows as U+FFFD)."
     return ''.join(model.chars[i] if i < len(model.chars) else '\ufffd' for i in ids)
 
-# %% ../nbs/10_deploy.ipynb #0483c285
+# %% ../nbs/10_deploy.ipynb #f9e0edd1
 def pick_token(logits:np.ndarray, temperature:float, rng:np.random.Generator) -> int:
     "The most likely id at temperature 0, else a draw from softmax(logits / temperature)."
     if temperature == 0: return int(np.argmax(logits))
@@ -188,10 +191,10 @@ def generate_onnx(model:OnnxModel, prompt:str='\n', max_new_tokens:int=500, temp
         else: logits, past = model.forward(np.array([tokens[-keep:]]), model.empty_past())    # full: slide
     return decode_ids(model, new)
 
-# %% ../nbs/10_deploy.ipynb #02f6271b
+# %% ../nbs/10_deploy.ipynb #ae120227
 def onnx_sample_main(argv:list|None=None):
-    "The example program's command line: MODEL.onnx [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--seed S] [--threads N]."
-    p = argparse.ArgumentParser(description="Generate text with a craft model exported to ONNX (onnxruntime and numpy only).")
+    "The example program's command line: MODEL.onnx [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--seed S]."
+    p = argparse.ArgumentParser(description="Generate text with a craft model exported to ONNX (onnxruntime, numpy).")
     p.add_argument('model', help="the .onnx file that `craft export` wrote")
     p.add_argument('--prompt', default='\n', help="text to continue (default: a newline)")
     p.add_argument('--max-new-tokens', type=int, default=500, help="characters to generate (default: 500)")
@@ -199,26 +202,32 @@ def onnx_sample_main(argv:list|None=None):
     p.add_argument('--seed', type=int, default=None, help="random seed (default: a fresh one)")
     p.add_argument('--threads', type=int, default=0, help="CPU threads; 0 = onnxruntime's choice (default: 0)")
     args = p.parse_args(argv)
-    try: text = generate_onnx(OnnxModel(args.model, args.threads), args.prompt, args.max_new_tokens, args.temperature, args.seed)
+    try:
+        model = OnnxModel(args.model, args.threads)
+        text = generate_onnx(model, args.prompt, args.max_new_tokens, args.temperature, args.seed)
     except Exception as e: sys.exit(f"onnx_sample: error: {str(e).strip().splitlines()[-1]}")
     print(text, end='' if text.endswith('\n') else '\n')
 
+# %% ../nbs/10_deploy.ipynb #5d394907
 def example_program() -> str:
     "The source of a standalone program that generates text with an exported model: onnxruntime and numpy only."
-    from craft import deploy                                               # the installed module's source, also from this notebook
+    from craft import deploy                                      # the installed module's source, also in this notebook
     names = ('OnnxModel', 'encode_text', 'decode_ids', 'pick_token', 'generate_onnx', 'onnx_sample_main')
     parts = [inspect.getsource(getattr(deploy, name)) for name in names]
-    return ('"""Generate text with a craft model exported to ONNX: python onnx_sample.py model.onnx --prompt "ROMEO:"\n'
-            'Needs onnxruntime and numpy only. Written by `craft export`."""\nimport argparse, json, sys\nimport numpy as np\n\n\n'
-            + '\n\n'.join(parts) + "\n\nif __name__ == '__main__': onnx_sample_main()\n")
+    header = ('"""Generate text with a craft model exported to ONNX: python onnx_sample.py model.onnx --prompt ROMEO:\n'
+              'Needs onnxruntime and numpy only. Written by `craft export`."""\n'
+              'import argparse, json, sys\nimport numpy as np\n\n\n')
+    return (header + '\n\n'.join(parts) + "\n\nif __name__ == '__main__': onnx_sample_main()\n")
 
-# %% ../nbs/10_deploy.ipynb #feb7ad12
+# %% ../nbs/10_deploy.ipynb #ac73d38a
 def onnx_errors(model:GPT, path, batch_size:int=2, prefill:int=10, steps:int=50, seed:int=0) -> dict:
-    "Largest differences between ONNX Runtime's logits (the file `path`) and `model`'s in float32: full forward and decode steps."
+    "Largest differences of ONNX Runtime's logits (file `path`) from `model`'s in float32: full forward, decode steps."
     model, runtime = copy.deepcopy(model).float().eval(), OnnxModel(str(path))
     T = prefill + steps
-    if T > model.config.block_size: raise CraftError(f"prefill + steps = {T} exceeds block_size={model.config.block_size}")
-    ids = torch.randint(0, model.config.vocab_size, (batch_size, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
+    if T > model.config.block_size:
+        raise CraftError(f"prefill + steps = {T} exceeds block_size={model.config.block_size}")
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, T), generator=generator)           # (B, T)
     with torch.no_grad(): expected = model(ids)[0].numpy()                          # (B, T, V)
     logits, _ = runtime.forward(ids.numpy(), runtime.empty_past(batch_size))
     errors = {'full_forward': float(np.abs(logits - expected).max()), 'decode_steps': steps}
@@ -229,16 +238,17 @@ def onnx_errors(model:GPT, path, batch_size:int=2, prefill:int=10, steps:int=50,
         step_errors.append(np.abs(logits[:, 0] - expected[:, t]).max())
     return {**errors, 'decode': float(max(step_errors))}
 
-# %% ../nbs/10_deploy.ipynb #1aed5e80
+# %% ../nbs/10_deploy.ipynb #51de2129
 EXPORT_FORMATS = ('onnx',)
 
 def export_command(run:str,                 # run directory or .safetensors checkpoint
                    format:str='onnx',        # onnx: one graph, the full forward and the decode step with its KV cache
                    out:str='model.onnx',     # file to write; the tokenizer and the config go into its metadata
-                   example:bool=True,        # also write onnx_sample.py next to it: a program that generates text with onnxruntime and numpy
+                   example:bool=True,        # also write onnx_sample.py beside it: it generates with onnxruntime, numpy
                   ) -> Path:
     "Export a trained model to run without craft or PyTorch (e.g. with ONNX Runtime); says on stderr what it wrote."
-    if format not in EXPORT_FORMATS: raise CraftError(f"unknown format {format!r}; craft exports: {', '.join(EXPORT_FORMATS)}")
+    if format not in EXPORT_FORMATS:
+        raise CraftError(f"unknown format {format!r}; craft exports: {', '.join(EXPORT_FORMATS)}")
     checkpoint_file(run)                                                   # a missing run fails before anything slow
     path = _check_out(out)
     _require_export()
@@ -252,13 +262,17 @@ def export_command(run:str,                 # run directory or .safetensors chec
     print(wrote, file=sys.stderr)
     return path
 
-# %% ../nbs/10_deploy.ipynb #6937acd9
+# %% ../nbs/10_deploy.ipynb #83148926
 def _median(values:list[float]) -> float: return sorted(values)[len(values) // 2]
+
+def _nbytes(t:torch.Tensor) -> int:
+    "Bytes of `t`, or of the tensors inside a tensor subclass (such as torchao's int8 weights)."
+    if hasattr(t, '__tensor_flatten__'): return sum(_nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
 
 def _weight_mb(model:nn.Module) -> float:
     "Megabytes of the model's parameters and buffers (shared ones once): what one decode step reads."
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
+    return sum(map(_nbytes, {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())) / 1e6
 
 def _sampling_speed(model:GPT, tokenizer:CharTokenizer, tokens:int, repeats:int) -> float:
     "Median tokens/s of `repeats` batch-1 generations of `tokens` characters from a newline, after a warm-up."
@@ -270,6 +284,7 @@ def _sampling_speed(model:GPT, tokenizer:CharTokenizer, tokens:int, repeats:int)
         speeds.append(s.tokens_per_s)
     return _median(speeds)
 
+# %% ../nbs/10_deploy.ipynb #655d7401
 def _onnx_speed(path, tokens:int, repeats:int, threads:int) -> float:
     "Median tokens/s of the example program generating `tokens` characters at batch 1 with ONNX Runtime."
     runtime, seconds = OnnxModel(str(path), threads), []
@@ -279,23 +294,25 @@ def _onnx_speed(path, tokens:int, repeats:int, threads:int) -> float:
         seconds.append(time.perf_counter() - start)
     return tokens / _median(seconds)
 
-# %% ../nbs/10_deploy.ipynb #e327ff74
+# %% ../nbs/10_deploy.ipynb #af24643e
 def _torchao_int8(model:GPT) -> GPT|None:
     "`model` with torchao's int8 weight-only quantisation of the blocks' Linear layers, in place; None without torchao."
     if importlib.util.find_spec('torchao') is None: return None
     with _quietly(), contextlib.redirect_stderr(io.StringIO()):
         try: from torchao.quantization import Int8WeightOnlyConfig, quantize_
         except Exception: return None                                      # a torchao built for another torch
-        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, name: isinstance(m, nn.Linear) and name.startswith('blocks.'))
+        in_blocks = lambda module, name: isinstance(module, nn.Linear) and name.startswith('blocks.')
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=in_blocks)
     return model
 
 def _variants(model:GPT, dtype:torch.dtype) -> dict:
     "The weight variants to time, in activations of `dtype`: float weights, craft's int8 and torchao's int8."
-    variants = {'float': copy.deepcopy(model).to(dtype), 'int8 (craft)': quantize_weights(copy.deepcopy(model), 'int8').to(dtype)}
+    variants = {'float': copy.deepcopy(model).to(dtype),
+                'int8 (craft)': quantize_weights(copy.deepcopy(model), 'int8').to(dtype)}
     if (ao := _torchao_int8(copy.deepcopy(model).to(dtype))) is not None: variants['int8 (torchao, eager)'] = ao
     return variants
 
-# %% ../nbs/10_deploy.ipynb #d1e14fe8
+# %% ../nbs/10_deploy.ipynb #67e271d6
 def _loss_check(run:str|None, train_seconds:float) -> dict:
     "The whole-split validation loss of `run` (or of the `cpu` preset trained for `train_seconds`), float32 and int8."
     with tempfile.TemporaryDirectory() as tmp:
@@ -305,16 +322,18 @@ def _loss_check(run:str|None, train_seconds:float) -> dict:
             what = f"the cpu preset trained for {train_seconds:g} s"
         else: what = str(run)
         float_model, _, config = load_checkpoint(run, 'cpu')
-        float32, int8 = validation_loss(float_model, run), validation_loss(load_checkpoint(run, 'cpu', quantize='int8')[0], run)
-    return {'model': what, 'parameters': float_model.num_params(), 'float32': float32, 'int8': int8, 'rise': int8 - float32}
+        float32 = validation_loss(float_model, run)
+        int8 = validation_loss(load_checkpoint(run, 'cpu', quantize='int8')[0], run)
+    return dict(model=what, parameters=float_model.num_params(), float32=float32, int8=int8, rise=int8 - float32)
 
-# %% ../nbs/10_deploy.ipynb #fc0e0927
+# %% ../nbs/10_deploy.ipynb #e111f63a
 def _sampling_rows(model:GPT, tokenizer:CharTokenizer, tokens:int, repeats:int) -> list[dict]:
     "Batch-1 sampling speed of each weight variant, in float32 and in bfloat16 activations."
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for weights, variant in _variants(model, dtype).items():
-            rows.append({'weights': weights, 'activations': str(dtype).removeprefix('torch.'), 'weight_mb': round(_weight_mb(variant), 2),
+            rows.append({'weights': weights, 'activations': str(dtype).removeprefix('torch.'),
+                         'weight_mb': round(_weight_mb(variant), 2),
                          'tokens_per_s': round(_sampling_speed(variant, tokenizer, tokens, repeats), 1)})
     return rows
 
@@ -324,44 +343,50 @@ def _onnx_check(model:GPT, tokenizer:CharTokenizer, tokens:int, repeats:int) -> 
         start = time.perf_counter()
         path = export_onnx(model, tokenizer, Path(tmp) / 'model.onnx')
         return {'export_s': round(time.perf_counter() - start, 1), 'file_mb': round(path.stat().st_size / 1e6, 2),
-                'max_abs_error': onnx_errors(model, path, steps=min(50, model.config.block_size - 10)), 'tokens_per_s': round(_onnx_speed(path, tokens, repeats, torch.get_num_threads()), 1)}
+                'max_abs_error': onnx_errors(model, path, steps=min(50, model.config.block_size - 10)),
+                'tokens_per_s': round(_onnx_speed(path, tokens, repeats, torch.get_num_threads()), 1)}
 
-# %% ../nbs/10_deploy.ipynb #97cf3a39
+# %% ../nbs/10_deploy.ipynb #06c3dc2d
 def bench_deploy(out:str='nbs/bench/deploy-cpu.json',  # JSON file to write the results to
-                 run:str|None=None,                     # trained run directory for the loss check; None = train the cpu preset
+                 run:str|None=None,                     # trained run directory for the loss; None = train cpu preset
                  train_seconds:float=100.0,             # training time of the cpu preset when no run is given
-                 preset:str='nanogpt',                  # model shape for the speed and ONNX measurements (random weights)
+                 preset:str='nanogpt',                  # model shape for the speed and ONNX figures (random weights)
                  tokens:int=500,                        # characters generated per speed measurement
                  repeats:int=3,                         # timed runs per speed measurement; the median is reported
-                 threads:int=0,                         # CPU threads for PyTorch and ONNX Runtime; 0 = PyTorch's default
+                 threads:int=0,                         # CPU threads, PyTorch and ONNX Runtime; 0 = PyTorch's default
                 ) -> dict:
-    "Measure int8 weights and the ONNX export on this CPU (speeds, ONNX Runtime's agreement, the loss); write the results as JSON."
+    "Measure int8 weights and the ONNX export on this CPU (speeds, ONNX Runtime's agreement, the loss); write JSON."
     path = _check_out(out)
     _require_export()
     if threads: torch.set_num_threads(threads)
     tokenizer = CharTokenizer.from_text(load_text(shakespeare_path()))       # the 65 characters of Tiny Shakespeare
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(preset, vocab_size=tokenizer.vocab_size)).eval()
-    results = {'format': BENCH_FORMAT, 'version': BENCH_VERSION, 'suite': 'deploy', 'machine': machine_info(torch.device('cpu')),
-               'settings': dict(preset=preset, tokens=tokens, repeats=repeats, batch_size=1, prompt='\n', temperature=1.0),
-               'sampling': _sampling_rows(model, tokenizer, tokens, repeats), 'onnx': _onnx_check(model, tokenizer, tokens, repeats),
+    results = {'format': BENCH_FORMAT, 'version': BENCH_VERSION, 'suite': 'deploy',
+               'machine': machine_info(torch.device('cpu')),
+               'settings': dict(preset=preset, tokens=tokens, repeats=repeats, batch_size=1, temperature=1.0),
+               'sampling': _sampling_rows(model, tokenizer, tokens, repeats),
+               'onnx': _onnx_check(model, tokenizer, tokens, repeats),
                'loss': _loss_check(run, train_seconds)}
     write_results(results, path)
     return results
 
-# %% ../nbs/10_deploy.ipynb #caf09b75
+# %% ../nbs/10_deploy.ipynb #4820e94c
 def deploy_summary(results:dict) -> str:
-    "The results of `bench_deploy` as Markdown: a table of batch-1 sampling speeds, ONNX Runtime's agreement, the loss, the machine."
+    "`bench_deploy`'s results as Markdown: batch-1 sampling speeds, ONNX Runtime's agreement, the loss, the machine."
     rows = results['sampling']
     base = next(r['tokens_per_s'] for r in rows if r['weights'] == 'float' and r['activations'] == 'float32')
     onnx, loss, m = results['onnx'], results['loss'], results['machine']
     lines = ["| weights | activations | MB read per token | tokens/s | vs float32 |", "|---|---|---|---|---|"]
-    lines += [f"| {r['weights']} | {r['activations']} | {r['weight_mb']:.3g} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x |" for r in rows]
-    lines.append(f"| ONNX Runtime (float) | float32 | {onnx['file_mb']:.3g} (file) | {onnx['tokens_per_s']:,.0f} | {onnx['tokens_per_s'] / base:.2f}x |")
+    row = lambda weights, acts, mb, speed: f"| {weights} | {acts} | {mb} | {speed:,.0f} | {speed / base:.2f}x |"
+    lines += [row(r['weights'], r['activations'], f"{r['weight_mb']:.3g}", r['tokens_per_s']) for r in rows]
+    lines.append(row('ONNX Runtime (float)', 'float32', f"{onnx['file_mb']:.3g} (file)", onnx['tokens_per_s']))
     e = onnx['max_abs_error']
-    return '\n'.join(lines + ['', f"The {results['settings']['preset']} preset at batch 1. ONNX Runtime against craft, largest logit difference "
-        f"(float32): {e['full_forward']:.1e} for the full forward, {e['decode']:.1e} over {e['decode_steps']} decode steps.", '',
-        f"Validation loss over the whole split ({loss['model']}): float32 {loss['float32']:.4f}, int8 {loss['int8']:.4f} "
-        f"({loss['rise']:+.4f} nats).", '',
+    return '\n'.join(lines + ['',
+        f"The {results['settings']['preset']} preset at batch 1. ONNX Runtime against craft, largest logit difference "
+        "(float32): "
+        f"{e['full_forward']:.1e} in the full forward, {e['decode']:.1e} in {e['decode_steps']} decode steps.",
+        '', f"Validation loss over the whole split ({loss['model']}): float32 {loss['float32']:.4f}, "
+        f"int8 {loss['int8']:.4f} ({loss['rise']:+.1e} nats).", '',
         f"Measured on {m['device_name']} ({m['cpu_count']} cores), torch {m['torch']}, {m['threads']} threads, "
         f"load average {m['load_avg']}, {m['date'][:10]}."])

@@ -252,7 +252,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x:torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()   # (N, in)
-        if rows.data_ptr() % 64: rows = rows.clone()                              # aligned rows for the kernel's vector loads
+        if not torch.compiler.is_compiling() and rows.data_ptr() % 64: rows = rows.clone()   # aligned rows for the kernel
         y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scale)         # (N, out): float32 sums, rounded to bfloat16
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)                 # (..., out)
         return y if self.bias is None else y + self.bias

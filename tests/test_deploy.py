@@ -60,6 +60,19 @@ def test_onnx_runtime_logits_equal_crafts(run_dir, exported):
     assert errors['full_forward'] < 1e-4 and errors['decode'] < 1e-4, errors
 
 
+def test_export_other_architectures(tmp_path):
+    "Rotary positions, RMSNorm, SwiGLU, QK-norm, soft-capped logits, an untied head and biases export as well."
+    from craft.deploy import export_onnx
+    from craft.tokenizer import CharTokenizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset('tiny', block_size=64, pos_emb='rope', norm='rmsnorm', mlp='swiglu', qk_norm=True,
+                                      logit_softcap=30.0, tie_weights=False, bias=True)).eval()
+    for p in model.parameters(): torch.nn.init.normal_(p, 0.0, 0.1)           # no zero biases or unit gains: all of it counts
+    path = export_onnx(model, CharTokenizer([chr(c) for c in range(32, 97)]), tmp_path / 'm.onnx')
+    errors = onnx_errors(model, path, steps=50)
+    assert errors['full_forward'] < 1e-4 and errors['decode'] < 1e-4, errors
+
+
 def test_example_program_without_torch_equals_craft_sample(run_dir, exported):
     "The program `craft export` wrote, run where torch and craft cannot be imported, writes `craft sample --temperature 0`'s text."
     settings = ['--prompt', 'ROMEO:', '--max-new-tokens', '200', '--temperature', '0']
