@@ -8,7 +8,7 @@ __all__ = ['EXPORT_INSTALL', 'ONNX_FORMAT', 'ONNX_VERSION', 'EXPORT_FORMATS', 'v
            'decode_ids', 'pick_token', 'generate_onnx', 'onnx_sample_main', 'example_program', 'onnx_errors',
            'export_command', 'bench_deploy', 'deploy_summary']
 
-# %% ../nbs/10_deploy.ipynb #a965e9cb
+# %% ../nbs/10_deploy.ipynb #3281b29a
 import argparse, contextlib, copy, importlib.util, inspect, io, json, logging, os, sys, tempfile, time, warnings
 from pathlib import Path
 import numpy as np
@@ -17,11 +17,11 @@ import torch.nn as nn
 from .errors import CraftError
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, Int8Linear, checkpoint_file, load_checkpoint, quantize_weights
-from .training import atomic_write_text, full_loss, load_tokens, read_run_config, split_tokens, train
+from .training import full_loss, load_tokens, read_run_config, split_tokens, train
 from .sampling import stream
 from .bench import BENCH_FORMAT, BENCH_VERSION, _check_out, machine_info, write_results
 
-# %% ../nbs/10_deploy.ipynb #1c804db8
+# %% ../nbs/10_deploy.ipynb #a4954ed2
 def validation_loss(model:GPT, run_dir) -> float:
     "The exact loss of `model` (nats per character) over the whole validation split of the corpus `run_dir` trained on."
     run = read_run_config(run_dir)
@@ -29,7 +29,7 @@ def validation_loss(model:GPT, run_dir) -> float:
     _, val = split_tokens(tokens, run.train.val_fraction, model.config.block_size)
     return full_loss(model, val, model.config.block_size, device=model.tok_emb.weight.device)
 
-# %% ../nbs/10_deploy.ipynb #13e6cd5d
+# %% ../nbs/10_deploy.ipynb #abce643d
 def int_range(bits:int=8, symmetric:bool=True) -> tuple[int, int]:
     "The integers a `bits`-bit code uses: -127..127 for 8-bit symmetric, 0..255 for 8-bit asymmetric."
     return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
@@ -49,7 +49,7 @@ def dequantize(q:torch.Tensor, scale:torch.Tensor, zero:torch.Tensor) -> torch.T
     "The real numbers the codes stand for: `scale * (q - zero)`."
     return scale * (q - zero)
 
-# %% ../nbs/10_deploy.ipynb #0e42eded
+# %% ../nbs/10_deploy.ipynb #51beeb9a
 def round_weights(model:GPT, bits:int=8) -> GPT:
     "A copy of `model` whose blocks' Linear weights are rounded to `bits`-bit symmetric codes, one scale per row."
     rounded = copy.deepcopy(model)
@@ -58,7 +58,7 @@ def round_weights(model:GPT, bits:int=8) -> GPT:
             with torch.no_grad(): module.weight.copy_(dequantize(*quantize(module.weight.float(), bits)))
     return rounded
 
-# %% ../nbs/10_deploy.ipynb #7a63ef4c
+# %% ../nbs/10_deploy.ipynb #bc761d96
 class _ConcatCache:
     "One layer's KV cache as a graph sees it: past keys and values `(B, H, P, D)` in, and `(B, H, P+T, D)` out."
     def __init__(self, k:torch.Tensor, v:torch.Tensor): self.k, self.v = k, v
@@ -81,7 +81,7 @@ class OnnxStep(nn.Module):
         logits, _ = self.model(ids, caches=caches, start=past[0][0].size(2))   # positions P..P+T-1
         return logits, [(c.k, c.v) for c in caches]
 
-# %% ../nbs/10_deploy.ipynb #207a9386
+# %% ../nbs/10_deploy.ipynb #b8d22b9f
 EXPORT_INSTALL = 'pip install -e ".[export]" in a craft checkout (or: pip install onnx onnxscript)'
 ONNX_FORMAT, ONNX_VERSION = 'craft.onnx', 1
 
@@ -107,7 +107,7 @@ def _quietly():
         try: yield
         finally: logger.setLevel(level)
 
-# %% ../nbs/10_deploy.ipynb #a03e67ed
+# %% ../nbs/10_deploy.ipynb #ccec268f
 def export_onnx(model:GPT, tokenizer:CharTokenizer, path) -> Path:
     "Write `model` (float32) to `path`: one ONNX graph (full forward, decode step), config and tokenizer as metadata."
     _require_export()
@@ -132,7 +132,7 @@ def export_onnx(model:GPT, tokenizer:CharTokenizer, path) -> Path:
     finally: tmp.unlink(missing_ok=True)
     return path
 
-# %% ../nbs/10_deploy.ipynb #eaf6017c
+# %% ../nbs/10_deploy.ipynb #a9409903
 class OnnxModel:
     "A craft model exported to ONNX: `forward(ids, past)` gives the logits `(B, T, V)` and the longer KV cache."
     def __init__(self, path:str, threads:int=0):
@@ -141,6 +141,7 @@ class OnnxModel:
         options.intra_op_num_threads = threads                             # 0: onnxruntime's choice (all cores)
         self.session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
         metadata = self.session.get_modelmeta().custom_metadata_map
+        if 'craft.config' not in metadata: raise ValueError(f"{path} has no craft metadata; export with `craft export`")
         self.config, vocabulary = json.loads(metadata['craft.config']), json.loads(metadata['craft.tokenizer'])
         self.chars, self.unk = vocabulary['chars'], vocabulary['unk']     # id i is chars[i]; with unk, one more id
         self.past_names = [i.name for i in self.session.get_inputs()[1:]]  # past_key_0, past_value_0, ...
@@ -155,7 +156,7 @@ class OnnxModel:
         logits, *present = self.session.run(None, {'ids': ids.astype(np.int64), **dict(zip(self.past_names, past))})
         return logits, present
 
-# %% ../nbs/10_deploy.ipynb #f6f0ac42
+# %% ../nbs/10_deploy.ipynb #ab650b3b
 def encode_text(model:OnnxModel, text:str) -> list:
     "The ids of the characters of `text`."
     index = {c: i for i, c in enumerate(model.chars)}
@@ -168,7 +169,7 @@ def decode_ids(model:OnnxModel, ids:list) -> str:
     "The text of `ids` (the unknown id shows as U+FFFD)."
     return ''.join(model.chars[i] if i < len(model.chars) else '\ufffd' for i in ids)
 
-# %% ../nbs/10_deploy.ipynb #f9e0edd1
+# %% ../nbs/10_deploy.ipynb #3aebfac7
 def pick_token(logits:np.ndarray, temperature:float, rng:np.random.Generator) -> int:
     "The most likely id at temperature 0, else a draw from softmax(logits / temperature)."
     if temperature == 0: return int(np.argmax(logits))
@@ -182,6 +183,7 @@ def generate_onnx(model:OnnxModel, prompt:str='\n', max_new_tokens:int=500, temp
     keep = min(T, max(1, round(window_keep * T)))                          # tokens kept when the window slides
     rng, tokens, new = np.random.default_rng(seed), encode_text(model, prompt)[-T:], []
     if not tokens: raise ValueError("the prompt is empty; give at least one character")
+    if temperature < 0: raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     logits, past = model.forward(np.array([tokens]), model.empty_past())   # the prompt at once
     for i in range(max_new_tokens):
         new.append(pick_token(logits[0, -1], temperature, rng))
@@ -191,7 +193,7 @@ def generate_onnx(model:OnnxModel, prompt:str='\n', max_new_tokens:int=500, temp
         else: logits, past = model.forward(np.array([tokens[-keep:]]), model.empty_past())    # full: slide
     return decode_ids(model, new)
 
-# %% ../nbs/10_deploy.ipynb #ae120227
+# %% ../nbs/10_deploy.ipynb #709c5583
 def onnx_sample_main(argv:list|None=None):
     "The example program's command line: MODEL.onnx [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--seed S]."
     p = argparse.ArgumentParser(description="Generate text with a craft model exported to ONNX (onnxruntime, numpy).")
@@ -208,7 +210,7 @@ def onnx_sample_main(argv:list|None=None):
     except Exception as e: sys.exit(f"onnx_sample: error: {str(e).strip().splitlines()[-1]}")
     print(text, end='' if text.endswith('\n') else '\n')
 
-# %% ../nbs/10_deploy.ipynb #5d394907
+# %% ../nbs/10_deploy.ipynb #24566974
 def example_program() -> str:
     "The source of a standalone program that generates text with an exported model: onnxruntime and numpy only."
     from craft import deploy                                      # the installed module's source, also in this notebook
@@ -219,7 +221,7 @@ def example_program() -> str:
               'import argparse, json, sys\nimport numpy as np\n\n\n')
     return (header + '\n\n'.join(parts) + "\n\nif __name__ == '__main__': onnx_sample_main()\n")
 
-# %% ../nbs/10_deploy.ipynb #ac73d38a
+# %% ../nbs/10_deploy.ipynb #b9c39e2f
 def onnx_errors(model:GPT, path, batch_size:int=2, prefill:int=10, steps:int=50, seed:int=0) -> dict:
     "Largest differences of ONNX Runtime's logits (file `path`) from `model`'s in float32: full forward, decode steps."
     model, runtime = copy.deepcopy(model).float().eval(), OnnxModel(str(path))
@@ -238,7 +240,7 @@ def onnx_errors(model:GPT, path, batch_size:int=2, prefill:int=10, steps:int=50,
         step_errors.append(np.abs(logits[:, 0] - expected[:, t]).max())
     return {**errors, 'decode': float(max(step_errors))}
 
-# %% ../nbs/10_deploy.ipynb #51de2129
+# %% ../nbs/10_deploy.ipynb #7044da1d
 EXPORT_FORMATS = ('onnx',)
 
 def export_command(run:str,                 # run directory or .safetensors checkpoint
@@ -257,12 +259,13 @@ def export_command(run:str,                 # run directory or .safetensors chec
     export_onnx(model, tokenizer, path)
     wrote = f"craft export: wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.0f} s"
     if example:
-        atomic_write_text(program := path.with_name('onnx_sample.py'), example_program())
+        program, tmp = path.with_name('onnx_sample.py'), path.with_name(f".onnx_sample.py.{os.getpid()}.tmp")
+        tmp.write_text(example_program(), encoding='utf-8'); os.replace(tmp, program)   # whole, even with two at once
         wrote += f", and {program}: try `python {program} {path} --prompt ROMEO:` (onnxruntime and numpy only)"
     print(wrote, file=sys.stderr)
     return path
 
-# %% ../nbs/10_deploy.ipynb #83148926
+# %% ../nbs/10_deploy.ipynb #71bd46b9
 def _median(values:list[float]) -> float: return sorted(values)[len(values) // 2]
 
 def _nbytes(t:torch.Tensor) -> int:
@@ -284,7 +287,7 @@ def _sampling_speed(model:GPT, tokenizer:CharTokenizer, tokens:int, repeats:int)
         speeds.append(s.tokens_per_s)
     return _median(speeds)
 
-# %% ../nbs/10_deploy.ipynb #655d7401
+# %% ../nbs/10_deploy.ipynb #14c0685d
 def _onnx_speed(path, tokens:int, repeats:int, threads:int) -> float:
     "Median tokens/s of the example program generating `tokens` characters at batch 1 with ONNX Runtime."
     runtime, seconds = OnnxModel(str(path), threads), []
@@ -294,7 +297,7 @@ def _onnx_speed(path, tokens:int, repeats:int, threads:int) -> float:
         seconds.append(time.perf_counter() - start)
     return tokens / _median(seconds)
 
-# %% ../nbs/10_deploy.ipynb #af24643e
+# %% ../nbs/10_deploy.ipynb #84dd6519
 def _torchao_int8(model:GPT) -> GPT|None:
     "`model` with torchao's int8 weight-only quantisation of the blocks' Linear layers, in place; None without torchao."
     if importlib.util.find_spec('torchao') is None: return None
@@ -312,7 +315,7 @@ def _variants(model:GPT, dtype:torch.dtype) -> dict:
     if (ao := _torchao_int8(copy.deepcopy(model).to(dtype))) is not None: variants['int8 (torchao, eager)'] = ao
     return variants
 
-# %% ../nbs/10_deploy.ipynb #67e271d6
+# %% ../nbs/10_deploy.ipynb #7f2258ab
 def _loss_check(run:str|None, train_seconds:float) -> dict:
     "The whole-split validation loss of `run` (or of the `cpu` preset trained for `train_seconds`), float32 and int8."
     with tempfile.TemporaryDirectory() as tmp:
@@ -326,7 +329,7 @@ def _loss_check(run:str|None, train_seconds:float) -> dict:
         int8 = validation_loss(load_checkpoint(run, 'cpu', quantize='int8')[0], run)
     return dict(model=what, parameters=float_model.num_params(), float32=float32, int8=int8, rise=int8 - float32)
 
-# %% ../nbs/10_deploy.ipynb #e111f63a
+# %% ../nbs/10_deploy.ipynb #8cb839e6
 def _sampling_rows(model:GPT, tokenizer:CharTokenizer, tokens:int, repeats:int) -> list[dict]:
     "Batch-1 sampling speed of each weight variant, in float32 and in bfloat16 activations."
     rows = []
@@ -346,7 +349,7 @@ def _onnx_check(model:GPT, tokenizer:CharTokenizer, tokens:int, repeats:int) -> 
                 'max_abs_error': onnx_errors(model, path, steps=min(50, model.config.block_size - 10)),
                 'tokens_per_s': round(_onnx_speed(path, tokens, repeats, torch.get_num_threads()), 1)}
 
-# %% ../nbs/10_deploy.ipynb #06c3dc2d
+# %% ../nbs/10_deploy.ipynb #87115c8a
 def bench_deploy(out:str='nbs/bench/deploy-cpu.json',  # JSON file to write the results to
                  run:str|None=None,                     # trained run directory for the loss; None = train cpu preset
                  train_seconds:float=100.0,             # training time of the cpu preset when no run is given
@@ -371,7 +374,7 @@ def bench_deploy(out:str='nbs/bench/deploy-cpu.json',  # JSON file to write the 
     write_results(results, path)
     return results
 
-# %% ../nbs/10_deploy.ipynb #4820e94c
+# %% ../nbs/10_deploy.ipynb #833c016b
 def deploy_summary(results:dict) -> str:
     "`bench_deploy`'s results as Markdown: batch-1 sampling speeds, ONNX Runtime's agreement, the loss, the machine."
     rows = results['sampling']

@@ -87,8 +87,13 @@ def test_example_program_without_torch_equals_craft_sample(run_dir, exported):
 
 
 def test_example_program_errors_are_one_line(exported, tmp_path):
+    import onnx, onnx.helper as h
+    value = lambda name: h.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1])
+    foreign = h.make_model(h.make_graph([h.make_node('Identity', ['x'], ['y'])], 'g', [value('x')], [value('y')]))
+    onnx.save(foreign, tmp_path / 'foreign.onnx')                          # an ONNX file that craft did not write
     script = exported.parent / 'onnx_sample.py'
-    for args, phrase in (([tmp_path / 'missing.onnx'], 'error'), ([exported, '--prompt', 'é'], "not in the model's vocabulary")):
+    for args, phrase in (([tmp_path / 'missing.onnx'], 'error'), ([exported, '--prompt', 'é'], "not in the model's vocabulary"),
+                         ([tmp_path / 'foreign.onnx'], 'no craft metadata'), ([exported, '--temperature', '-1'], 'must be >= 0')):
         r = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=60, env=ENV)
         assert_one_line_error(r, 'onnx_sample: error', phrase)
 
