@@ -37,7 +37,7 @@ setuptools.setup(
     url = cfg['git_url'],
     packages = setuptools.find_packages(include=['craft', 'craft.*']),
     include_package_data = True,
-    package_data = {'craft': ['data/*.txt']},
+    package_data = {'craft': ['data/*.txt', 'static/*']},
     install_requires = requirements,
     extras_require={ 'dev': dev_requirements, 'tensorboard': ['tensorboard'],
                      'export': shlex.split(cfg.get('export_requirements', '')) },

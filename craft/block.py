@@ -56,6 +56,6 @@ class Block(nn.Module):
         self.norm2 = make_norm(norm, n_embd, bias)
         self.mlp = MLP(n_embd, mlp, dropout, bias)
 
-    def forward(self, x:torch.Tensor, cache:KVCache|None=None, start:int|torch.Tensor=0) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cache, start)  # (B, T, C): mix information across positions
+    def forward(self, x:torch.Tensor, cache:KVCache|None=None, start:int|torch.Tensor=0, mask:torch.Tensor|None=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache, start, mask)  # (B, T, C): mix information across positions
         return x + self.mlp(self.norm2(x))              # (B, T, C): transform each position

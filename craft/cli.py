@@ -4,11 +4,10 @@
 
 # %% auto #0
 __all__ = ['Parser', 'add_option', 'add_function_options', 'train_parser', 'train_command', 'print_sample', 'build_parser',
-           'compare_parser', 'parse_args', 'main', 'export_parser']
+           'compare_parser', 'parse_args', 'main', 'export_parser', 'suite_parser']
 
 # %% ../nbs/90_cli.ipynb #c5fdeb68
 import os
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch is imported: idle OpenMP threads sleep instead of spinning
 
 # %% ../nbs/90_cli.ipynb #2a144537
 import argparse, inspect, sys, types, typing
@@ -21,7 +20,8 @@ from .model import load_checkpoint, pick_device
 from .training import TrainConfig, TRAIN_PRESETS, train, read_status, read_run_config, write_sample
 from .sampling import sample_command, generate
 from .runs import runs_command, compare_command
-from .bench import bench_command
+from .bench import bench_command, bench_suite
+from .finetune import finetune, fine_tunes
 
 # %% ../nbs/90_cli.ipynb #fb85643d
 class Parser(argparse.ArgumentParser):
@@ -86,8 +86,9 @@ def train_parser(sub=None) -> argparse.ArgumentParser:
 def train_command(args:argparse.Namespace) -> int:
     "Run `craft train` from parsed arguments, then write and print a sample; exit status 130 if interrupted (Ctrl-C), else 0."
     settings = {k: v for k, v in vars(args).items() if k not in ('command', 'config', 'resume', 'func')}
-    if args.resume: run_dir = train(resume=args.resume, **settings)
-    else: run_dir = train(settings.pop('preset'), args.config, **settings)
+    run = finetune if fine_tunes(settings.get('init_from'), args.config, args.resume) else train   # 09_finetune, or 04_training
+    if args.resume: run_dir = run(resume=args.resume, **settings)
+    else: run_dir = run(preset=settings.pop('preset'), config_file=args.config, **settings)
     if read_status(run_dir).get('status') == 'interrupted': return 130
     if int(os.environ.get('RANK', 0)) == 0: print_sample(run_dir)
     return 0
@@ -112,7 +113,9 @@ def build_parser(command:str|None=None) -> argparse.ArgumentParser:
     add_function_options(sample, sample_command)
     sample.set_defaults(func=lambda args: sample_command(**_kwargs(args)) and 0)
     bench = sub.add_parser('bench', help='measure training and sampling speed against a plain PyTorch baseline',
-                           description="Benchmark craft on this machine: training and sampling speed, memory, ceilings, each with its ratio to a textbook PyTorch baseline.")
+                           description="Benchmark craft on this machine: training and sampling speed, memory, ceilings, each with its ratio to a textbook PyTorch baseline.",
+                           epilog="craft bench --suite gpu|cpu [--out DIR] runs a suite of measurements instead, "
+                                  "one JSON file per part: see craft bench --suite gpu --help.")
     add_function_options(bench, bench_command)
     bench.set_defaults(func=lambda args: bench_command(**_kwargs(args)) and 0)
     serve = sub.add_parser('serve', help='serve a model over HTTP, with continuous batching and streaming',
@@ -144,6 +147,8 @@ def parse_args(argv:list[str]|None=None) -> argparse.Namespace:
     "Parse `argv`; an unknown flag is reported by its subcommand's parser, which knows the right --help."
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ['runs', 'compare']: return compare_parser().parse_args(argv[2:])
+    if argv[:1] == ['bench'] and any(a == '--suite' or a.startswith('--suite=') for a in argv):
+        return suite_parser().parse_args(argv[1:])
     parser = build_parser(argv[0] if argv else None)
     args, unknown = parser.parse_known_args(argv)
     if unknown: parser._subparsers._group_actions[0].choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -174,6 +179,15 @@ def export_parser(sub) -> argparse.ArgumentParser:
                                    "with its KV cache), with the tokenizer in its metadata.")
     add_function_options(p, export_command)
     p.set_defaults(func=lambda args: export_command(**_kwargs(args)) and 0)
+    return p
+
+# %% ../nbs/90_cli.ipynb #5f46110e
+def suite_parser() -> argparse.ArgumentParser:
+    "The parser of `craft bench --suite NAME`."
+    p = Parser(prog='craft bench', description="Run a suite of measurements in one process, one JSON file per part, "
+               "each written as its part ends: gpu (every GPU claim, in 8 minutes) or cpu (nanoGPT's CPU recipe against craft).")
+    add_function_options(p, bench_suite)
+    p.set_defaults(func=lambda args: bench_suite(**_kwargs(args)) and 0, command='bench')
     return p
 
 # %% ../nbs/90_cli.ipynb #8ba22001

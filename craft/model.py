@@ -4,9 +4,8 @@
 
 # %% auto #0
 __all__ = ['POS_EMBS', 'PRESETS', 'DTYPE_BYTES', 'QUANTIZATIONS', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'GPTConfig',
-           'check_field_types', 'GPT', 'pick_device', 'native_bf16', 'matmul_params', 'flops_per_token',
-           'memory_budget', 'Int8Linear', 'quantize_weights', 'save_checkpoint', 'checkpoint_file',
-           'read_checkpoint_header', 'load_checkpoint']
+           'check_field_types', 'GPT', 'pick_device', 'matmul_params', 'flops_per_token', 'memory_budget', 'Int8Linear',
+           'quantize_weights', 'save_checkpoint', 'checkpoint_file', 'read_checkpoint_header', 'load_checkpoint']
 
 # %% ../nbs/03_model.ipynb #93b27303
 import json, math, os
@@ -20,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_model, load_model
 from .errors import CraftError
 from .tokenizer import CharTokenizer
-from .attention import KVCache
+from .attention import KVCache, row_mask
 from .block import Block, make_norm, NORMS, MLPS
 
 # %% ../nbs/03_model.ipynb #99dc36b0
@@ -152,8 +151,9 @@ def forward(self:GPT, idx:torch.Tensor, targets:torch.Tensor|None=None,
         positions = (start[:, None] if per_row else start) + torch.arange(T, device=idx.device)  # (B, T) or (T,)
         x = x + self.pos_emb(positions)                                        # (B, T, C) or (T, C) broadcast over B
     x = self.drop(x)
+    mask = row_mask(start, T, caches[0].max_len) if per_row else None        # (B, 1, T, max_len), once for every layer
     for i, block in enumerate(self.blocks):
-        x = block(x, None if caches is None else caches[i], start)           # (B, T, C)
+        x = block(x, None if caches is None else caches[i], start, mask)     # (B, T, C)
     x = self.norm_f(x)
     if last_only and targets is None: x = x[:, -1:]                           # (B, 1, C)
     logits = self.head(x)                                                     # (B, T, V)
@@ -184,14 +184,6 @@ def pick_device(device:str='auto') -> torch.device:
     if dev.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
         raise CraftError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
     return dev
-
-# %% ../nbs/03_model.ipynb #8aee14ff
-def native_bf16(device:torch.device) -> bool:
-    "Whether `device` computes in bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX."
-    device = torch.device(device)
-    if device.type == 'cuda': return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == 'cpu': return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
 
 # %% ../nbs/03_model.ipynb #3b1e0d90
 @patch

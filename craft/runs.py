@@ -73,7 +73,7 @@ def _duration(seconds:float) -> str:
 
 # %% ../nbs/08_experiments.ipynb #ef5d43ff
 def _blank_row(run_dir:Path, name:str|None) -> dict:
-    return dict(name=name or run_dir.name, path=str(run_dir), date=None, preset=None, steps=None, val_loss=None, val_bpc=None,
+    return dict(name=name or run_dir.name, path=str(run_dir), date=None, preset=None, parent=None, steps=None, val_loss=None, val_bpc=None,
                 full_val_bpc=None, tokens_per_sec=None, elapsed_s=None, status='unknown', problem=None, config={})
 
 ROW_KEYS = tuple(_blank_row(Path('.'), 'x'))
@@ -87,7 +87,7 @@ def run_row(run_dir, name:str|None=None, now:float|None=None) -> dict:
     if not files: return {**row, 'status': 'empty', 'problem': 'the folder is empty: the run has written nothing'}
     try:
         row['config'] = flat_config(read_run_config(run_dir))
-        row['preset'] = row['config']['preset']
+        row['preset'], row['parent'] = row['config']['preset'], row['config'].get('init_from') or None
     except CraftError as e: problems.append(str(e))
     status, (metrics, unreadable) = _status(run_dir), _metrics(run_dir)
     if unreadable: problems.append(f"metrics.jsonl: {unreadable} unreadable line(s) skipped")
@@ -182,6 +182,7 @@ def _cell(column:str, value) -> str:
     if value is None: return '-'
     if column == 'date': return value[:16].replace('T', ' ')
     if column == 'elapsed_s': return _duration(value)
+    if column == 'parent': return Path(value).parent.name if value.endswith('.safetensors') else Path(value).name
     if column == 'tokens_per_sec': return f"{value:,.0f}"
     if column in ('val_loss', 'val_bpc', 'full_val_bpc'): return f"{value:.4f}"
     if isinstance(value, float): return f"{value:g}"
@@ -190,7 +191,9 @@ def _cell(column:str, value) -> str:
 
 def _table(rows:list[dict]) -> tuple[list[str], list[list[str]], list[bool]]:
     "The runs table as headers, rows of cells, and whether each column is numeric."
-    columns = ['name', 'date', 'preset', *(f for f in differing_fields([r['config'] for r in rows]) if f != 'preset'), *RESULT_COLUMNS]
+    parent = ['parent'] if any(r['parent'] for r in rows) else []                # fine-tuned runs (09_finetune) name their parent
+    columns = ['name', 'date', 'preset', *parent, *(f for f in differing_fields([r['config'] for r in rows]) if f not in ('preset', 'init_from')),
+               *RESULT_COLUMNS]
     cells = [[_cell(c, _value(r, c)) for c in columns] for r in rows]
     numeric = [c not in ('name', 'status') and all(_number(_value(r, c)) is not None for r in rows if _value(r, c) is not None)
                and any(_value(r, c) is not None for r in rows) for c in columns]

@@ -53,29 +53,30 @@ def _describe(c: str) -> str:
     return f"{c!r} (U+{ord(c):04X})"
 
 def _check_chars(chars: list, where: str):
-    "Raise `CraftError` unless `chars` is a non-empty, sorted list of distinct single characters."
+    "Raise `CraftError` unless `chars` is a non-empty list of distinct single characters."
     if not chars: raise CraftError(f"{where}: the vocabulary is empty; build the tokenizer from non-empty text")
     for i, c in enumerate(chars):
         if not isinstance(c, str) or len(c) != 1:
             raise CraftError(f"{where}: vocabulary entry {i} is {c!r}, not a single character; pass a string or a list of 1-character strings")
         if 0xD800 <= ord(c) <= 0xDFFF:
             raise CraftError(f"{where}: vocabulary entry {i} is the lone surrogate U+{ord(c):04X}, which is not a Unicode character; read text with load_text")
-    for i, (a, b) in enumerate(zip(chars, chars[1:])):
-        if a == b: raise CraftError(f"{where}: the vocabulary lists {_describe(a)} twice; each character must appear once")
-        if a > b:
-            raise CraftError(f"{where}: the vocabulary is not sorted: {_describe(a)} comes before {_describe(b)} at position {i}; "
-                             "characters must be in code-point order, e.g. sorted(set(text))")
+    if len(set(chars)) < len(chars):
+        twice = next(c for i, c in enumerate(chars) if c in chars[:i])
+        raise CraftError(f"{where}: the vocabulary lists {_describe(twice)} twice; each character must appear once")
 
 # %% ../nbs/00_tokenizer.ipynb #33ab94a6
 class CharTokenizer:
-    "Character-level tokenizer: id `i` is the `i`-th character of the sorted vocabulary `chars`; `unk=True` adds one last id for unknown characters."
+    "Character-level tokenizer: id `i` is the `i`-th character of the vocabulary `chars`; `unk=True` adds one last id for unknown characters."
     def __init__(self, chars, unk: bool = False):
         chars = list(chars)
         _check_chars(chars, 'CharTokenizer')
         self._chars, self.unk = tuple(chars), bool(unk)
-        self._codepoints = np.array([ord(c) for c in chars], dtype='<u4')   # (V,) sorted code points
+        codepoints = np.array([ord(c) for c in chars], dtype='<u4')         # (V,) in id order
+        order = np.argsort(codepoints)                                       # (V,) the ids by code point
+        self._codepoints = codepoints[order]                                 # (V,) sorted code points
+        self._id_of_rank = None if (order == np.arange(len(order))).all() else order   # rank -> id; None: ranks are ids
         # id -> code point, (vocab_size,); the unknown id (if any) decodes to U+FFFD
-        self._decode_table = np.append(self._codepoints, np.uint32(ord(UNK_CHAR))).astype('<u4') if unk else self._codepoints
+        self._decode_table = np.append(codepoints, np.uint32(ord(UNK_CHAR))).astype('<u4') if unk else codepoints
 
     @classmethod
     def from_text(cls, text: str, unk: bool = False) -> 'CharTokenizer':
@@ -139,8 +140,9 @@ def encode(self: CharTokenizer, text: str, on_unknown: str = 'error') -> np.ndar
     n_ids, unknown = 0, {}                                     # unknown: code point -> first index in text
     for start in range(0, len(text), _CHUNK):
         cps = _codepoints(text[start:start + _CHUNK])   # (n,) code points of this chunk
-        pos = np.searchsorted(vocab, cps)                      # (n,) rank in vocab = id, if known
-        known = vocab[np.minimum(pos, len(vocab) - 1)] == cps  # (n,) mismatch mask, inverted
+        rank = np.minimum(np.searchsorted(vocab, cps), len(vocab) - 1)   # (n,) rank in vocab, if known
+        known = vocab[rank] == cps                             # (n,) mismatch mask, inverted
+        pos = rank if self._id_of_rank is None else self._id_of_rank[rank]   # (n,) ids, if known
         if not known.all():
             bad = np.flatnonzero(~known)                       # (n_bad,) chunk positions of unknowns
             bad_cps, first = np.unique(cps[bad], return_index=True)

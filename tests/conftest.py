@@ -19,3 +19,11 @@ def token_cache(tmp_path_factory):
     yield os.environ['CRAFT_CACHE_DIR']
     if saved is None: os.environ.pop('CRAFT_CACHE_DIR', None)
     else: os.environ['CRAFT_CACHE_DIR'] = saved
+
+
+@pytest.fixture(scope='session')
+def served_run(tmp_path_factory):
+    "A run directory with a tiny model trained for two seconds (so that samples look a little like text), for the server and page tests."
+    from craft.training import train
+    root = tmp_path_factory.mktemp('served')
+    return train('tiny', out=root / 'tiny', max_iters=300, lr=1e-2, warmup_iters=20, progress=False, full_eval=False, eval_iters=5, sample_chars=0)

@@ -1,10 +1,11 @@
-"`craft bench`: a quick CPU benchmark writes valid results, bad input fails early, and the baseline is the same model as craft's."
-import json, math, subprocess, sys
+"`craft bench`: a quick CPU benchmark writes valid results, bad input fails early, the baseline is the same model as craft's, and the suites keep what they measured."
+import json, math, os, signal, subprocess, sys, time
 
 import pytest
 import torch
 
-from craft.bench import BaselineGPT, baseline_from_craft, bench_command, load_results
+from craft.baseline import BaselineGPT, baseline_from_craft
+from craft.bench import bench_command, load_results
 from craft.errors import CraftError
 from craft.model import GPT, GPTConfig
 
@@ -37,7 +38,11 @@ def test_quick_bench_figures_and_ratios(quick):
     for name in ('craft', 'baseline'):
         stats = training[name]['tokens_per_s']
         assert stats['n'] == 2 and 0 < stats['min'] <= stats['median'] <= stats['max']
-        assert training[name]['peak_memory_bytes'] is None or training[name]['peak_memory_bytes'] >= 0
+        peak = training[name]['peak_memory_bytes']
+        if sys.platform.startswith('linux'):       # Linux resets the peak RSS: a real measurement of what training held
+            assert training[name]['memory_peak_reset'] is True
+            assert isinstance(peak, int) and 0 < peak < 2**30, peak       # something, and far less than a GiB for tiny
+        else: assert peak is None or (isinstance(peak, int) and peak >= 0), peak   # elsewhere the OS may not tell
         assert training[name]['predicted_memory_bytes'] > 0
     ratio = training['ratio']['tokens_per_s']
     assert ratio == pytest.approx(training['craft']['tokens_per_s']['median'] / training['baseline']['tokens_per_s']['median'], rel=0.01)
@@ -140,7 +145,7 @@ def test_baseline_rejects_other_architectures():
 @pytest.fixture(scope='module')
 def bench_cli():
     r = subprocess.run([sys.executable, '-m', 'craft.cli', 'bench', '--help'], capture_output=True, text=True, timeout=120)
-    if r.returncode != 0: pytest.skip('`craft bench` is not wired into craft.cli yet')
+    assert r.returncode == 0, r.stderr
     return r.stdout
 
 
@@ -164,3 +169,106 @@ def test_cli_bad_preset(bench_cli, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith('craft bench: error: unknown preset')
     assert not (tmp_path / 'b.json').exists()
+
+
+# --- the suites: `craft bench --suite gpu|cpu --out DIR` -------------------------------------------------------
+
+def craft_bench(*args, env=None, timeout=600):
+    "Run `craft bench ARGS` in a fresh process (one torch thread); its CompletedProcess."
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
+    return subprocess.run([sys.executable, '-m', 'craft.cli', 'bench', *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_suite_help_documents_every_option():
+    r = craft_bench('--suite', 'gpu', '--help', timeout=120)
+    assert r.returncode == 0, r.stderr
+    import inspect
+    from craft.bench import bench_suite
+    for name, p in inspect.signature(bench_suite).parameters.items():
+        flag = '--' + name.replace('_', '-')
+        assert flag in r.stdout, flag
+    assert r.stdout.count('(default:') >= len(inspect.signature(bench_suite).parameters)   # each with its default
+    assert 'craft bench --suite gpu --help' in craft_bench('--help', timeout=120).stdout  # craft bench's help points there
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--suite', 'tpu'], "unknown --suite 'tpu'"),
+    (['--suite', 'cpu', '--part', 'serving'], 'unknown --part serving for --suite cpu'),
+    (['--suite', 'gpu', '--minutes', '0'], 'invalid --minutes 0'),
+    (['--suite', 'gpu', '--device', 'tpu'], "unknown device 'tpu'"),
+    (['--suite', 'gpu', '--preset', 'tiny'], 'unrecognized arguments: --preset tiny'),
+])
+def test_suite_bad_arguments_fail_before_measuring(tmp_path, args, message):
+    r = craft_bench(*args, '--out', str(tmp_path / 'out'), timeout=120)
+    assert r.returncode in (1, 2) and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1                      # one line, no traceback
+    assert not (tmp_path / 'out').exists()
+
+
+def test_suite_out_must_be_a_folder(tmp_path):
+    (tmp_path / 'file.json').write_text('{}')
+    r = craft_bench('--suite', 'gpu', '--device', 'cpu', '--quick', '--out', str(tmp_path / 'file.json'), timeout=120)
+    assert r.returncode == 1 and 'is a file' in r.stderr
+    assert (tmp_path / 'file.json').read_text() == '{}'
+
+
+def test_suite_records_a_failed_part_and_goes_on(tmp_path):
+    "The GPU machine lacks the web stack until its wheels are installed: without it, the serving part fails, the others run."
+    broken = tmp_path / 'broken'
+    (broken / 'fastapi').mkdir(parents=True)
+    (broken / 'fastapi' / '__init__.py').write_text("raise ImportError('no fastapi on this machine')\n")
+    path = os.pathsep.join([str(broken), os.environ.get('PYTHONPATH', '')]).rstrip(os.pathsep)
+    out = tmp_path / 'out'
+    r = craft_bench('--suite', 'gpu', '--device', 'cpu', '--quick', '--part', 'serving', '--part', 'training', '--out', str(out),
+                    env={'PYTHONPATH': path})
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"craft bench: error: 1 of 2 parts failed (serving); each file in {out} says why"
+    assert '[1/2] gpu suite, training: done' in r.stderr and '[2/2] gpu suite, serving: failed' in r.stderr   # a line per part
+    training, serving = load_results(out / 'gpu-training.json'), load_results(out / 'gpu-serving.json')
+    assert training['status'] == 'done' and training['training'][0]['craft']['tokens_per_s']['median'] > 0
+    assert serving['status'] == 'failed' and 'no fastapi on this machine' in serving['error'], serving['error']
+    assert serving['error'].startswith('CraftError: craft serve did not start')
+    assert sorted(p.name for p in out.iterdir()) == ['gpu-serving.json', 'gpu-training.json']    # no temporary files left
+
+
+def test_suite_cut_short_keeps_what_it_measured(tmp_path):
+    "SIGTERM during the training runs: the training part's file stays whole, the runs' file says interrupted, exit 130."
+    out = tmp_path / 'out'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    suite = subprocess.Popen([sys.executable, '-m', 'craft.cli', 'bench', '--suite', 'gpu', '--device', 'cpu', '--quick',
+                              '--part', 'training', '--part', 'recipes', '--out', str(out)], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in suite.stderr:                                        # wait until the first training run is under way
+            if 'recipes: speedrun' in line: break
+        time.sleep(1.0)
+        suite.send_signal(signal.SIGTERM)
+        rest = suite.stderr.read()
+        assert suite.wait(60) == 130, rest
+    finally:
+        if suite.poll() is None: suite.kill()
+    assert 'craft bench: interrupted' in rest
+    assert load_results(out / 'gpu-training.json')['status'] == 'done'
+    recipes = load_results(out / 'gpu-recipes.json')
+    assert recipes['status'] == 'interrupted' and recipes['recipes'] == []   # cut during its first run
+    assert sorted(p.name for p in out.iterdir()) == ['gpu-recipes.json', 'gpu-training.json']
+
+
+def test_cpu_suite_quick(tmp_path):
+    "nanoGPT's CPU recipe (shortened) on the baseline against craft train's default, then sampling against the ceiling and the baseline."
+    out = tmp_path / 'out'
+    r = craft_bench('--suite', 'cpu', '--device', 'cpu', '--quick', '--out', str(out))
+    assert r.returncode == 0, r.stderr
+    nano = load_results(out / 'cpu-nanogpt.json')
+    assert nano['status'] == 'done' and nano['recipe']['batch_size'] == 12 and nano['recipe']['optimizer'] == 'adamw'
+    assert nano['nanogpt']['steps'] == 20 and nano['nanogpt']['device'] == 'cpu'
+    assert nano['craft']['stop_reason'] == 'max_time' and nano['craft']['max_time'] >= 1
+    for run in (nano['nanogpt'], nano['craft']):
+        assert 0 < run['full_val_loss'] < math.log(65) + 0.5 and 0 < run['startup_s'] < run['wall_s']
+    assert nano['craft_minus_nanogpt']['full_val_loss'] == pytest.approx(nano['craft']['full_val_loss'] - nano['nanogpt']['full_val_loss'], abs=1e-3)
+    sampled = load_results(out / 'cpu-sampling.json')
+    assert [(s['preset'], s['batch_size']) for s in sampled['sampling']] == [('tiny', 1)]
+    assert 0 < sampled['sampling'][0]['craft_cache']['of_ceiling']
+    cli = sampled['cli']
+    assert cli['new_tokens'] == 50 and cli['craft_sample']['tokens'] == 50 and cli['craft_sample']['device'] == 'cpu'
+    assert cli['ratio'] == pytest.approx(cli['craft_sample']['tokens_per_s'] / cli['baseline_no_cache']['tokens_per_s'], rel=0.01)
+    assert 0 < cli['craft_sample']['of_ceiling']

@@ -281,7 +281,8 @@ def test_sampler_app(run_dir, trained):
     app.temperature, app.top_k, app.seed = 1.0, 5, 9
     app.generate_button.click(); app.wait(10)
     assert app.output_text == generate(model, tok, 'KING', max_new_tokens=40, temperature=1.0, top_k=5, seed=9)[0]
-    assert app.output_box.value == app.output_text and 'tokens/s' in app.status.value
+    assert app.output_box.value.endswith(f"<span style='color:#667085'>KING</span>{app.output_text}</pre>")   # the prompt, then the text
+    assert app.status.value.startswith('40 characters in') and 'characters/s' in app.status.value and app.probs_view.value.count('<tr>') == 5
     app.max_new_tokens = 5000
     app.generate(block=False); app.stop(); app.wait(10)
     assert len(app.output_text) < 5000 and 'stopped' in app.status.value

@@ -1,30 +1,30 @@
-"`craft serve` on loopback: the real server in a subprocess, every endpoint, bad input, 64 concurrent clients, disconnects, and a schemathesis fuzz."
-import asyncio, json, os, queue, re, shutil, subprocess, sys, threading, time
+"`craft serve` on loopback: the real server in a subprocess, every endpoint, bad input, 64 concurrent clients, disconnects, shutdown with requests in flight, and a schemathesis fuzz."
+from __future__ import annotations
+import asyncio, json, os, queue, re, shutil, signal, subprocess, sys, threading, time
 from pathlib import Path
 
 import pytest
 import torch
 
-httpx = pytest.importorskip('httpx2')
+try: import httpx2 as httpx
+except ImportError: httpx = None
 
 from craft.model import load_checkpoint
 from craft.sampling import generate
-from craft.training import train
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}   # tiny models: one thread is fastest, and robust to busy cores
 
 
-@pytest.fixture(scope='session')
-def run_dir(tmp_path_factory):
-    "A run directory with a tiny model trained for two seconds (so that samples look a little like text)."
-    root = tmp_path_factory.mktemp('serving')
-    return train('tiny', out=root / 'tiny', max_iters=300, lr=1e-2, warmup_iters=20, progress=False, full_eval=False, eval_iters=5, sample_chars=0)
+@pytest.fixture(autouse=True)
+def dev_dependencies():
+    "These tests need httpx2, a dev requirement: without it they fail, saying so."
+    if httpx is None: pytest.fail("tests/test_serving.py needs httpx2, a dev requirement of craft: pip install -e '.[dev]'", pytrace=False)
 
 
 @pytest.fixture(scope='session')
-def model(run_dir):
+def model(served_run):
     "The served model, in float32 on the CPU as the servers run it."
-    return load_checkpoint(run_dir, 'cpu')[:2]
+    return load_checkpoint(served_run, 'cpu')[:2]
 
 
 class Server:
@@ -53,16 +53,16 @@ class Server:
     def log(self) -> str: return ''.join(self.lines)
 
 
-def serve(run_dir, **limits) -> Server:
+def serve(served_run, **limits) -> Server:
     "`serve_command` in a subprocess, on a free port of 127.0.0.1 (the default host)."
     args = ', '.join(f"{k}={v!r}" for k, v in dict(port=0, device='cpu', dtype='float32', log_level='warning', **limits).items())
-    return Server([sys.executable, '-c', f"from craft.serving import serve_command; serve_command({str(run_dir)!r}, {args})"])
+    return Server([sys.executable, '-c', f"from craft.serving import serve_command; serve_command({str(served_run)!r}, {args})"])
 
 
 @pytest.fixture(scope='module')
-def server(run_dir):
+def server(served_run):
     "The main server: 16 slots, long generations allowed (for the disconnect tests)."
-    s = serve(run_dir, max_slots=16, max_prompt_chars=300, max_new_tokens_cap=5000, max_body_bytes=4096)
+    s = serve(served_run, max_slots=16, max_prompt_chars=300, max_new_tokens_cap=5000, max_body_bytes=4096)
     yield s
     s.stop()
     assert 'Traceback' not in s.log, s.log
@@ -118,9 +118,50 @@ def test_health_and_model(server, model):
 
 
 def test_docs_and_schema(server):
-    assert 'swagger' in httpx.get(f'{server.url}/docs', timeout=10).text.lower()
+    "/docs needs nothing from another host; the schema declares the stream's events as the JSON objects they are, and its example runs."
+    docs = httpx.get(f'{server.url}/docs', timeout=10).text
+    assert 'swagger' in docs.lower() and not re.search(r'(src|href)="(https?:)?//', docs), docs
+    assert httpx.get(f'{server.url}/static-offline-docs/swagger-ui-bundle.js', timeout=10).status_code == 200
     schema = httpx.get(f'{server.url}/openapi.json', timeout=10).json()
     assert {'/v1/generate', '/health', '/v1/model'} <= set(schema['paths'])
+    answers = schema['paths']['/v1/generate']['post']['responses']
+    events = answers['200']['content']['text/event-stream']['schema']['oneOf']
+    assert [e['$ref'].split('/')[-1] for e in events] == ['StreamChunk', 'GenerateResponse', 'StreamError']
+    components = schema['components']['schemas']
+    assert set(components['StreamChunk']['properties']) == {'sample', 'text', 'probs'} and 'error' in components['StreamError']['required']
+    assert '503' in answers
+    example = components['GenerateRequest']['examples'][0]
+    assert example['seed'] is None and 'stop' not in example
+    r = post(server, **example)
+    assert r.status_code == 200 and r.json()['finish_reason'] == 'length', r.text
+
+
+def test_integral_floats_are_integers(server, model):
+    "JSON Schema's integer includes 51422917983491.0: the integer fields take integral floats, and still refuse 1.5."
+    r = post(server, prompt='KING', max_new_tokens=20.0, seed=51422917983491.0, top_k=0.0, num_samples=1.0)
+    assert r.status_code == 200, r.text
+    assert r.json()['seed'] == 51422917983491 and r.json()['texts'] == generate(*model, 'KING', max_new_tokens=20, seed=51422917983491, temperature=0.8)
+    for bad in (dict(seed=1.5), dict(max_new_tokens=float('1e300')), dict(top_k=True)):
+        assert post(server, **bad).status_code == 422, bad
+
+
+def test_top_probs(server, model):
+    "With top_probs, every character comes with what the model saw; the text is the same as without, in the answer and the stream."
+    body = dict(prompt='KING', max_new_tokens=50, seed=11, top_k=6, num_samples=2, stop=['\n\n'], top_probs=4)
+    answer = post(server, **body).json()
+    assert answer['texts'] == post(server, **{**body, 'top_probs': 0}).json()['texts']
+    for text, probs in zip(answer['texts'], answer['probs']):
+        assert ''.join(p['token'] for p in probs) == text
+        for p in probs:
+            tops = [t['prob'] for t in p['top']]
+            assert len(tops) == 4 and tops == sorted(tops, reverse=True) and 0 < p['prob'] <= tops[0] and sum(tops) <= 1 + 1e-5
+    with httpx.stream('POST', f'{server.url}/v1/generate', json={**body, 'stream': True}, timeout=30) as r:
+        events = parse_events(r.read().decode())
+    for sample in range(2):
+        assert [p for name, d in events[:-1] if d['sample'] == sample for p in d['probs']] == answer['probs'][sample]
+    greedy = post(server, prompt='KING', max_new_tokens=10, temperature=0, top_probs=3).json()['probs'][0]
+    assert all(p['prob'] == 1 and p['top'] == [{'token': p['token'], 'prob': 1.0}] for p in greedy)
+    assert post(server, prompt='KING', max_new_tokens=5).json()['probs'] is None
 
 
 SETTINGS = [dict(prompt='KING', max_new_tokens=40, seed=1),
@@ -174,6 +215,8 @@ BAD = [  # (request keyword arguments, status, part of the message)
     (dict(json={'prompt': ''}), 422, 'prompt: String should have at least 1 character'),
     (dict(json={'max_new_tokens': 5001}), 422, 'max_new_tokens: Input should be less than or equal to 5000'),
     (dict(json={'colour': 'red'}), 422, 'colour: Extra inputs are not permitted'),
+    (dict(json={'top_probs': 21}), 422, 'top_probs: Input should be less than or equal to 20'),
+    (dict(json={'top_probs': 20, 'max_new_tokens': 5000, 'num_samples': 16}), 422, '1,600,000 alternatives, more than 1,000,000; ask for fewer'),
     (dict(json=[1, 2]), 422, 'request body: Input should be a valid dictionary'),
     (dict(json={'prompt': 'a' * 5000}), 413, "larger than this server's limit of 4096 bytes"),
     (dict(content=(b'x' * 1000 for _ in range(5))), 413, "limit of 4096 bytes"),    # chunked: no Content-Length
@@ -255,9 +298,9 @@ def test_disconnect_frees_rows(server):
 
 
 @pytest.fixture(scope='module')
-def fuzz_server(run_dir):
+def fuzz_server(served_run):
     "A server with small limits, so that every request the fuzzer makes is quick."
-    s = serve(run_dir, max_slots=4, max_prompt_chars=64, max_new_tokens_cap=20)
+    s = serve(served_run, max_slots=4, max_prompt_chars=64, max_new_tokens_cap=20)
     yield s
     s.stop()
 
@@ -265,7 +308,7 @@ def fuzz_server(run_dir):
 def test_fuzz_openapi_schema(fuzz_server):
     "schemathesis generates requests from the OpenAPI schema, valid and invalid: no 5xx, and the server stays up."
     st = shutil.which('st', path=str(Path(sys.executable).parent)) or shutil.which('st')
-    if st is None: pytest.skip('schemathesis is not installed')
+    if st is None: pytest.fail("this test needs schemathesis (its `st` command), a dev requirement of craft: pip install -e '.[dev]'", pytrace=False)
     r = subprocess.run([st, 'run', f'{fuzz_server.url}/openapi.json', '--checks', 'not_a_server_error', '--max-examples', '30',
                         '--max-time', '20', '--request-timeout', '10', '--seed', '1', '--workers', '2', '--no-color'],
                        capture_output=True, text=True, timeout=120, env=ENV)
@@ -276,14 +319,54 @@ def test_fuzz_openapi_schema(fuzz_server):
     assert 'Traceback' not in fuzz_server.log, fuzz_server.log
 
 
-def test_cli_serve(run_dir, tmp_path):
+def test_cli_serve(served_run, tmp_path):
     "`craft serve RUN --port 0` serves; a bad run directory is one line on stderr."
     help = subprocess.run([sys.executable, '-m', 'craft.cli', 'serve', '--help'], capture_output=True, text=True, timeout=60, env=ENV)
-    if help.returncode != 0: pytest.skip('`craft serve` is not wired into craft.cli yet')
-    s = Server([sys.executable, '-m', 'craft.cli', 'serve', str(run_dir), '--port', '0', '--device', 'cpu'])
+    assert help.returncode == 0 and '--max-slots' in help.stdout, help.stderr
+    s = Server([sys.executable, '-m', 'craft.cli', 'serve', str(served_run), '--port', '0', '--device', 'cpu'])
     try:
         assert s.url.startswith('http://127.0.0.1:')
         assert health(s)['status'] == 'ok'
     finally: s.stop()
     bad = subprocess.run([sys.executable, '-m', 'craft.cli', 'serve', str(tmp_path / 'nowhere'), '--port', '0'], capture_output=True, text=True, timeout=60, env=ENV)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and 'no such file or directory' in bad.stderr
+
+
+def test_cli_serve_refuses_more_slots_than_memory(served_run):
+    "`craft serve --max-slots 100000000` is refused before anything is allocated: one line naming the memory asked for, the memory here, and the flag."
+    r = subprocess.run([sys.executable, '-m', 'craft.cli', 'serve', str(served_run), '--port', '0', '--device', 'cpu', '--max-slots', '100000000'],
+                       capture_output=True, text=True, timeout=60, env=ENV)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert re.search(r'max_slots=100,000,000 needs [\d,.]+ [GT]B for the KV cache, more than the [\d,.]+ GB of memory free on cpu \(of [\d,.]+ GB\); '
+                     r'lower --max-slots', r.stderr), r.stderr
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_shutdown_with_requests_in_flight(served_run, sig):
+    "On SIGINT or SIGTERM, plain requests in flight get a JSON 503, streams an `error` event; the server stops at once, without a traceback."
+    s = Server([sys.executable, '-m', 'craft.cli', 'serve', str(served_run), '--port', '0', '--device', 'cpu', '--max-slots', '4',
+                '--max-new-tokens-cap', '100000', '--log-level', 'warning'])
+    results = {}
+    def plain(i):
+        r = httpx.post(f'{s.url}/v1/generate', json={'prompt': 'KING', 'max_new_tokens': 100_000, 'seed': i}, timeout=30)
+        results[i] = (r.status_code, r.headers['content-type'], r.json())
+    def streamed(i):
+        with httpx.stream('POST', f'{s.url}/v1/generate', json={'prompt': 'KING', 'max_new_tokens': 100_000, 'stream': True}, timeout=30) as r:
+            results[i] = parse_events(r.read().decode())[-1]
+    clients = [threading.Thread(target=f, args=(i,)) for i, f in enumerate([plain, plain, streamed, plain, plain, streamed])]  # 2 wait for rows
+    for c in clients: c.start()
+    deadline = time.monotonic() + 30
+    while health(s)['requests_waiting'] < 2:
+        assert time.monotonic() < deadline, health(s)
+        time.sleep(0.05)
+    start = time.monotonic()
+    s.process.send_signal(sig)
+    for c in clients: c.join(30)
+    code = s.process.wait(30)
+    assert time.monotonic() - start < 10
+    for i in (0, 1, 3, 4):
+        assert results[i][:2] == (503, 'application/json') and 'shutting down' in results[i][2]['error'], results[i]
+    for i in (2, 5):
+        assert results[i][0] == 'error' and 'shutting down' in results[i][1]['error'], results[i]
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGTERM), (code, s.log)
+    assert 'Traceback' not in s.log and 'CancelledError' not in s.log and 'ERROR' not in s.log, s.log

@@ -1,0 +1,203 @@
+"Pages in a real browser (Debian's chromium, driven by Playwright): `craft serve`'s playground at / and docs at /docs, offline, and the notebook sampler in JupyterLab."
+import os, re, shutil, socket, subprocess, sys, threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+try: from playwright.sync_api import expect, sync_playwright
+except ImportError: sync_playwright = None
+
+from craft.model import load_checkpoint
+from craft.sampling import generate
+from test_serving import ENV, Server
+
+# Headless, and no traffic of the browser's own: the only requests are the page's.
+FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run']
+
+
+@pytest.fixture(scope='module')
+def browser():
+    "Debian's chromium, launched by Playwright (browsers cannot be downloaded here: never `playwright install`)."
+    if sync_playwright is None: pytest.fail("tests/test_playground.py needs playwright, a dev requirement of craft: pip install -e '.[dev]'", pytrace=False)
+    chromium = shutil.which('chromium')
+    if chromium is None: pytest.fail("tests/test_playground.py needs Debian's chromium: apt-get install -y chromium", pytrace=False)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope='module')
+def server(served_run):
+    "`craft serve` on a free port of 127.0.0.1, float32 on the CPU (so that a seed gives `generate`'s text here too)."
+    s = Server([sys.executable, '-m', 'craft.cli', 'serve', str(served_run), '--port', '0', '--device', 'cpu', '--dtype', 'float32',
+                '--log-level', 'warning'])
+    yield s
+    s.stop()
+    assert 'Traceback' not in s.log, s.log
+
+
+@pytest.fixture(scope='module')
+def artifacts(tmp_path_factory) -> Path:
+    "Where the screenshots go: $CRAFT_ARTIFACTS if set, else a pytest temporary folder (printed)."
+    folder = Path(os.environ['CRAFT_ARTIFACTS']) if os.environ.get('CRAFT_ARTIFACTS') else tmp_path_factory.mktemp('artifacts')
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+class Page:
+    "A browser page on the server, recording every request it makes and every error it reports."
+    def __init__(self, browser, server, path:str, width:int=1280, height:int=860):
+        self.page = browser.new_page(viewport={'width': width, 'height': height})
+        self.requests, self.errors, self.host = [], [], urlsplit(server.url).netloc
+        self.page.on('request', lambda r: self.requests.append(r.url))
+        self.page.on('pageerror', lambda e: self.errors.append(str(e)))
+        self.page.on('console', lambda m: self.errors.append(m.text) if m.type == 'error' else None)
+        self.page.goto(server.url + path)
+
+    def elsewhere(self) -> list[str]:
+        "The requests to any other host than the server's."
+        return [u for u in self.requests if not u.startswith('data:') and urlsplit(u).netloc != self.host]
+
+    def screenshot(self, path:Path):
+        self.page.screenshot(path=path, full_page=True)
+        print(f"screenshot: {path}")
+
+
+def generated(page) -> str: return page.locator('#generated').text_content()
+
+
+def test_playground(browser, server, served_run, artifacts):
+    "Type a prompt, move a slider, Generate: the text streams in as `generate` writes it; clicking a character shows what the model saw."
+    p = Page(browser, server, '/')
+    page = p.page
+    expect(page.locator('#model')).to_contain_text(re.compile(r'tiny · [\d.]+K parameters · step \d+ · train loss [\d.]+ · val loss [\d.]+'))
+    page.fill('#prompt', 'KING')
+    page.fill('#seed', '7')
+    page.focus('#temperature')
+    page.keyboard.press('ArrowLeft')
+    page.keyboard.press('ArrowLeft')                                       # 0.8 -> 0.7
+    expect(page.locator('output[for=temperature]')).to_have_text('0.7')
+    page.click('#generate')
+    expect(page.locator('#generated span').first).to_be_attached()         # streamed text arrives
+    expect(page.locator('#status')).to_contain_text('characters/s; seed 7', timeout=30_000)
+    model, tok, _ = load_checkpoint(served_run, 'cpu')
+    assert generated(page) == generate(model, tok, 'KING', max_new_tokens=300, seed=7, temperature=0.7)[0]
+    assert page.locator('#prompt-text').text_content() == 'KING'
+
+    page.locator('#generated span').nth(9).click()                         # what the model saw at the 10th character
+    expect(page.locator('#position')).to_have_text('character 10 of 300')
+    chosen = generated(page)[9]
+    bars = page.locator('#chart .bar')
+    assert 1 <= bars.count() <= 11 and page.locator('#chart .chosen').count() == 1
+    chosen_label = page.locator('#chart .char').nth(page.locator('#chart .bar').evaluate_all("bars => bars.findIndex(b => b.classList.contains('chosen'))"))
+    assert chosen_label.text_content() == {' ': '␣', '\n': '⏎'}.get(chosen, chosen)
+    percents = [float(t.rstrip('%')) for t in page.locator('#chart .pct').all_text_contents() if t[0].isdigit()]
+    assert percents[:-1] == sorted(percents[:-1], reverse=True)             # the likeliest first (the drawn one may come last)
+    assert 0 < sum(percents) <= 100.5
+    page.click('#next')
+    expect(page.locator('#position')).to_have_text('character 11 of 300')
+    p.screenshot(artifacts / 'playground.png')
+
+    page.fill('#prompt', 'Señor')                                          # outside the vocabulary: the server's one line
+    page.click('#generate')
+    expect(page.locator('#status.error')).to_contain_text("not in the tokenizer's vocabulary: 'ñ'")
+    page.fill('#prompt', 'KING')
+    page.fill('#seed', '')
+    page.locator('#max_new_tokens').evaluate("e => { e.value = e.max; e.dispatchEvent(new Event('input')) }")
+    page.click('#generate')
+    expect(page.locator('#generated span').first).to_be_attached()
+    page.click('#stop')
+    expect(page.locator('#status')).to_contain_text('stopped after')
+    assert p.elsewhere() == [], p.elsewhere()
+    assert p.errors == ['Failed to load resource: the server responded with a status of 422 (Unprocessable Entity)'], p.errors   # Señor's
+
+
+def test_playground_on_a_phone(browser, server, artifacts):
+    "On a phone-sized screen the page is one column that fits the width, and works the same."
+    p = Page(browser, server, '/', width=390, height=844)
+    page = p.page
+    expect(page.locator('#model')).to_contain_text('parameters')
+    page.fill('#seed', '3')
+    page.click('#generate')
+    expect(page.locator('#status')).to_contain_text('characters/s', timeout=30_000)
+    page.locator('#generated span').nth(4).click()
+    expect(page.locator('#chart .chosen')).to_have_count(1)
+    assert page.evaluate('document.documentElement.scrollWidth') <= 390
+    boxes = [page.locator(s).bounding_box() for s in ('#controls', '#results')]
+    assert boxes[0]['y'] + boxes[0]['height'] <= boxes[1]['y']             # stacked, not side by side
+    p.screenshot(artifacts / 'playground-phone.png')
+    assert p.elsewhere() == [] and p.errors == [], (p.elsewhere(), p.errors)
+
+
+@pytest.fixture(scope='module')
+def jupyterlab(served_run, tmp_path_factory):
+    "JupyterLab on a free port of 127.0.0.1, with its settings in a temporary folder and a notebook that shows `sampler_app`."
+    import nbformat
+    root = tmp_path_factory.mktemp('jupyterlab')
+    code = (f"import torch; torch.set_num_threads(1)\nfrom craft.sampling import sampler_app\n"
+            f"sampler_app({str(served_run)!r}, device='cpu', dtype='float32', prompt='KING', max_new_tokens=120, seed=5)")
+    kernel = {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}}
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)], metadata=kernel), root / 'sampler.ipynb')
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    env = {**ENV, **{f'JUPYTER_{d}_DIR': str(root / d.lower()) for d in ('CONFIG', 'DATA', 'RUNTIME')}}
+    lab = subprocess.Popen([sys.executable, '-m', 'jupyterlab', '--no-browser', f'--port={port}', '--ip=127.0.0.1', '--allow-root', '--IdentityProvider.token=craft',
+                            f'--ServerApp.root_dir={root}', f'--LabApp.user_settings_dir={root / "settings"}',
+                            f'--LabApp.workspaces_dir={root / "workspaces"}'], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while f'127.0.0.1:{port}' not in (line := lab.stderr.readline()): assert line, 'JupyterLab did not start'
+        threading.Thread(target=lab.stderr.read, daemon=True).start()                 # keep the pipe from filling
+        yield f'http://127.0.0.1:{port}'
+    finally:
+        lab.terminate()
+        try: lab.wait(20)
+        except subprocess.TimeoutExpired: lab.kill(); lab.wait(10)
+
+
+def test_sampler_widget_in_jupyterlab(browser, jupyterlab, artifacts):
+    "The notebook sampler in a real JupyterLab: labels in full, Generate streams the text after its prompt, and the bars show the next character."
+    page = browser.new_page(viewport={'width': 1280, 'height': 900})
+    page.route(re.compile(r'^(?!http://127\.0\.0\.1[:/]).*'), lambda route: route.abort())   # JupyterLab may look for news: nowhere but here
+    page.goto(f'{jupyterlab}/lab/tree/sampler.ipynb?token=craft')
+    try: run_the_sampler(page)
+    except Exception:
+        page.screenshot(path=artifacts / 'sampler-widget-failed.png')
+        print(f"screenshot of the failure: {artifacts / 'sampler-widget-failed.png'}")
+        raise
+    page.locator('.jp-Notebook').screenshot(path=artifacts / 'sampler-widget.png')
+    print(f"screenshot: {artifacts / 'sampler-widget.png'}")
+
+
+def run_the_sampler(page):
+    "Run the notebook's cell, check the widget, press Generate, check what it shows."
+    page.locator('.jp-Cell .cm-content').first.click(timeout=60_000)
+    page.keyboard.press('Shift+Enter')
+    generate_button = page.get_by_role('button', name='Generate')
+    expect(generate_button).to_be_visible(timeout=60_000)
+    labels = page.locator('.widget-slider .widget-label')
+    expect(labels).to_have_count(6)
+    try: page.wait_for_function("[...document.querySelectorAll('.widget-slider .widget-label')].every(l => l.scrollWidth <= l.clientWidth)",
+                                timeout=10_000)                                      # once laid out, no label is cut short
+    except Exception: pytest.fail(f"labels cut short: {labels.evaluate_all('ls => ls.filter(l => l.scrollWidth > l.clientWidth).map(l => l.textContent)')}")
+    generate_button.click()
+    expect(page.locator('.widget-label', has_text='characters/s')).to_contain_text('120 characters in', timeout=60_000)
+    expect(page.locator('.widget-html pre span').first).to_have_text('KING')             # the prompt, then the text
+    assert len(page.locator('.widget-html pre').first.text_content()) == 4 + 120
+    expect(page.locator('.widget-html', has_text='What the model sees').locator('tr').first).to_be_visible()
+
+
+def test_docs_try_it_out(browser, server, artifacts):
+    "/docs loads with nothing from elsewhere, and its pre-filled request, executed as it stands, succeeds."
+    p = Page(browser, server, '/docs')
+    page = p.page
+    page.locator('.opblock-post .opblock-summary').first.click()
+    page.get_by_role('button', name='Try it out').click()
+    body = page.locator('.body-param textarea').input_value()
+    assert '"seed": null' in body and '"stop"' not in body, body
+    page.get_by_role('button', name='Execute').click()
+    status = page.locator('.live-responses-table .response .response-col_status').first
+    expect(status).to_have_text('200', timeout=30_000)
+    expect(page.locator('.live-responses-table .response .response-col_description')).to_contain_text('"finish_reason": "length"')
+    p.screenshot(artifacts / 'docs.png')
+    assert p.elsewhere() == [] and p.errors == [], (p.elsewhere(), p.errors)
