@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['MEMORY_FIXES', 'Parser', 'add_option', 'add_function_options', 'train_parser', 'train_command', 'sample_prompt',
-           'print_sample', 'build_parser', 'compare_parser', 'parse_args', 'main', 'suite_parser', 'exit_status']
+           'print_sample', 'build_parser', 'compare_parser', 'parse_args', 'main', 'export_parser', 'suite_parser',
+           'exit_status']
 
 # %% ../nbs/90_cli.ipynb #c5fdeb68
 import os
@@ -173,6 +174,7 @@ def build_parser(command:str|None=None) -> argparse.ArgumentParser:
                           epilog="craft runs compare RUN RUN... [--plot FILE.png] compares runs: their config diff and loss curves.")
     add_function_options(runs, runs_command, positional=('dir',))
     runs.set_defaults(func=lambda args: runs_command(**_kwargs(args)))
+    export_parser(sub)
     return parser
 
 def compare_parser() -> argparse.ArgumentParser:
@@ -210,6 +212,19 @@ def main(argv:list[str]|None=None) -> int:
         code = exit_status(e, args.command)
     if command: signal.signal(signal.SIGINT, signal.SIG_IGN)       # nor the interpreter's shutdown (atexit handlers)
     return code
+
+# %% ../nbs/90_cli.ipynb #f85bcb56
+from .deploy import export_command
+
+# %% ../nbs/90_cli.ipynb #b9a72081
+def export_parser(sub) -> argparse.ArgumentParser:
+    "The parser of `craft export`, added to the subcommands `sub`."
+    p = sub.add_parser('export', help='export a model to ONNX, to run without PyTorch',
+                       description="Export a run directory or checkpoint as one ONNX graph (the full forward and the decode step "
+                                   "with its KV cache), with the tokenizer in its metadata.")
+    add_function_options(p, export_command)
+    p.set_defaults(func=lambda args: export_command(**_kwargs(args)) and 0)
+    return p
 
 # %% ../nbs/90_cli.ipynb #5f46110e
 def suite_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ import torch
 from fastcore.basics import patch
 from .errors import CraftError, check_setting
 from .tokenizer import CharTokenizer, load_text
-from .model import GPT, GPTConfig, load_checkpoint, pick_device
+from .model import GPT, GPTConfig, Int8Linear, load_checkpoint, pick_device
 from .model import DTYPE_BYTES, check_memory, read_checkpoint_header, sampling_memory
 from .machine import Profile, Setting, candidates, machine_profile, threads_of
 
@@ -439,14 +439,15 @@ def decoding_profile(model:GPT, batch_size:int=1, dtype:str='auto', threads:int=
         tokens = torch.zeros(batch_size, dtype=torch.long, device=device)         # (B,)
         decoder.prefill(tokens[:, None])
         return lambda: decoder.step(tokens)
-    work = f"sampling {c.n_layer}x{c.n_embd}, batch {batch_size}"
-    return machine_profile(work, {**c.to_dict(), 'batch_size': batch_size}, device, make_step, dtype, threads)
+    int8 = {'weights': 'int8'} if any(isinstance(m, Int8Linear) for m in model.modules()) else {}   # int8 weights are timed apart
+    work = f"sampling {c.n_layer}x{c.n_embd}, batch {batch_size}" + (', int8 weights' if int8 else '')
+    return machine_profile(work, {**c.to_dict(), 'batch_size': batch_size, **int8}, device, make_step, dtype, threads)
 
-def load_for_sampling(run, device:str='auto', dtype:str='auto', threads:int=0,
-                      batch_size:int=1) -> tuple[GPT, CharTokenizer, Profile]:
+def load_for_sampling(run, device:str='auto', dtype:str='auto', threads:int=0, batch_size:int=1,
+                      quantize:str|None=None) -> tuple[GPT, CharTokenizer, Profile]:
     ("A run directory or checkpoint loaded for generation: the model in the dtype "
-     "its machine profile picks, its tokenizer, and the profile.")
-    model, tokenizer, _ = load_checkpoint(run, pick_device(device))
+     "its machine profile picks (`quantize='int8'`: int8 weights), its tokenizer, and the profile.")
+    model, tokenizer, _ = load_checkpoint(run, pick_device(device), quantize)
     profile = decoding_profile(model, batch_size, dtype, threads)
     return model.to(profile.choice.torch_dtype), tokenizer, profile
 
@@ -483,20 +484,21 @@ def _print_samples(s:TextStream, prompt:str, echo:bool, setting:Setting):
 
 # %% ../nbs/05_sampling.ipynb #4e6e9c19
 def _sample(run, config:GenerationConfig, prompt:str, prompt_file:str|None, device:str, dtype:str, threads:int,
-            on_unknown:str, echo:bool) -> list[str]:
+            quantize:str|None, on_unknown:str, echo:bool) -> list[str]:
     "`sample_command`, its generation settings gathered in `config`."
     if on_unknown not in ('error', 'drop', 'unk'):
         raise CraftError(f"unknown on_unknown={on_unknown!r}; use error or drop")
     prompt_text = _read_prompt(prompt, prompt_file)
     check_sampling_memory(run, config, device, dtype, threads)
-    model, tokenizer, profile = load_for_sampling(run, device, dtype, threads, config.num_samples)
+    model, tokenizer, profile = load_for_sampling(run, device, dtype, threads, config.num_samples, quantize)
     if config.compile: print("craft sample: compiling the decode step (once per process: "
                              "seconds on a GPU, up to a minute on a CPU)", file=sys.stderr)
     s = TextStream(model, tokenizer, prompt_text, config, on_unknown)   # checks the prompt
     print(f"craft sample: {profile.line()}", file=sys.stderr)
     _print_samples(s, prompt_text, echo, profile.choice)
     print(f"{s.n_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_s:.0f} tokens/s "
-          f"(seed {s.seed}, {model.tok_emb.weight.device.type}, {profile.choice})", file=sys.stderr)
+          f"(seed {s.seed}, {model.tok_emb.weight.device.type}, {profile.choice}"
+          f"{', int8 weights' if quantize == 'int8' else ''})", file=sys.stderr)
     return s.texts
 
 def _generation_settings(args:dict) -> dict:
@@ -521,6 +523,7 @@ def sample_command(
     device:str='auto',                # auto, cpu, cuda, cuda:N or mps
     dtype:str='auto',                 # weights: auto (timed: the faster; bfloat16 on a GPU), float32, bfloat16, float16
     threads:int=0,                    # CPU threads for torch; 0 = measured (see craft.machine), or $CRAFT_THREADS
+    quantize:str|None=None,           # int8: int8 weights in the blocks, faster on a CPU (see 10_deploy); None = float
     on_unknown:str='error',           # prompt characters outside the vocabulary: error or drop
     cache:bool=True,                  # use the KV cache; --no-cache recomputes the whole context each step
     compile:bool=False,               # torch.compile the decode step (CUDA graphs on a GPU): slower start, faster steps
@@ -528,7 +531,7 @@ def sample_command(
 ) -> list[str]:
     "Stream generated text to stdout (sample 1 as it comes, then the others), the speed to stderr; returns the samples."
     config = GenerationConfig(**_generation_settings(locals()))
-    return _sample(run, config, prompt, prompt_file, device, dtype, threads, on_unknown, echo)
+    return _sample(run, config, prompt, prompt_file, device, dtype, threads, quantize, on_unknown, echo)
 
 # %% ../nbs/05_sampling.ipynb #daaccfd9
 import html
@@ -729,15 +732,17 @@ def wait(self:SamplerApp, timeout:float|None=None):
 
 # %% ../nbs/05_sampling.ipynb #5dde6bed
 def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto',
-                threads:int=0, **defaults) -> SamplerApp:
+                threads:int=0, quantize:str|None=None, **defaults) -> SamplerApp:
     ("A `SamplerApp` over a run directory or checkpoint (loaded on `device`, dtype and threads from the machine "
-     "profile), or over a model and its tokenizer.")
+     "profile, `quantize`d on request), or over a model and its tokenizer.")
     if isinstance(run_or_model, GPT):
         if tokenizer is None:
             raise CraftError("sampler_app needs the tokenizer that goes with the model: sampler_app(model, tokenizer)")
+        if quantize not in (None, 'none'):
+            raise CraftError("sampler_app(model, ...) uses the model as it is: pass a run directory to quantize it")
         model = run_or_model                 # in its own dtype; the threads are measured
         profile = decoding_profile(model, 1, str(model.tok_emb.weight.dtype).removeprefix('torch.'), threads)
-    else: model, tokenizer, profile = load_for_sampling(run_or_model, device, dtype, threads)
+    else: model, tokenizer, profile = load_for_sampling(run_or_model, device, dtype, threads, quantize=quantize)
     app = SamplerApp(model, tokenizer, **defaults)
     app.profile = profile
     return app

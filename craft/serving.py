@@ -688,15 +688,16 @@ def _lifespan(engine:Engine):
 
 # %% ../nbs/07_serving.ipynb #f92138f3
 def create_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto', max_slots:int=64,
-               max_prompt_chars:int=4096, max_new_tokens_cap:int=4096, max_body_bytes:int=65536) -> FastAPI:
-    "A FastAPI app serving a run directory or checkpoint (loaded on `device` in `dtype`), or a model and its tokenizer, with continuous batching."
+               max_prompt_chars:int=4096, max_new_tokens_cap:int=4096, max_body_bytes:int=65536, quantize:str|None=None) -> FastAPI:
+    "A FastAPI app serving a run directory or checkpoint (loaded on `device` in `dtype`, `quantize`d on request), or a model and its tokenizer, with continuous batching."
     for name, value in dict(max_slots=max_slots, max_prompt_chars=max_prompt_chars, max_new_tokens_cap=max_new_tokens_cap, max_body_bytes=max_body_bytes).items():
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1): raise CraftError(f"{name}={value!r} must be a positive integer")
     if isinstance(run_or_model, GPT):
         if tokenizer is None: raise CraftError("create_app needs the tokenizer that goes with the model: create_app(model, tokenizer)")
+        if quantize not in (None, 'none'): raise CraftError("create_app(model, ...) serves the model as it is: pass a run directory to quantize it")
         model, run = run_or_model, dict(name=None, step=None, train_loss=None, val_loss=None)
     else:
-        model, tokenizer, _ = load_for_sampling(run_or_model, device, dtype)
+        model, tokenizer, _ = load_for_sampling(run_or_model, device, dtype, quantize=quantize)
         run = run_info(run_or_model)
     engine = Engine(model, tokenizer, max_slots)
     app = FastAPIOffline(title='craft', summary='A character-level GPT, served with continuous batching', lifespan=_lifespan(engine),
@@ -819,6 +820,7 @@ def serve_command(run:str,                        # run directory or .safetensor
                   port:int=8000,                  # TCP port; 0 = any free port (printed)
                   device:str='auto',              # auto, cpu, cuda, cuda:N or mps
                   dtype:str='auto',               # weights: auto (bfloat16 where the GPU or CPU computes it natively, else float32), float32, bfloat16, float16
+                  quantize:str|None=None,         # int8: the blocks' Linear layers get int8 weights, for faster decoding on a CPU (see 10_deploy); None = float
                   max_slots:int=64,               # sequences decoded together: rows of the shared KV cache
                   max_prompt_chars:int=4096,      # longest prompt accepted, in characters
                   max_new_tokens_cap:int=4096,    # most characters a request may ask for, per sample
@@ -829,7 +831,7 @@ def serve_command(run:str,                        # run directory or .safetensor
     if not (isinstance(port, int) and 0 <= port < 65536): raise CraftError(f"port={port!r} must be an integer from 0 to 65535")
     if log_level not in ('critical', 'error', 'warning', 'info', 'debug', 'trace'): raise CraftError(f"log_level={log_level!r}; use critical, error, warning, info or debug")
     app = create_app(run, device=device, dtype=dtype, max_slots=max_slots, max_prompt_chars=max_prompt_chars,
-                     max_new_tokens_cap=max_new_tokens_cap, max_body_bytes=max_body_bytes)
+                     max_new_tokens_cap=max_new_tokens_cap, max_body_bytes=max_body_bytes, quantize=quantize)
     sock, engine = _listen(host, port), app.state.engine
     port = sock.getsockname()[1]
     print(f"craft serve: http://{host}:{port} (the playground; API docs at /docs), {engine.device}, {str(engine.model.tok_emb.weight.dtype).removeprefix('torch.')}, "
