@@ -259,7 +259,7 @@ def bench_training(preset:str, device:torch.device, repeats:int=5, compile:bool=
     "Training tokens/s (median, spread of `repeats`) and peak memory of craft's `Trainer` and the baseline on `preset`."
     with tempfile.TemporaryDirectory() as tmp:        # AdamW, the baseline's: the ratio compares implementations
         run = resolve_config(preset, device=str(device), out=str(Path(tmp) / 'run'), progress=False, compile=compile,
-                             **{'optimizer': 'adamw', **overrides})
+                             **{'optimizer': 'adamw', 'min_steps': 0, **overrides})   # min_steps 0: the batch asked for
     cfg = run.train
     _prime(device)
     result = {'preset': preset, 'batch_size': cfg.batch_size * cfg.grad_accum, 'block_size': run.model.block_size,
@@ -849,9 +849,10 @@ SPEEDRUN_RUNGS = [
 LADDERS = {  # name: (base preset, target loss or None, rungs); each rung's settings add to those of the rungs above it
     'speedrun': ('nanogpt', 1.47, SPEEDRUN_RUNGS),
     'cpu': ('cpu', None, [                      # 100 s of training per rung
-        ('the first CPU recipe: AdamW, batch 32', dict(optimizer='adamw', batch_size=32)),
+        ('the first CPU recipe: AdamW, batch 32', dict(optimizer='adamw', batch_size=32, min_steps=0)),
         ('Muon for the hidden matrices', dict(optimizer='muon')),
         ('batch 64', dict(batch_size=64)),
+        ('a batch that fits the time: 400 steps at least', dict(min_steps=400)),   # the cpu preset as it is
     ]),
     'presets': ('nanogpt', 1.47, [              # not a climb: a rung's 'preset' replaces the base: each preset as it is
         ('the nanogpt preset', dict(preset='nanogpt')),
@@ -1171,10 +1172,14 @@ NANOGPT_CPU = dict(  # nanoGPT's documented CPU recipe for shakespeare_char: its
     weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=20, optimizer='adamw', dtype='float32', max_time=0.0)
 
 CPU_SUITE = dict(nanogpt=NANOGPT_CPU, finish_s=6.0, presets=['cpu', 'nanogpt'], new_tokens=64, repeats=5,
-                 cli_preset='nanogpt', cli_tokens=500)
+                 cli_preset='nanogpt', cli_tokens=500,
+                 deploy=dict(preset='nanogpt', tokens=500, repeats=3, train_seconds=100.0),       # 10_deploy
+                 finetune=dict(preset='cpu', seconds=75.0, parent_seconds=100.0))                 # 09_finetune
 _SHORT = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=2)
 CPU_SUITE_QUICK = {**CPU_SUITE, 'nanogpt': {**NANOGPT_CPU, **_SHORT}, 'finish_s': 4.0, 'presets': ['tiny'],
-                   'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50}
+                   'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50,
+                   'deploy': dict(preset='tiny', tokens=30, repeats=1, train_seconds=5.0),
+                   'finetune': dict(preset='tiny', seconds=3.0, parent_seconds=5.0)}
 
 # %% ../nbs/06_benchmarks.ipynb #f1540a6c
 def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
@@ -1245,10 +1250,22 @@ def _suite_cpu_sampling(part:dict, save:Callable, ctx:dict):
         attach_floors(part); save()
     part['cli'] = _cli_against_baseline(ctx)
 
+# %% ../nbs/06_benchmarks.ipynb #7a3624b8
+def _suite_cpu_deploy(part:dict, save:Callable, ctx:dict):
+    "int8 weights and ONNX Runtime against float32 PyTorch: batch-1 speeds, agreement, the loss (`10_deploy`)."
+    from .deploy import deploy_results
+    part.update(deploy_results(**ctx['plan']['deploy']))
+
+def _suite_cpu_finetune(part:dict, save:Callable, ctx:dict):
+    "From scratch, a full fine-tune and LoRA ranks 4 and 16 on Austen, as long each (`09_finetune`)."
+    from .finetune import finetune_results
+    part.update(finetune_results(**ctx['plan']['finetune']))
+
 # %% ../nbs/06_benchmarks.ipynb #e40bad45
 SUITES = {'gpu': {'training': _suite_training, 'sampling': _suite_sampling, 'serving': _suite_serving,
                   'recipes': _suite_recipes},
-          'cpu': {'nanogpt': _suite_nanogpt, 'sampling': _suite_cpu_sampling}}
+          'cpu': {'nanogpt': _suite_nanogpt, 'sampling': _suite_cpu_sampling, 'deploy': _suite_cpu_deploy,
+                  'finetune': _suite_cpu_finetune}}
 _PLANS = {('gpu', False): GPU_SUITE, ('gpu', True): GPU_SUITE_QUICK,   # (suite, quick): plan
           ('cpu', False): CPU_SUITE, ('cpu', True): CPU_SUITE_QUICK}
 
@@ -1311,7 +1328,7 @@ def bench_suite(
     suite:str='gpu',
     out:str='bench',               # folder for the results: one file per part, <suite>-<part>.json, written as it ends
     device:str='auto',             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    # run only these parts: training, sampling, serving, recipes (gpu); nanogpt, sampling (cpu); None = all
+    # parts to run: training, sampling, serving, recipes (gpu); nanogpt, sampling, deploy, finetune (cpu); None = all
     part:list[str]|None=None,
     quick:bool=False,              # the same code path at toy sizes (tiny preset): a CPU runs the gpu suite in minutes
     minutes:float=8.0,             # the gpu suite's wall-clock budget: its training runs get what the other parts leave

@@ -6,7 +6,7 @@
 __all__ = ['EXPORT_INSTALL', 'ONNX_FORMAT', 'ONNX_VERSION', 'EXPORT_FORMATS', 'validation_loss', 'int_range', 'quantize',
            'dequantize', 'round_weights', 'OnnxStep', 'onnx_names', 'export_onnx', 'OnnxModel', 'encode_text',
            'decode_ids', 'pick_token', 'generate_onnx', 'onnx_sample_main', 'example_program', 'onnx_errors',
-           'export_command', 'bench_deploy', 'deploy_summary']
+           'export_command', 'deploy_results', 'bench_deploy', 'deploy_summary']
 
 # %% ../nbs/10_deploy.ipynb #3281b29a
 import argparse, contextlib, copy, importlib.util, inspect, io, json, logging, os, sys, tempfile, time, warnings
@@ -350,7 +350,18 @@ def _onnx_check(model:GPT, tokenizer:CharTokenizer, tokens:int, repeats:int) -> 
                 'tokens_per_s': round(_onnx_speed(path, tokens, repeats, torch.get_num_threads()), 1)}
 
 # %% ../nbs/10_deploy.ipynb #87115c8a
-def bench_deploy(out:str='nbs/bench/deploy-cpu.json',  # JSON file to write the results to
+def deploy_results(run:str|None=None, train_seconds:float=100.0, preset:str='nanogpt', tokens:int=500,
+                   repeats:int=3) -> dict:
+    "int8 weights and the ONNX export measured on this CPU: sampling speeds, ONNX Runtime's agreement, the loss."
+    _require_export()
+    tokenizer = CharTokenizer.from_text(load_text(shakespeare_path()))       # the 65 characters of Tiny Shakespeare
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset(preset, vocab_size=tokenizer.vocab_size)).eval()
+    return {'sampling': _sampling_rows(model, tokenizer, tokens, repeats),
+            'onnx': _onnx_check(model, tokenizer, tokens, repeats), 'loss': _loss_check(run, train_seconds)}
+
+# %% ../nbs/10_deploy.ipynb #b7325f77
+def bench_deploy(out:str='nbs/bench/cpu-deploy.json',  # JSON file to write the results to
                  run:str|None=None,                     # trained run directory for the loss; None = train cpu preset
                  train_seconds:float=100.0,             # training time of the cpu preset when no run is given
                  preset:str='nanogpt',                  # model shape for the speed and ONNX figures (random weights)
@@ -360,23 +371,17 @@ def bench_deploy(out:str='nbs/bench/deploy-cpu.json',  # JSON file to write the 
                 ) -> dict:
     "Measure int8 weights and the ONNX export on this CPU (speeds, ONNX Runtime's agreement, the loss); write JSON."
     path = _check_out(out)
-    _require_export()
     if threads: torch.set_num_threads(threads)
-    tokenizer = CharTokenizer.from_text(load_text(shakespeare_path()))       # the 65 characters of Tiny Shakespeare
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset(preset, vocab_size=tokenizer.vocab_size)).eval()
-    results = {'format': BENCH_FORMAT, 'version': BENCH_VERSION, 'suite': 'deploy',
-               'machine': machine_info(torch.device('cpu')),
-               'settings': dict(preset=preset, tokens=tokens, repeats=repeats, batch_size=1, temperature=1.0),
-               'sampling': _sampling_rows(model, tokenizer, tokens, repeats),
-               'onnx': _onnx_check(model, tokenizer, tokens, repeats),
-               'loss': _loss_check(run, train_seconds)}
+    settings = dict(run=run, train_seconds=train_seconds, preset=preset, tokens=tokens, repeats=repeats)
+    results = {'format': BENCH_FORMAT, 'version': BENCH_VERSION, 'suite': 'cpu', 'part': 'deploy',
+               'machine': machine_info(torch.device('cpu')), 'settings': {'deploy': settings},
+               **deploy_results(**settings)}
     write_results(results, path)
     return results
 
 # %% ../nbs/10_deploy.ipynb #833c016b
 def deploy_summary(results:dict) -> str:
-    "`bench_deploy`'s results as Markdown: batch-1 sampling speeds, ONNX Runtime's agreement, the loss, the machine."
+    "`deploy_results`' figures, with the machine, as Markdown: batch-1 sampling speeds, ONNX Runtime's agreement, the loss, the machine."
     rows = results['sampling']
     base = next(r['tokens_per_s'] for r in rows if r['weights'] == 'float' and r['activations'] == 'float32')
     onnx, loss, m = results['onnx'], results['loss'], results['machine']
@@ -386,7 +391,7 @@ def deploy_summary(results:dict) -> str:
     lines.append(row('ONNX Runtime (float)', 'float32', f"{onnx['file_mb']:.3g} (file)", onnx['tokens_per_s']))
     e = onnx['max_abs_error']
     return '\n'.join(lines + ['',
-        f"The {results['settings']['preset']} preset at batch 1. ONNX Runtime against craft, largest logit difference "
+        f"The {results['settings']['deploy']['preset']} preset at batch 1. ONNX Runtime against craft, largest logit difference "
         "(float32): "
         f"{e['full_forward']:.1e} in the full forward, {e['decode']:.1e} in {e['decode_steps']} decode steps.",
         '', f"Validation loss over the whole split ({loss['model']}): float32 {loss['float32']:.4f}, "

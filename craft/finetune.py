@@ -7,7 +7,7 @@ __all__ = ['FINETUNE_FORMAT', 'austen_path', 'grow_tokenizer', 'grow_vocab', 'Lo
            'trainable_params', 'NewRows', 'RowsEmbedding', 'RowsHead', 'train_new_rows', 'merge_adapters',
            'parent_checkpoint', 'finetune_config', 'FinetuneTrainer', 'read_lineage', 'trainable_state',
            'save_adapters', 'load_lora', 'finetune_resume_config', 'finetune', 'fine_tunes', 'bench_row', 'craft_train',
-           'finetune_bench']
+           'finetune_results', 'finetune_bench']
 
 # %% ../nbs/09_finetune.ipynb #036fc485
 import copy, json, math, sys
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from safetensors.torch import save_file, load_file
 from .errors import CraftError
-from .files import atomic_path
+from .files import atomic_path, atomic_write_text
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, load_checkpoint, checkpoint_file, read_checkpoint_header, save_checkpoint
 from .training import (Trainer, RunConfig, MODEL_FIELDS, LORA_TARGETS, resolve_config, resume_config,
@@ -394,11 +394,9 @@ def craft_train(*args) -> Path:
     return Path(args[list(args).index('--out') + 1])
 
 # %% ../nbs/09_finetune.ipynb #33c287ef
-def finetune_bench(out='nbs/bench/finetune-cpu.json', seconds:float=75.0, parent=None, parent_seconds:float=100.0,
-                   preset:str='cpu') -> dict:
+def finetune_results(seconds:float=75.0, parent=None, parent_seconds:float=100.0, preset:str='cpu') -> dict:
     "Transfer from Shakespeare to Austen: from scratch, full fine-tune, LoRA rank 4 and 16, `seconds` each, on the CPU."
     import shutil, tempfile
-    from craft.bench import machine_info
     work = Path(tempfile.mkdtemp(prefix='craft-finetune-bench-'))
     try:
         common = ['--preset', preset, '--device', 'cpu', '--no-progress', '--sample-chars', 0]
@@ -410,10 +408,16 @@ def finetune_bench(out='nbs/bench/finetune-cpu.json', seconds:float=75.0, parent
                 'LoRA, rank 4': lora(4), 'LoRA, rank 16': lora(16)}
         text = load_text(shakespeare_path())
         held_out = text[int(len(text) * 0.9):]                                # Shakespeare's validation split
-        result = dict(machine=machine_info(torch.device('cpu')), preset=preset, seconds=seconds,
-                      parent=bench_row('parent', parent, held_out),
-                      runs=[bench_row(name, run_dir, held_out) for name, run_dir in runs.items()])
+        return dict(preset=preset, seconds=seconds, parent=bench_row('parent', parent, held_out),
+                    runs=[bench_row(name, run_dir, held_out) for name, run_dir in runs.items()])
     finally: shutil.rmtree(work, ignore_errors=True)
+
+# %% ../nbs/09_finetune.ipynb #65b0a873
+def finetune_bench(out='nbs/bench/cpu-finetune.json', **settings) -> dict:
+    "`finetune_results(**settings)` with this machine's description, written to `out` as JSON."
+    from craft.bench import BENCH_FORMAT, BENCH_VERSION, machine_info
+    result = dict(format=BENCH_FORMAT, version=BENCH_VERSION, suite='cpu', part='finetune',
+                  machine=machine_info(torch.device('cpu')), settings={'finetune': settings}, **finetune_results(**settings))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=1) + '\n', encoding='utf-8')
+    atomic_write_text(out, json.dumps(result, indent=1) + '\n')
     return result

@@ -140,6 +140,8 @@ def jupyterlab(served_run, tmp_path_factory):
             f"sampler_app({str(served_run)!r}, device='cpu', dtype='float32', prompt='KING', max_new_tokens=120, seed=5)")
     kernel = {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}}
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)], metadata=kernel), root / 'sampler.ipynb')
+    news = root / 'settings' / '@jupyterlab' / 'apputils-extension' / 'notification.jupyterlab-settings'
+    news.parent.mkdir(parents=True); news.write_text('{"fetchNews": "false"}')    # no pop-up asking about news
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
     env = {**ENV, **{f'JUPYTER_{d}_DIR': str(root / d.lower()) for d in ('CONFIG', 'DATA', 'RUNTIME')}}
     lab = subprocess.Popen([sys.executable, '-m', 'jupyterlab', '--no-browser', f'--port={port}', '--ip=127.0.0.1', '--allow-root', '--IdentityProvider.token=craft',
@@ -170,9 +172,15 @@ def test_sampler_widget_in_jupyterlab(browser, jupyterlab, artifacts):
 
 
 def run_the_sampler(page):
-    "Run the notebook's cell, check the widget, press Generate, check what it shows."
-    page.locator('.jp-Cell .cm-content').first.click(timeout=60_000)
-    page.keyboard.press('Shift+Enter')
+    "Run the notebook's cell once the kernel is up, check the widget, press Generate, check what it shows."
+    expect(page.get_by_text(re.compile(r'\| Idle$'))).to_be_visible(timeout=120_000)   # the kernel has started
+    prompt = page.locator('.jp-Cell .jp-InputPrompt').first
+    for attempt in range(3):                  # a key pressed while the notebook is still wiring itself up is lost
+        page.locator('.jp-Cell .cm-content').first.click(timeout=60_000)
+        page.keyboard.press('Shift+Enter')
+        try: expect(prompt).to_have_text(re.compile(r'\[[*\d]+\]'), timeout=15_000); break   # [*]: running, [1]: ran
+        except AssertionError:
+            if attempt == 2: raise
     generate_button = page.get_by_role('button', name='Generate')
     expect(generate_button).to_be_visible(timeout=60_000)
     labels = page.locator('.widget-slider .widget-label')
