@@ -8,7 +8,7 @@ __all__ = ['DTYPES', 'Setting', 'cpu_cores', 'thread_counts', 'fixed_threads', '
            'machine_profile', 'step_seconds', 'wait_policy_figures', 'record_wait_policy']
 
 # %% ../nbs/03a_machine.ipynb #8cfdb77b
-import contextlib, hashlib, json, os, platform, time
+import contextlib, hashlib, json, os, platform, subprocess, sys, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Callable
@@ -215,15 +215,17 @@ def _busy_cores(n:int) -> list:
     return [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(n)]
 
 def wait_policy_figures(seconds:float=8.0, policies=('default', 'PASSIVE', 'ACTIVE'), busy=(0, 1)) -> list[dict]:
-    "Training steps per second of the cpu preset (all cores) under each OpenMP wait policy, with `busy` cores taken by other processes."
-    rows = []
+    ("Training steps per second of the cpu preset (all cores) under each OpenMP wait policy, "
+     "with `busy` cores taken by other processes.")
+    rows, unset = [], ('OMP_WAIT_POLICY', 'OMP_NUM_THREADS', 'CRAFT_THREADS')
     for n_busy in busy:
         hogs = _busy_cores(n_busy)
         try:
             for policy in policies:
-                env = {k: v for k, v in os.environ.items() if k not in ('OMP_WAIT_POLICY', 'OMP_NUM_THREADS', 'CRAFT_THREADS')}
+                env = {k: v for k, v in os.environ.items() if k not in unset}
                 if policy != 'default': env['OMP_WAIT_POLICY'] = policy
-                out = subprocess.run([sys.executable, '-c', _STEP_PROBE, str(seconds)], env=env, capture_output=True, text=True, check=True)
+                out = subprocess.run([sys.executable, '-c', _STEP_PROBE, str(seconds)], env=env, capture_output=True,
+                                     text=True, check=True)
                 rows.append({'policy': policy, 'busy_cores': n_busy, 'steps_per_s': round(float(out.stdout), 3)})
         finally:
             for h in hogs: h.kill(); h.wait()

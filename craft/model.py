@@ -23,7 +23,7 @@ from safetensors.torch import save_model, save_file, load_model
 from .errors import CraftError, check_setting
 from .files import atomic_path
 from .tokenizer import CharTokenizer
-from .attention import KVCache, row_mask
+from .attention import KVCache, keys_in_use, row_mask
 from .block import Block, make_norm, mlp_hidden, NORMS, MLPS
 
 # %% ../nbs/03_model.ipynb #99dc36b0
@@ -159,7 +159,7 @@ def forward(self:GPT, idx:torch.Tensor, targets:torch.Tensor|None=None,
         positions = (start[:, None] if per_row else start) + torch.arange(T, device=idx.device)  # (B, T) or (T,)
         x = x + self.pos_emb(positions)                                        # (B, T, C) or (T, C) broadcast over B
     x = self.drop(x)
-    mask = row_mask(start, T, caches[0].max_len) if per_row else None        # (B, 1, T, max_len), once for every layer
+    mask = row_mask(start, T, keys_in_use(start, T, caches[0].max_len)) if per_row else None   # (B, 1, T, Tk), for every layer
     for i, block in enumerate(self.blocks):
         x = block(x, None if caches is None else caches[i], start, mask)     # (B, T, C)
     x = self.norm_f(x)

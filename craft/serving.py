@@ -30,6 +30,7 @@ from .errors import CraftError
 from .tokenizer import CharTokenizer
 from .attention import KVCache
 from .model import GPT, GPTConfig, checkpoint_file, load_checkpoint, pick_device, read_checkpoint_header
+from .machine import Setting, threads_of
 from .training import read_metrics
 from .sampling import (GenerationConfig, RowText, SAMPLING_FIELDS, presence_mask, apply_repetition_penalty, next_token_probs,
                             decode_step, load_for_sampling)
@@ -172,6 +173,7 @@ class Engine:
         self.trace = [] if record else None          # (step, row, job id) of every active row at every step
         self.listener = None                         # called from the engine's thread with each step's news
         self._thread, self._stopping, self.closing = None, False, False
+        self.setting = Setting()                     # dtype, and the engine thread's CPU threads (0: as they are)
 
 # %% ../nbs/07_serving.ipynb #69e0494a
 @patch(as_prop=True)
@@ -383,15 +385,16 @@ def _publish(self:Engine, news:list):
 # %% ../nbs/07_serving.ipynb #bbfe32a7
 @patch
 def _run(self:Engine):
-    "The engine thread's loop."
-    while True:
-        with self.lock:
-            while not self._stopping and not self.jobs and not self.waiting: self.lock.wait()
-            if self._stopping: break
-        try: self.step()
-        except Exception as e:
-            traceback.print_exc()
-            self._fail_all(f"{type(e).__name__}: {e}")
+    "The engine thread's loop, on `self.setting`'s threads (torch's thread count is a thread's own)."
+    with threads_of(self.setting):
+        while True:
+            with self.lock:
+                while not self._stopping and not self.jobs and not self.waiting: self.lock.wait()
+                if self._stopping: break
+            try: self.step()
+            except Exception as e:
+                traceback.print_exc()
+                self._fail_all(f"{type(e).__name__}: {e}")
 
 @patch
 def _fail_all(self:Engine, message:str):
@@ -687,19 +690,19 @@ def _lifespan(engine:Engine):
     return lifespan
 
 # %% ../nbs/07_serving.ipynb #f92138f3
-def create_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto', max_slots:int=64,
-               max_prompt_chars:int=4096, max_new_tokens_cap:int=4096, max_body_bytes:int=65536, quantize:str|None=None) -> FastAPI:
-    "A FastAPI app serving a run directory or checkpoint (loaded on `device` in `dtype`, `quantize`d on request), or a model and its tokenizer, with continuous batching."
-    for name, value in dict(max_slots=max_slots, max_prompt_chars=max_prompt_chars, max_new_tokens_cap=max_new_tokens_cap, max_body_bytes=max_body_bytes).items():
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1): raise CraftError(f"{name}={value!r} must be a positive integer")
-    if isinstance(run_or_model, GPT):
-        if tokenizer is None: raise CraftError("create_app needs the tokenizer that goes with the model: create_app(model, tokenizer)")
-        if quantize not in (None, 'none'): raise CraftError("create_app(model, ...) serves the model as it is: pass a run directory to quantize it")
-        model, run = run_or_model, dict(name=None, step=None, train_loss=None, val_loss=None)
-    else:
-        model, tokenizer, _ = load_for_sampling(run_or_model, device, dtype, quantize=quantize)
-        run = run_info(run_or_model)
+def create_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto',
+               max_slots:int=64, max_prompt_chars:int=4096, max_new_tokens_cap:int=4096, max_body_bytes:int=65536,
+               quantize:str|None=None, threads:int=0) -> FastAPI:
+    ("A FastAPI app serving a run directory or checkpoint (loaded on `device`, dtype and threads from the machine "
+     "profile, `quantize`d on request), or a model and its tokenizer, with continuous batching.")
+    limits = dict(max_slots=max_slots, max_prompt_chars=max_prompt_chars, max_new_tokens_cap=max_new_tokens_cap,
+                  max_body_bytes=max_body_bytes)
+    for name, value in limits.items():
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise CraftError(f"{name}={value!r} must be a positive integer")
+    model, tokenizer, run, setting = _served_model(run_or_model, tokenizer, device, dtype, quantize, threads)
     engine = Engine(model, tokenizer, max_slots)
+    engine.setting = setting
     app = FastAPIOffline(title='craft', summary='A character-level GPT, served with continuous batching', lifespan=_lifespan(engine),
                          description="POST /v1/generate to generate text; GET /v1/model for the model, its vocabulary and limits. "
                                      "A playground for people is at /.")
@@ -708,6 +711,21 @@ def create_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, dev
     _add_api(app, request_model(tokenizer.chars, max_prompt_chars, max_new_tokens_cap, max_slots), max_body_bytes)
     _add_playground(app)
     return app
+
+# %% ../nbs/07_serving.ipynb #fb01101d
+def _served_model(run_or_model, tokenizer, device:str, dtype:str, quantize:str|None, threads:int):
+    "`(model, tokenizer, run info, CPU setting)` of a run directory, a checkpoint, or a model and its tokenizer."
+    if not isinstance(run_or_model, GPT):
+        model, tokenizer, profile = load_for_sampling(run_or_model, device, dtype, threads, quantize=quantize)
+        return model, tokenizer, run_info(run_or_model), profile.choice
+    if tokenizer is None:
+        raise CraftError("create_app needs the tokenizer that goes with the model: create_app(model, tokenizer)")
+    if quantize not in (None, 'none'):
+        raise CraftError("create_app(model, ...) serves the model as it is: pass a run directory to quantize it")
+    if not (isinstance(threads, int) and threads >= 0): raise CraftError(f"threads={threads!r} must be 0 or more")
+    weights = run_or_model.tok_emb.weight
+    setting = Setting(str(weights.dtype).removeprefix('torch.'), threads)
+    return run_or_model, tokenizer, dict(name=None, step=None, train_loss=None, val_loss=None), setting
 
 # %% ../nbs/07_serving.ipynb #a9f8315a
 def _add_api(app:FastAPI, GenerateRequest:type[BaseModel], max_body_bytes:int):
@@ -819,8 +837,9 @@ def serve_command(run:str,                        # run directory or .safetensor
                   host:str='127.0.0.1',           # address to listen on: 127.0.0.1 = this machine only, 0.0.0.0 = every network
                   port:int=8000,                  # TCP port; 0 = any free port (printed)
                   device:str='auto',              # auto, cpu, cuda, cuda:N or mps
-                  dtype:str='auto',               # weights: auto (bfloat16 where the GPU or CPU computes it natively, else float32), float32, bfloat16, float16
-                  quantize:str|None=None,         # int8: the blocks' Linear layers get int8 weights, for faster decoding on a CPU (see 10_deploy); None = float
+                  dtype:str='auto',               # weights: auto (timed: the faster; bfloat16 on a GPU), float32, bfloat16, float16
+                  threads:int=0,                  # CPU threads for torch; 0 = measured (see craft.machine), or $CRAFT_THREADS
+                  quantize:str|None=None,         # int8: int8 weights in the blocks, faster on a CPU (see 10_deploy); None = float
                   max_slots:int=64,               # sequences decoded together: rows of the shared KV cache
                   max_prompt_chars:int=4096,      # longest prompt accepted, in characters
                   max_new_tokens_cap:int=4096,    # most characters a request may ask for, per sample
@@ -831,9 +850,10 @@ def serve_command(run:str,                        # run directory or .safetensor
     if not (isinstance(port, int) and 0 <= port < 65536): raise CraftError(f"port={port!r} must be an integer from 0 to 65535")
     if log_level not in ('critical', 'error', 'warning', 'info', 'debug', 'trace'): raise CraftError(f"log_level={log_level!r}; use critical, error, warning, info or debug")
     app = create_app(run, device=device, dtype=dtype, max_slots=max_slots, max_prompt_chars=max_prompt_chars,
-                     max_new_tokens_cap=max_new_tokens_cap, max_body_bytes=max_body_bytes, quantize=quantize)
+                     max_new_tokens_cap=max_new_tokens_cap, max_body_bytes=max_body_bytes, quantize=quantize,
+                     threads=threads)
     sock, engine = _listen(host, port), app.state.engine
     port = sock.getsockname()[1]
-    print(f"craft serve: http://{host}:{port} (the playground; API docs at /docs), {engine.device}, {str(engine.model.tok_emb.weight.dtype).removeprefix('torch.')}, "
+    print(f"craft serve: http://{host}:{port} (the playground; API docs at /docs), {engine.device}, {engine.setting}, "
           f"{max_slots} slots", file=sys.stderr, flush=True)
     _Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3), engine).run(sockets=[sock])
