@@ -148,4 +148,7 @@ def test_ctrl_c_during_start_up_is_one_line(env, delay):
     proc.wait(timeout=60)
     stderr = proc.stderr.read()
     assert 'Traceback' not in stderr, stderr
-    assert (proc.returncode, stderr) in ((130, 'craft: interrupted\n'), (0, '')), (proc.returncode, stderr)
+    # 130 with one line; or done before the signal (0); or stopped by it while Python shuts down, when its handler is
+    # already gone (-SIGINT, the shell's 130 too): never a traceback, never a half-written anything (it only printed help)
+    outcomes = ((130, 'craft: interrupted\n'), (0, ''), (-signal.SIGINT, ''))
+    assert (proc.returncode, stderr) in outcomes, (proc.returncode, stderr)
