@@ -419,5 +419,5 @@ def finetune_bench(out='nbs/bench/cpu-finetune.json', **settings) -> dict:
     result = dict(format=BENCH_FORMAT, version=BENCH_VERSION, suite='cpu', part='finetune',
                   machine=machine_info(torch.device('cpu')), settings={'finetune': settings}, **finetune_results(**settings))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(result, indent=1) + '\n')
+    atomic_write_text(out, json.dumps(result, indent=1, default=str) + '\n')   # str: a `parent` path
     return result
