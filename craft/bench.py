@@ -9,11 +9,12 @@ __all__ = ['PEAKS', 'LOSS_RUNS', 'BENCH_FORMAT', 'BENCH_VERSION', 'SPEEDRUN_RUNG
            'training_cost', 'floor_seconds', 'training_floor', 'decode_cost', 'generation_floor', 'start_memory',
            'peak_memory', 'bench_training', 'random_model', 'bench_sampling', 'startup_seconds', 'train_to_loss',
            'bench_time_to_loss', 'bench_ceilings', 'flop_rate', 'attach_floors', 'format_table', 'training_table',
-           'memory_table', 'sampling_table', 'loss_table', 'summary', 'write_results', 'load_results', 'bench_command',
-           'plot_training', 'plot_sampling', 'plot_time_to_loss', 'plot_memory', 'plot_results', 'ladder_settings',
-           'train_recipe', 'bench_ladder', 'ladder_table', 'plot_curves', 'plot_ladder', 'PartTimeout', 'time_limit',
-           'run_part', 'served', 'load_test', 'baseline_recipe', 'cli_sample_speed', 'bench_suite', 'load_suite',
-           'on_gpu', 'recipes_table', 'serving_table', 'plot_serving', 'nanogpt_table', 'cli_table']
+           'memory_table', 'sampling_table', 'loss_table', 'summary', 'results_header', 'write_results', 'load_results',
+           'bench_command', 'plot_training', 'plot_sampling', 'plot_time_to_loss', 'plot_memory', 'plot_results',
+           'ladder_settings', 'train_recipe', 'bench_ladder', 'ladder_table', 'plot_curves', 'plot_ladder',
+           'PartTimeout', 'time_limit', 'run_part', 'served', 'load_test', 'baseline_recipe', 'cli_sample_speed',
+           'bench_suite', 'load_suite', 'on_gpu', 'recipes_table', 'serving_table', 'plot_serving', 'nanogpt_table',
+           'cli_table']
 
 # %% ../nbs/06_benchmarks.ipynb #da61ba18
 import contextlib, ctypes, gc, json, math, os, platform, re, signal, statistics, subprocess, sys, tempfile, threading
@@ -573,6 +574,10 @@ def _finite(x):
     if isinstance(x, dict): return {k: _finite(v) for k, v in x.items()}
     return [_finite(v) for v in x] if isinstance(x, (list, tuple)) else x
 
+def results_header(device, **fields) -> dict:
+    "The head of every results file: format, version, the machine `machine_info(device)` describes, then `fields`."
+    return {'format': BENCH_FORMAT, 'version': BENCH_VERSION, 'machine': machine_info(torch.device(device)), **fields}
+
 def write_results(results:dict, path) -> Path:
     "Write `results` as JSON to `path` atomically (a figure that is not finite is written as null)."
     atomic_write_text(path, json.dumps(_finite(results), indent=1, allow_nan=False) + '\n')
@@ -661,7 +666,7 @@ def _bench_settings(on_gpu:bool, preset, repeats, batch_size, new_tokens, loss_p
 def _bench_measure(dev:torch.device, s:dict, log:Callable[[str], None]) -> dict:
     "Measure what the settings `s` ask for on `dev`: the results, floors attached."
     on_gpu, quick, begin = dev.type == 'cuda', s['quick'], time.perf_counter()
-    results = {'format': BENCH_FORMAT, 'version': BENCH_VERSION, 'machine': machine_info(dev), 'settings': s}
+    results = results_header(dev, settings=s)
     log(f"{dev} ({results['machine']['device_name']}): measuring the matmul rate and the bandwidth")
     results['ceilings'] = bench_ceilings(dev, s['repeats'], quick, s['peak_tflops'])
     results['training'], results['sampling'], results['time_to_loss'] = [], [], []
@@ -935,8 +940,7 @@ def bench_ladder(name:str, device:str='auto', out=None, log=lambda msg: None) ->
     base, target, rungs = LADDERS[name]
     dev = pick_device(device)
     kept = _kept_rungs(name, out, dev)
-    results = {'format': BENCH_FORMAT, 'version': BENCH_VERSION, 'machine': machine_info(dev), 'ladder': name,
-               'base': base, 'target': target, 'rungs': []}
+    results = results_header(dev, ladder=name, base=base, target=target, rungs=[])
     for i, (lever, _) in enumerate(rungs):
         settings = ladder_settings(rungs, i)
         preset, overrides = settings.get('preset', base), {k: v for k, v in settings.items() if k != 'preset'}
@@ -1314,8 +1318,7 @@ def _suite_part(ctx:dict, suite:str, name:str, number:str, folder:Path) -> str:
     "Run part `name` of `suite` into `folder`, between two progress lines (`number`: its place, '2/4'); its status."
     log, plan, since = ctx['log'], ctx['plan'], lambda: f"{time.monotonic() - ctx['start']:.0f} s"
     log(f"[{number}] {suite} suite, {name}: started at {since()}")
-    header = {'format': BENCH_FORMAT, 'version': BENCH_VERSION, 'suite': suite, 'machine': machine_info(ctx['dev']),
-              'settings': plan}
+    header = results_header(ctx['dev'], suite=suite, settings=plan)
     path, measure = folder / f"{suite}-{name}.json", SUITES[suite][name]
     r = run_part(header, name, lambda p, save: measure(p, save, ctx), path, _part_limit(plan, name, ctx['deadline']))
     error = f" ({r['error']})" if 'error' in r else ''

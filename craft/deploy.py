@@ -19,7 +19,7 @@ from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, Int8Linear, checkpoint_file, load_checkpoint, quantize_weights
 from .training import full_loss, load_tokens, read_run_config, split_tokens, train
 from .sampling import stream
-from .bench import BENCH_FORMAT, BENCH_VERSION, _check_out, machine_info, write_results
+from .bench import _check_out, results_header, write_results
 
 # %% ../nbs/10_deploy.ipynb #a4954ed2
 def validation_loss(model:GPT, run_dir) -> float:
@@ -373,8 +373,7 @@ def bench_deploy(out:str='nbs/bench/cpu-deploy.json',  # JSON file to write the 
     path = _check_out(out)
     if threads: torch.set_num_threads(threads)
     settings = dict(run=run, train_seconds=train_seconds, preset=preset, tokens=tokens, repeats=repeats)
-    results = {'format': BENCH_FORMAT, 'version': BENCH_VERSION, 'suite': 'cpu', 'part': 'deploy',
-               'machine': machine_info(torch.device('cpu')), 'settings': {'deploy': settings},
+    results = {**results_header('cpu', suite='cpu', part='deploy', settings={'deploy': settings}),
                **deploy_results(**settings)}
     write_results(results, path)
     return results

@@ -415,9 +415,9 @@ def finetune_results(seconds:float=75.0, parent=None, parent_seconds:float=100.0
 # %% ../nbs/09_finetune.ipynb #65b0a873
 def finetune_bench(out='nbs/bench/cpu-finetune.json', **settings) -> dict:
     "`finetune_results(**settings)` with this machine's description, written to `out` as JSON."
-    from craft.bench import BENCH_FORMAT, BENCH_VERSION, machine_info
-    result = dict(format=BENCH_FORMAT, version=BENCH_VERSION, suite='cpu', part='finetune',
-                  machine=machine_info(torch.device('cpu')), settings={'finetune': settings}, **finetune_results(**settings))
+    from craft.bench import results_header
+    result = {**results_header('cpu', suite='cpu', part='finetune', settings={'finetune': settings}),
+              **finetune_results(**settings)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1, default=str) + '\n')   # str: a `parent` path
     return result

@@ -254,7 +254,7 @@ def test_suite_cut_short_keeps_what_it_measured(tmp_path):
 
 
 def test_cpu_suite_quick(tmp_path):
-    "nanoGPT's CPU recipe (shortened) on the baseline against craft train's default, then sampling against the ceiling and the baseline."
+    "nanoGPT's CPU recipe (shortened) against craft train's default, sampling against the ceiling, int8/ONNX, fine-tuning."
     out = tmp_path / 'out'
     r = craft_bench('--suite', 'cpu', '--device', 'cpu', '--quick', '--out', str(out))
     assert r.returncode == 0, r.stderr
@@ -268,6 +268,11 @@ def test_cpu_suite_quick(tmp_path):
     sampled = load_results(out / 'cpu-sampling.json')
     assert [(s['preset'], s['batch_size']) for s in sampled['sampling']] == [('tiny', 1)]
     assert 0 < sampled['sampling'][0]['craft_cache']['of_ceiling']
+    deployed = load_results(out / 'cpu-deploy.json')                  # int8 and ONNX Runtime (10_deploy)
+    assert deployed['status'] == 'done' and deployed['onnx']['max_abs_error']['decode'] < 1e-4, deployed.get('error')
+    tuned = load_results(out / 'cpu-finetune.json')                   # fine-tuning on Austen (09_finetune)
+    assert tuned['status'] == 'done', tuned.get('error')
+    assert [r['name'] for r in tuned['runs']] == ['from scratch', 'full fine-tune', 'LoRA, rank 4', 'LoRA, rank 16']
     cli = sampled['cli']
     assert cli['new_tokens'] == 50 and cli['craft_sample']['tokens'] == 50 and cli['craft_sample']['device'] == 'cpu'
     assert cli['ratio'] == pytest.approx(cli['craft_sample']['tokens_per_s'] / cli['baseline_no_cache']['tokens_per_s'], rel=0.01)
