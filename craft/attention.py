@@ -73,11 +73,12 @@ class KVCache:
 
     def update(self, k:torch.Tensor, v:torch.Tensor, start:int) -> tuple[torch.Tensor, torch.Tensor]:
         "Store new keys and values `(B, H, T, D)` at positions `start:start+T`; return all keys and values up to there."
-        end = start + k.size(2)
+        T = k.size(2)
+        end = start + T
         if end > self.max_len: raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, H, end, D) each
+        self.k.narrow(2, start, T).copy_(k)              # k[:, :, start:end] = k, in one operation
+        self.v.narrow(2, start, T).copy_(v)
+        return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)  # (B, H, end, D) each
 
     def update_rows(self, k:torch.Tensor, v:torch.Tensor, starts:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ("Store new keys and values `(B, H, T, D)` of row b at positions "
@@ -130,6 +131,14 @@ def _attend(q, k, v, dropout_p:float, fast:bool):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(n_queries, n_keys, q.device),
                                           dropout_p=dropout_p)
 
+# %% ../nbs/01_attention.ipynb #6f844119
+@patch
+def position_qk(self:CausalSelfAttention, q:torch.Tensor, k:torch.Tensor, start:int|torch.Tensor=0):
+    "Queries and keys `(B, H, T, D)` at positions from `start`, QK-normalised and rotated where the layer does so."
+    if self.q_norm is not None: q, k = self.q_norm(q), self.k_norm(k)
+    if self.rotary is not None: q, k = self.rotary(q, start), self.rotary(k, start)
+    return q, k
+
 # %% ../nbs/01_attention.ipynb #31a23ea0
 @patch
 def forward(self:CausalSelfAttention, x:torch.Tensor, cache:KVCache|None=None, start:int|torch.Tensor=0,
@@ -139,8 +148,7 @@ def forward(self:CausalSelfAttention, x:torch.Tensor, cache:KVCache|None=None, s
     B, T, C = x.shape
     H, D = self.n_head, self.head_dim
     q, k, v = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)   # (B, T, 3C) -> (3, B, H, T, D): q, k, v
-    if self.q_norm is not None: q, k = self.q_norm(q), self.k_norm(k)
-    if self.rotary is not None: q, k = self.rotary(q, start), self.rotary(k, start)
+    q, k = self.position_qk(q, k, start)
     if isinstance(start, torch.Tensor):       # each row at its own position (continuous batching)
         k, v = cache.update_rows(k, v, start)  # (B, H, max_len, D) each
         if mask is None: mask = row_mask(start, T, k.size(2))                 # (B, 1, T, Tk), Tk <= max_len

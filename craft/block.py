@@ -40,14 +40,15 @@ class MLP(nn.Module):
         self.proj.is_residual = True
         self.dropout = nn.Dropout(dropout)
 
+    def activate(self, h:torch.Tensor) -> torch.Tensor:
+        "The nonlinearity on `fc`'s output: `(..., hidden)` (`(..., 2*hidden)` for swiglu) -> `(..., hidden)`."
+        if self.kind == 'gelu': return F.gelu(h)
+        if self.kind == 'relu2': return F.relu(h).square()
+        gate, up = h.chunk(2, dim=-1)               # (..., hidden) each
+        return F.silu(gate) * up
+
     def forward(self, x:torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)                              # (B, T, hidden), or (B, T, 2*hidden) for swiglu
-        if self.kind == 'gelu': h = F.gelu(h)
-        elif self.kind == 'relu2': h = F.relu(h).square()
-        else:
-            gate, up = h.chunk(2, dim=-1)          # (B, T, hidden) each
-            h = F.silu(gate) * up
-        return self.dropout(self.proj(h))           # (B, T, C)
+        return self.dropout(self.proj(self.activate(self.fc(x))))   # (B, T, C) -> (B, T, hidden) -> (B, T, C)
 
 # %% ../nbs/02_block.ipynb #34f6ddc7
 class Block(nn.Module):

@@ -177,7 +177,7 @@ def pick_token(logits:np.ndarray, temperature:float, rng:np.random.Generator) ->
     return int(rng.choice(len(p), p=p / p.sum()))
 
 def generate_onnx(model:OnnxModel, prompt:str='\n', max_new_tokens:int=500, temperature:float=0.8, seed:int|None=None,
-                  window_keep:float=0.75) -> str:
+                  window_keep:float=0.5) -> str:
     "Continue `prompt` by `max_new_tokens` characters."
     T = model.config['block_size']
     keep = min(T, max(1, round(window_keep * T)))                          # tokens kept when the window slides

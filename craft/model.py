@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['POS_EMBS', 'PRESETS', 'DTYPE_BYTES', 'QUANTIZATIONS', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'HEADER_FIELDS',
-           'GPTConfig', 'check_field_types', 'GPT', 'pick_device', 'matmul_params', 'flops_per_token', 'memory_budget',
-           'available_memory', 'format_bytes', 'check_memory', 'sampling_memory', 'oom_message', 'Int8Linear',
-           'quantize_weights', 'checksum', 'save_checkpoint', 'checkpoint_file', 'read_checkpoint_header',
+           'GPTConfig', 'check_field_types', 'GPT', 'cap_logits', 'pick_device', 'matmul_params', 'flops_per_token',
+           'memory_budget', 'available_memory', 'format_bytes', 'check_memory', 'sampling_memory', 'oom_message',
+           'Int8Linear', 'quantize_weights', 'checksum', 'save_checkpoint', 'checkpoint_file', 'read_checkpoint_header',
            'verify_checkpoint', 'load_checkpoint']
 
 # %% ../nbs/03_model.ipynb #93b27303
@@ -144,6 +144,11 @@ def reset_parameters(self:GPT):
         elif isinstance(module, nn.Embedding): nn.init.normal_(module.weight, 0.0, 0.02)
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)): module.reset_parameters()
 
+# %% ../nbs/03_model.ipynb #cf27231a
+def cap_logits(logits:torch.Tensor, cap:float) -> torch.Tensor:
+    "`cap * tanh(logits / cap)` for `cap > 0`; with `cap == 0`, the logits unchanged."
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
 # %% ../nbs/03_model.ipynb #27f48167
 @patch
 def forward(self:GPT, idx:torch.Tensor, targets:torch.Tensor|None=None,
@@ -165,8 +170,7 @@ def forward(self:GPT, idx:torch.Tensor, targets:torch.Tensor|None=None,
     x = self.norm_f(x)
     if last_only and targets is None: x = x[:, -1:]                           # (B, 1, C)
     logits = self.head(x)                                                     # (B, T, V)
-    cap = self.config.logit_softcap
-    if cap > 0: logits = cap * torch.tanh(logits / cap)
+    logits = cap_logits(logits, self.config.logit_softcap)
     if targets is None: return logits, None
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)  # (B*T, V) vs (B*T,)
     return logits, loss

@@ -5,21 +5,25 @@
 # %% auto #0
 __all__ = ['SAMPLING_FIELDS', 'GenerationConfig', 'apply_temperature', 'apply_top_k', 'apply_top_p', 'apply_min_p',
            'presence_mask', 'apply_repetition_penalty', 'next_token_probs', 'next_tokens', 'sampling_settings',
-           'decode_step', 'Decoder', 'RowText', 'TextStream', 'stream', 'generate', 'decoding_profile',
-           'load_for_sampling', 'check_sampling_memory', 'sample_command', 'next_char_probs', 'SamplerApp',
-           'sampler_app', 'attention_maps', 'plot_attention']
+           'decode_step', 'bound', 'lean_decoder', 'Decoder', 'RowText', 'TextStream', 'stream', 'generate',
+           'decoding_profile', 'load_for_sampling', 'check_sampling_memory', 'sample_command', 'next_char_probs',
+           'SamplerApp', 'sampler_app', 'attention_maps', 'plot_attention']
 
 # %% ../nbs/05_sampling.ipynb #cabbcba1
 import copy, functools, math, secrets, sys, threading, time, weakref
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from fastcore.basics import patch
+from .attention import KVCache
+from .block import Block
 from .errors import CraftError, check_setting
 from .tokenizer import CharTokenizer, load_text
-from .model import GPT, GPTConfig, Int8Linear, load_checkpoint, pick_device
+from .model import GPT, GPTConfig, Int8Linear, cap_logits, load_checkpoint, pick_device
 from .model import DTYPE_BYTES, check_memory, read_checkpoint_header, sampling_memory
 from .machine import Profile, Setting, candidates, machine_profile, threads_of
 
@@ -38,7 +42,7 @@ class GenerationConfig:
     num_samples: int = 1              # independent samples, generated together as one batch
     seed: int | None = None           # random seed: the same seed gives the same text; None = a fresh one
     use_cache: bool = True            # KV cache: one new character per step; False recomputes the context every step
-    window_keep: float = 0.75         # with the cache, the fraction of block_size kept when the window slides
+    window_keep: float = 0.5          # with the cache, the fraction of block_size kept when the window slides
     compile: bool = False             # torch.compile the decode step (CUDA graphs on a GPU): slower start, faster steps
 
     def __post_init__(self):
@@ -180,11 +184,56 @@ def decode_step(model:GPT, caches:list, tokens:torch.Tensor, positions:torch.Ten
     "Next-token logits `(B, V)` for one token per row `(B,)` at `positions` `(B,)` through `caches`: shapes fixed."
     return model(tokens[:, None], caches=caches, start=positions, last_only=True)[0][:, -1]
 
+# %% ../nbs/05_sampling.ipynb #2bccc9b4
+def bound(module:nn.Module) -> Callable:
+    ("`module` as the operation its `forward` runs, with its parameters bound once: for a plain `nn.Linear`, "
+     "`nn.LayerNorm` or `nn.RMSNorm`; any other module (int8 weights, LoRA) as itself.")
+    kind = type(module)
+    if kind is nn.Linear: return functools.partial(F.linear, weight=module.weight, bias=module.bias)
+    if kind is nn.LayerNorm:          # what F.layer_norm calls, without its Python wrapper
+        return functools.partial(torch.layer_norm, normalized_shape=module.normalized_shape, weight=module.weight,
+                                 bias=module.bias, eps=module.eps, cudnn_enable=torch.backends.cudnn.enabled)
+    if kind is nn.RMSNorm:
+        return functools.partial(torch.rms_norm, normalized_shape=module.normalized_shape, weight=module.weight,
+                                 eps=module.eps)
+    return module
+
+# %% ../nbs/05_sampling.ipynb #4bcf09c2
+def _block_plan(block:Block) -> tuple:
+    "A block's parts in the order `lean_decoder`'s step runs them, each bound once."
+    attn, mlp = block.attn, block.mlp
+    turn = attn.position_qk if attn.rotary is not None or attn.q_norm is not None else None
+    return (bound(block.norm1), bound(attn.qkv), turn, bound(attn.proj), bound(block.norm2), bound(mlp.fc),
+            mlp.activate, bound(mlp.proj))
+
+# %% ../nbs/05_sampling.ipynb #5cabd198
+def lean_decoder(model:GPT, caches:list[KVCache]) -> Callable:
+    ("`step(tokens, pos)`: next-token logits `(B, V)` for one token per row `(B,)`, every row at the int "
+     "position `pos`, through `caches`. The model is in eval mode.")
+    H, cap = model.config.n_head, model.config.logit_softcap
+    blocks = [(*_block_plan(block), cache) for block, cache in zip(model.blocks, caches)]
+    pos_table = None if model.pos_emb is None else model.pos_emb.weight         # (block_size, C)
+    norm_f, head = bound(model.norm_f), bound(model.head)
+    def step(tokens:torch.Tensor, pos:int) -> torch.Tensor:
+        x = model.tok_emb(tokens)                                                # (B, C)
+        if pos_table is not None: x = x + pos_table[pos]
+        B, C = x.shape
+        for norm1, qkv, turn, proj, norm2, fc, activate, proj2, cache in blocks:
+            q, k, v = qkv(norm1(x)).view(B, 3, H, 1, C // H).unbind(1)      # (B, 3C) -> (B, H, 1, D) each
+            if turn is not None: q, k = turn(q, k, pos)
+            k, v = cache.update(k, v, pos)                                      # (B, H, pos+1, D) each
+            y = F.scaled_dot_product_attention(q, k, v)                         # (B, H, 1, D)
+            x = x + proj(y.reshape(B, C))                                       # (B, H, 1, D) -> (B, C)
+            x = x + proj2(activate(fc(norm2(x))))                               # (B, C)
+        return cap_logits(head(norm_f(x)), cap)                                 # (B, V)
+    return step
+
 # %% ../nbs/05_sampling.ipynb #c59c8c2b
 class Decoder:
     ("Feeds a GPT a batch of token sequences and returns next-token logits "
      "`(B, V)`: the prompt once (`prefill`), then one token per `step`.")
-    def __init__(self, model:GPT, batch_size:int, use_cache:bool=True, window_keep:float=0.75, compile:bool=False):
+    def __init__(self, model:GPT, batch_size:int, use_cache:bool=True, window_keep:float=GenerationConfig.window_keep,
+                 compile:bool=False):
         self.model, self.batch_size, self.use_cache = model, batch_size, use_cache
         self.block_size = T = model.config.block_size
         self.keep = min(T, max(1, round(window_keep * T)))      # tokens kept when the window slides
@@ -194,8 +243,8 @@ class Decoder:
         self.pos = 0            # positions filled in the caches
         self.n_slides = 0       # times the window slid
         self.caches = model.new_caches(batch_size) if use_cache and not compile else None   # compiled: from a pool
-        eager = functools.partial(decode_step, model, self.caches)
-        self.decode_one = self._compiled_decode() if compile and use_cache else eager
+        self.decode_one = None                                  # (tokens (B,), pos) -> logits (B, V)
+        if use_cache: self.decode_one = self._compiled_decode() if compile else lean_decoder(model, self.caches)
 
 # %% ../nbs/05_sampling.ipynb #885baed2
 @patch
@@ -234,9 +283,8 @@ def step(self:Decoder, tokens:torch.Tensor) -> torch.Tensor:
     self._append(tokens[:, None])
     if not self.use_cache: return self.model(self.context(), last_only=True)[0][:, -1]
     if self.pos < self.block_size:                                     # room in the cache: one position
-        positions = torch.full((len(tokens),), self.pos, device=tokens.device)  # (B,): the server's per-row path
         self.pos += 1
-        return self.decode_one(tokens, positions)
+        return self.decode_one(tokens, self.pos - 1)
     window = self.tokens[:, self.n_tokens - self.keep:self.n_tokens]  # full: slide the window, (B, keep)
     logits, _ = self.model(window, caches=self.caches, start=0, last_only=True)
     self.pos, self.n_slides = self.keep, self.n_slides + 1
@@ -262,8 +310,9 @@ def _compiled_decode(self:Decoder):
     if mode not in _COMPILED_STEPS:
         _COMPILED_STEPS[mode] = torch.compile(decode_step, mode=mode, dynamic=False, fullgraph=True)
     compiled, model, caches = _COMPILED_STEPS[mode], self.model, self.caches
-    if not cuda: return lambda tokens, positions: compiled(model, caches, tokens, positions)
-    def decode_one(tokens, positions):
+    def decode_one(tokens, pos:int):
+        positions = torch.full((len(tokens),), pos, device=tokens.device)    # (B,): the fixed-shape, per-row form
+        if not cuda: return compiled(model, caches, tokens, positions)
         torch.compiler.cudagraph_mark_step_begin()                   # a new step: the last outputs may be overwritten
         return compiled(model, caches, tokens, positions).clone()    # (B, V), our own copy of the graph's output buffer
     return decode_one
