@@ -244,8 +244,9 @@ def client_body(i:int) -> dict:
 
 
 async def one_client(client:httpx.AsyncClient, i:int, stream:bool, disconnect:bool=False) -> list[str]|None:
-    "Client `i`: one request, streamed or not; a disconnecting client reads two events and hangs up."
-    body = client_body(i) | ({'max_new_tokens': 5000} if disconnect else {})
+    ("Client `i`: one request, streamed or not; a disconnecting client reads two events and hangs up "
+     "(its request has no stop string and 5,000 characters to go, so only the hang-up can end it).")
+    body = client_body(i) | ({'max_new_tokens': 5000, 'stop': None} if disconnect else {})
     if not stream:
         r = await client.post('/v1/generate', json=body)
         assert r.status_code == 200, r.text
