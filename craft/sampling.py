@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['SAMPLING_FIELDS', 'GenerationConfig', 'apply_temperature', 'apply_top_k', 'apply_top_p', 'apply_min_p',
            'presence_mask', 'apply_repetition_penalty', 'next_token_probs', 'next_tokens', 'sampling_settings',
-           'decode_step', 'bound', 'lean_decoder', 'Decoder', 'RowText', 'TextStream', 'stream', 'generate',
-           'decoding_profile', 'load_for_sampling', 'check_sampling_memory', 'sample_command', 'next_char_probs',
-           'SamplerApp', 'sampler_app', 'attention_maps', 'plot_attention']
+           'decode_step', 'bound', 'lean_decoder', 'tokens_kept', 'Decoder', 'RowText', 'TextStream', 'stream',
+           'generate', 'decoding_profile', 'load_for_sampling', 'check_sampling_memory', 'sample_command',
+           'next_char_probs', 'SamplerApp', 'sampler_app', 'attention_maps', 'plot_attention']
 
 # %% ../nbs/05_sampling.ipynb #cabbcba1
 import copy, functools, math, secrets, sys, threading, time, weakref
@@ -202,9 +202,8 @@ def bound(module:nn.Module) -> Callable:
 def _block_plan(block:Block) -> tuple:
     "A block's parts in the order `lean_decoder`'s step runs them, each bound once."
     attn, mlp = block.attn, block.mlp
-    turn = attn.position_qk if attn.rotary is not None or attn.q_norm is not None else None
-    return (bound(block.norm1), bound(attn.qkv), turn, bound(attn.proj), bound(block.norm2), bound(mlp.fc),
-            mlp.activate, bound(mlp.proj))
+    return (bound(block.norm1), bound(attn.qkv), attn.position_qk, bound(attn.proj), bound(block.norm2),
+            bound(mlp.fc), mlp.activate, bound(mlp.proj))
 
 # %% ../nbs/05_sampling.ipynb #5cabd198
 def lean_decoder(model:GPT, caches:list[KVCache]) -> Callable:
@@ -218,15 +217,20 @@ def lean_decoder(model:GPT, caches:list[KVCache]) -> Callable:
         x = model.tok_emb(tokens)                                                # (B, C)
         if pos_table is not None: x = x + pos_table[pos]
         B, C = x.shape
-        for norm1, qkv, turn, proj, norm2, fc, activate, proj2, cache in blocks:
+        for norm1, qkv, position_qk, proj, norm2, fc, activate, proj2, cache in blocks:
             q, k, v = qkv(norm1(x)).view(B, 3, H, 1, C // H).unbind(1)      # (B, 3C) -> (B, H, 1, D) each
-            if turn is not None: q, k = turn(q, k, pos)
+            q, k = position_qk(q, k, pos)
             k, v = cache.update(k, v, pos)                                      # (B, H, pos+1, D) each
             y = F.scaled_dot_product_attention(q, k, v)                         # (B, H, 1, D)
             x = x + proj(y.reshape(B, C))                                       # (B, H, 1, D) -> (B, C)
             x = x + proj2(activate(fc(norm2(x))))                               # (B, C)
         return cap_logits(head(norm_f(x)), cap)                                 # (B, V)
     return step
+
+# %% ../nbs/05_sampling.ipynb #6cd026c3
+def tokens_kept(window_keep:float, block_size:int) -> int:
+    "Tokens a full window of `block_size` keeps when it slides: `window_keep` of it, rounded, at least 1."
+    return min(block_size, max(1, round(window_keep * block_size)))
 
 # %% ../nbs/05_sampling.ipynb #c59c8c2b
 class Decoder:
@@ -236,7 +240,7 @@ class Decoder:
                  compile:bool=False):
         self.model, self.batch_size, self.use_cache = model, batch_size, use_cache
         self.block_size = T = model.config.block_size
-        self.keep = min(T, max(1, round(window_keep * T)))      # tokens kept when the window slides
+        self.keep = tokens_kept(window_keep, T)                 # tokens kept when the window slides
         device = model.tok_emb.weight.device
         self.tokens = torch.zeros(batch_size, 2 * T, dtype=torch.long, device=device)  # (B, 2T) recent tokens
         self.n_tokens = 0       # tokens in self.tokens

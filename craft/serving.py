@@ -33,7 +33,7 @@ from .model import GPT, GPTConfig, checkpoint_file, load_checkpoint, pick_device
 from .machine import Setting, threads_of
 from .training import read_metrics
 from .sampling import (GenerationConfig, RowText, SAMPLING_FIELDS, presence_mask, apply_repetition_penalty, next_token_probs,
-                            decode_step, load_for_sampling)
+                            decode_step, load_for_sampling, tokens_kept)
 
 # %% ../nbs/07_serving.ipynb #b76dcb68
 @torch.inference_mode()
@@ -271,7 +271,7 @@ def _slide(self:Engine, owners:list, full:np.ndarray, logits:torch.Tensor) -> to
     T, sliding = self.model.config.block_size, {}                          # keep -> rows
     for r in np.flatnonzero(full).tolist():
         job = owners[r][0]
-        sliding.setdefault(min(T, max(1, round(job.config.window_keep * T))), []).append(r)
+        sliding.setdefault(tokens_kept(job.config.window_keep, T), []).append(r)
     for keep, rows in sliding.items():
         rows_t = torch.tensor(rows, device=self.device)
         window = torch.cat([self.tokens[rows_t, T - keep + 1:], self.last[rows_t, None]], 1)   # (m, keep)
