@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['DTYPES', 'OPTIMIZERS', 'LORA_TARGETS', 'TRAIN_PRESETS', 'MODEL_FIELDS', 'TRAIN_FIELDS', 'BITS_PER_NAT', 'RUN_FORMAT',
            'RUN_VERSION', 'MIN_BATCH', 'STATE_LAYOUT', 'TrainConfig', 'RunConfig', 'read_config_file', 'resolve_config',
-           'corpus_files', 'read_corpus', 'fingerprint', 'corpus_record', 'load_tokens', 'Batches', 'split_tokens',
-           'make_optimizers', 'learning_rate', 'estimate_loss', 'full_loss', 'read_run_config', 'read_metrics',
-           'read_status', 'plot_metrics', 'Dist', 'dist_from_env', 'training_profile', 'fit_batch_to_time', 'Trainer',
-           'read_training_state', 'process_age', 'tensorboard_writer', 'write_sample', 'resume_config', 'train']
+           'Batches', 'split_tokens', 'make_optimizers', 'learning_rate', 'estimate_loss', 'scored_windows',
+           'scored_tokens', 'full_loss', 'read_run_config', 'read_metrics', 'read_status', 'plot_metrics', 'Dist',
+           'dist_from_env', 'training_profile', 'fit_batch_to_time', 'Trainer', 'read_training_state', 'process_age',
+           'tensorboard_writer', 'write_sample', 'resume_config', 'train']
 
 # %% ../nbs/04_training.ipynb #15aedaa9
 import contextlib, functools, hashlib, json, math, os, signal, stat, sys, threading, time
@@ -22,6 +22,7 @@ from fastcore.basics import patch
 from .errors import CraftError
 from .files import atomic_path, atomic_write, atomic_write_text, cache_dir, describe_os_error, RunLock
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
+from .corpus import corpus_files, corpus_record, fingerprint, load_tokens, read_corpus
 from .model import GPT, GPTConfig, PRESETS, save_checkpoint, load_checkpoint, read_checkpoint_header, pick_device, check_field_types
 from .model import checksum, check_memory, memory_budget, sampling_memory, available_memory, oom_message, DTYPE_BYTES
 from .machine import Profile, Setting, cpu_cores, candidates, machine_profile, step_seconds, threads_of
@@ -56,6 +57,7 @@ class TrainConfig:
     grad_clip: float = 1.0        # clip the gradient norm to this (0 = off)
     eval_interval: int = 250      # evaluate every this many steps
     eval_iters: int = 200         # validation batches per evaluation (0 = the whole validation split, exact)
+    eval_tokens: int = 524_288    # most tokens a whole-split evaluation scores, in evenly spaced windows (0 = all); 1 MB of text is scored whole
     target_loss: float = 0.0      # stop once an evaluation's validation loss is at or below this (0 = off)
     log_interval: int = 10        # write a metrics line every this many steps
     device: str = 'auto'          # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
@@ -64,7 +66,7 @@ class TrainConfig:
     compile: bool = False         # compile the model with torch.compile
     seed: int = 1337              # random seed for weights, batches and dropout
     sample_chars: int = 500       # length of the sample written at the end (0 = none)
-    full_eval: bool = True        # at the end, evaluate on the whole validation split (all non-overlapping windows)
+    full_eval: bool = True        # at the end, evaluate the best weights on the whole validation split (up to eval_tokens)
     progress: bool = True         # show a progress bar
     tensorboard: bool = False     # also write TensorBoard event files (scalars, config, sample) into the run directory
     init_from: str = ''           # fine-tune: start from this run's best weights and model shape ('' = from scratch; 09_finetune)
@@ -86,7 +88,7 @@ def validate(self:TrainConfig):
     check_field_types(self, 'training')
     for name in ('batch_size', 'grad_accum', 'max_iters', 'eval_interval', 'log_interval'):
         if getattr(self, name) < 1: _fail(name, getattr(self, name), "must be at least 1")
-    for name in ('max_time', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'weight_decay', 'grad_clip', 'sample_chars', 'eval_iters', 'target_loss', 'threads',
+    for name in ('max_time', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'weight_decay', 'grad_clip', 'sample_chars', 'eval_iters', 'eval_tokens', 'target_loss', 'threads',
                  'min_steps'):
         if getattr(self, name) < 0: _fail(name, getattr(self, name), "must be >= 0")
     if not 0 < self.val_fraction < 1: _fail('val_fraction', self.val_fraction, "must be between 0 and 1")
@@ -188,84 +190,6 @@ def resolve_config(preset:str|None=None, config_file=None, device:str|None=None,
     train = TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_FIELDS})
     return RunConfig(model, train)
 
-# %% ../nbs/04_training.ipynb #dcc77691
-def _file_kind(path:Path) -> str:
-    "What `path` is, when it is neither a regular file nor a folder: a named pipe, a device, a socket."
-    mode = path.stat().st_mode
-    kinds = ((stat.S_ISFIFO, 'a named pipe (FIFO)'), (stat.S_ISCHR, 'a character device'),
-             (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'))
-    return next((name for test, name in kinds if test(mode)), 'a special file')
-
-def corpus_files(data:str|Path='') -> list[Path]:
-    "The text files of `data`: the file itself, a folder's visible files in sorted order, or the bundled corpus."
-    if not data: return [shakespeare_path()]
-    path = Path(data)
-    if not path.exists(): raise CraftError(f"--data {path}: no such file or directory")
-    if path.is_file(): return [path]
-    if not path.is_dir(): raise CraftError(f"--data {path} is {_file_kind(path)}, not a text file or a folder of them")
-    files = sorted(p for p in path.rglob('*') if p.is_file() and not any(part.startswith('.') for part in p.relative_to(path).parts))
-    if not files: raise CraftError(f"--data {path}: the folder has no files; put .txt files in it")
-    return files
-
-def read_corpus(data:str|Path='', separator:str='\n\n') -> str:
-    "The whole corpus as one string."
-    return separator.join(load_text(f) for f in corpus_files(data))
-
-# %% ../nbs/04_training.ipynb #1b81d9de
-_fingerprints = {}   # (path, size, mtime) of each file -> fingerprint: a resumed run hashes its corpus once, not twice
-
-def _hash_files(files:list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(b'\0file\0')
-        with open(f, 'rb') as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b''): h.update(chunk)
-    return h.hexdigest()[:24]
-
-def fingerprint(files:list[Path]) -> str:
-    "SHA-256 over the bytes of the files, in order (remembered in this process while their sizes and times stay)."
-    try:
-        stats = [os.stat(f) for f in files]
-        key = tuple((str(Path(f).resolve()), st.st_size, st.st_mtime_ns) for f, st in zip(files, stats))
-        if key not in _fingerprints: _fingerprints[key] = _hash_files(files)
-    except OSError as e: raise CraftError(f"--data: cannot read {describe_os_error(e)}") from None
-    return _fingerprints[key]
-
-def corpus_record(data:str|Path='') -> dict:
-    "What a run records of its corpus: its absolute path (None when bundled), its number of files and its content hash."
-    files = corpus_files(data)
-    path = str(Path(data).resolve()) if data else None
-    return {'path': path, 'bundled': not data, 'files': len(files), 'fingerprint': fingerprint(files)}
-
-# %% ../nbs/04_training.ipynb #003eb307
-def _cache_tokens(ids:np.ndarray, tok:CharTokenizer, files:list[Path], tokens_path:Path, meta_path:Path) -> np.ndarray:
-    "Write the token cache and map it back read-only; if it cannot be written (read-only, full), warn, keep the tokens."
-    try:
-        tokens_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(tokens_path, 'wb') as f: ids.tofile(f)
-        meta = dict(tokenizer=tok.to_dict(), dtype=ids.dtype.str, n_tokens=len(ids), files=[str(f) for f in files])
-        atomic_write_text(meta_path, json.dumps(meta))
-    except OSError as e:
-        print(f"craft: warning: no token cache ({describe_os_error(e)}); the tokens stay in memory. "
-              "Set CRAFT_CACHE_DIR to a writable folder to cache them", file=sys.stderr)
-        return ids
-    return np.memmap(tokens_path, dtype=ids.dtype, mode='r', shape=(len(ids),))
-
-# %% ../nbs/04_training.ipynb #0b14776a
-def load_tokens(data:str|Path='', tokenizer:CharTokenizer|None=None) -> tuple[np.ndarray, CharTokenizer]:
-    "Tokens of the corpus as a read-only memmap, and the tokenizer (built from the corpus unless given), cached by fingerprint."
-    files = corpus_files(data)
-    key = fingerprint(files) + ('' if tokenizer is None else '-' + hashlib.sha256(json.dumps(tokenizer.to_dict()).encode()).hexdigest()[:8])
-    tokens_path, meta_path = cache_dir() / f"{key}.tokens", cache_dir() / f"{key}.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        tok = CharTokenizer.from_dict(meta['tokenizer'])
-        return np.memmap(tokens_path, dtype=np.dtype(meta['dtype']), mode='r', shape=(meta['n_tokens'],)), tok
-    except Exception: pass  # no cache yet, or a damaged or unreadable one: it is rebuilt below
-    text = read_corpus(data)
-    tok = tokenizer or CharTokenizer.from_text(text)
-    return _cache_tokens(tok.encode(text), tok, files, tokens_path, meta_path), tok
-
 # %% ../nbs/04_training.ipynb #61d8a392
 class Batches:
     "Random `(B, T)` input/target windows from a token array, drawn with a generator whose state can be saved."
@@ -351,22 +275,34 @@ def estimate_loss(model:nn.Module, batches:Batches, iters:int, autocast=contextl
     batches.load_state(state)
     return losses.mean().item()
 
+# %% ../nbs/04_training.ipynb #51347839
+def scored_windows(n_tokens:int, block_size:int, max_tokens:int=0) -> np.ndarray:
+    "The start of each window a whole-split evaluation scores: every non-overlapping one, or `max_tokens`' worth evenly spaced."
+    n_windows = (n_tokens - 1) // block_size
+    kept = n_windows if max_tokens <= 0 else min(n_windows, max(1, max_tokens // block_size))
+    return np.arange(kept) * n_windows // kept * block_size                       # (W,)
+
+def scored_tokens(n_tokens:int, block_size:int, max_tokens:int=0) -> int:
+    "How many tokens a whole-split evaluation scores: its windows times `block_size`."
+    return len(scored_windows(n_tokens, block_size, max_tokens)) * block_size
+
 # %% ../nbs/04_training.ipynb #153b2bd2
 @torch.no_grad()
-def full_loss(model:nn.Module, tokens:np.ndarray, block_size:int, batch_size:int=64, device='cpu', autocast=contextlib.nullcontext) -> float:
-    "Exact mean loss over all non-overlapping `block_size` windows of `tokens` (in nats per token)."
-    n_windows = (len(tokens) - 1) // block_size
-    data = torch.from_numpy(np.asarray(tokens[:n_windows * block_size + 1]).astype(np.int64))
-    x_all = data[:-1].view(n_windows, block_size)   # (W, T)
-    y_all = data[1:].view(n_windows, block_size)    # (W, T)
+def full_loss(model:nn.Module, tokens:np.ndarray, block_size:int, batch_size:int=64, device='cpu', autocast=contextlib.nullcontext,
+              max_tokens:int=0) -> float:
+    "Mean loss (nats per token) over the non-overlapping `block_size` windows of `tokens`; past `max_tokens`, over evenly spaced ones."
+    starts = scored_windows(len(tokens), block_size, max_tokens)                 # (W,)
+    offsets = np.arange(block_size + 1)                                           # (T+1,)
     was_training = model.training
     model.eval()
     total = 0.0
-    for i in range(0, n_windows, batch_size):
-        x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
+    for i in range(0, len(starts), batch_size):
+        index = starts[i:i + batch_size, None] + offsets                         # (B, T+1)
+        chunk = torch.from_numpy(np.asarray(tokens[index]).astype(np.int64))     # (B, T+1)
+        x, y = chunk[:, :-1].to(device), chunk[:, 1:].to(device)                  # (B, T) each
         with autocast(): total += model(x, y)[1].float().item() * len(x)
     model.train(was_training)
-    return total / n_windows
+    return total / len(starts)
 
 # %% ../nbs/04_training.ipynb #400b056a
 RUN_FORMAT, RUN_VERSION = 'craft.run', 1
@@ -617,7 +553,7 @@ def _load_corpus(self:Trainer, run:RunConfig, tokenizer:CharTokenizer|None) -> t
             what = 'is missing' if now is None else 'has changed since the run began'
             raise CraftError(f"cannot resume {self.out}: its corpus {where} {what}; restore it, or continue on other "
                              "text with --data FILE (its characters must be in the run's vocabulary)")
-    try: tokens, tok = load_tokens(data, tokenizer)
+    try: tokens, tok = load_tokens(data, tokenizer, progress=self.cfg.progress and self.dist.is_main)
     except CraftError as e:
         if tokenizer is None or "not in the tokenizer's vocabulary" not in str(e): raise
         raise CraftError(f"cannot resume {self.out} on --data {data}: {str(e).split(';')[0]}; "
@@ -916,14 +852,16 @@ def _diverged(what:str, value:float, step:int, out:Path) -> CraftError:
 @patch
 def evaluate(self:Trainer) -> float:
     "Estimate the validation loss (exactly with `eval_iters=0`), log it, and checkpoint (best weights too if it improved)."
-    cfg = self.cfg
-    if cfg.eval_iters: val = estimate_loss(self.model, self.val_batches, cfg.eval_iters, self.autocast)
-    else: val = full_loss(self.model, self.val_tokens, self.run.model.block_size, cfg.batch_size, self.device, self.autocast)
+    cfg, T = self.cfg, self.run.model.block_size
+    if cfg.eval_iters: val, scored = estimate_loss(self.model, self.val_batches, cfg.eval_iters, self.autocast), cfg.eval_iters * cfg.batch_size * T
+    else:
+        val = full_loss(self.model, self.val_tokens, T, cfg.batch_size, self.device, self.autocast, cfg.eval_tokens)
+        scored = scored_tokens(len(self.val_tokens), T, cfg.eval_tokens)
     if not math.isfinite(val): raise _diverged('the validation loss', val, self.step, self.out)
     improved = val < self.best_val_loss
     if improved: self.best_val_loss, self.best_is_exact = val, cfg.eval_iters == 0
     if 0 < val <= cfg.target_loss and self.target_reached_s is None: self.target_reached_s = self.elapsed()
-    self.log(val_loss=val, val_bpc=val * BITS_PER_NAT)
+    self.log(val_loss=val, val_bpc=val * BITS_PER_NAT, val_tokens=scored)
     self.save(best=improved)
     return val
 
@@ -1011,7 +949,7 @@ def _save_interrupted(self:Trainer):
 # %% ../nbs/04_training.ipynb #216fcb6f
 @patch
 def _finish(self:Trainer, reason:str):
-    "The last evaluation, the exact one of the best weights, the status, and the loss plot."
+    "The last evaluation, the whole-split one of the best weights (up to `eval_tokens`), the status, and the loss plot."
     cfg, extra = self.cfg, {'stop_reason': reason}
     if self.step % cfg.eval_interval: self.evaluate()
     if self.target_reached_s is not None: extra['target_reached_s'] = round(self.target_reached_s, 3)
@@ -1020,9 +958,10 @@ def _finish(self:Trainer, reason:str):
         else:
             best_model, _, _ = load_checkpoint(self.out, self.device)
             full = full_loss(best_model, self.val_tokens, self.run.model.block_size, cfg.batch_size, self.device,
-                             self.autocast)
-        self.log(full_val_loss=full, full_val_bpc=full * BITS_PER_NAT)
-        extra.update(full_val_loss=round(full, 6), full_val_bpc=round(full * BITS_PER_NAT, 6))
+                             self.autocast, cfg.eval_tokens)
+        scored = scored_tokens(len(self.val_tokens), self.run.model.block_size, cfg.eval_tokens)
+        self.log(full_val_loss=full, full_val_bpc=full * BITS_PER_NAT, full_val_tokens=scored)
+        extra.update(full_val_loss=round(full, 6), full_val_bpc=round(full * BITS_PER_NAT, 6), full_val_tokens=scored)
     self.set_status('finished', **extra)
     if self.dist.is_main: self._plot()
 
