@@ -1178,12 +1178,14 @@ NANOGPT_CPU = dict(  # nanoGPT's documented CPU recipe for shakespeare_char: its
 CPU_SUITE = dict(nanogpt=NANOGPT_CPU, finish_s=6.0, presets=['cpu', 'nanogpt'], new_tokens=64, repeats=5,
                  cli_preset='nanogpt', cli_tokens=500, cli_repeats=3,
                  deploy=dict(preset='nanogpt', tokens=500, repeats=3, train_seconds=100.0),       # 10_deploy
-                 finetune=dict(preset='cpu', seconds=75.0, parent_seconds=100.0))                 # 09_finetune
+                 finetune=dict(preset='cpu', seconds=75.0, parent_seconds=100.0),                 # 09_finetune
+                 data=dict(train_s=30.0, simulated=10**10))                                     # 03b_corpus
 _SHORT = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=2)
 CPU_SUITE_QUICK = {**CPU_SUITE, 'nanogpt': {**NANOGPT_CPU, **_SHORT}, 'finish_s': 4.0, 'presets': ['tiny'],
                    'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50,
                    'cli_repeats': 1, 'deploy': dict(preset='tiny', tokens=30, repeats=1, train_seconds=5.0),
-                   'finetune': dict(preset='tiny', seconds=3.0, parent_seconds=5.0)}
+                   'finetune': dict(preset='tiny', seconds=3.0, parent_seconds=5.0),
+                   'data': dict(sizes={}, simulated=2 * 10**6, train_s=2.0)}
 
 # %% ../nbs/06_benchmarks.ipynb #f1540a6c
 def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
@@ -1268,11 +1270,16 @@ def _suite_cpu_finetune(part:dict, save:Callable, ctx:dict):
     from .finetune import finetune_results
     part.update(finetune_results(**ctx['plan']['finetune']))
 
+def _suite_cpu_data(part:dict, save:Callable, ctx:dict):
+    "Corpora from 1 MB to 10 GB: preparation MB/s, peak memory, cold and warm start-up, tokens/s (`03b_corpus`)."
+    from .corpus import corpus_results
+    part.update(corpus_results(**ctx['plan']['data']))
+
 # %% ../nbs/06_benchmarks.ipynb #e40bad45
 SUITES = {'gpu': {'training': _suite_training, 'sampling': _suite_sampling, 'serving': _suite_serving,
                   'recipes': _suite_recipes},
           'cpu': {'nanogpt': _suite_nanogpt, 'sampling': _suite_cpu_sampling, 'deploy': _suite_cpu_deploy,
-                  'finetune': _suite_cpu_finetune}}
+                  'finetune': _suite_cpu_finetune, 'data': _suite_cpu_data}}
 _PLANS = {('gpu', False): GPU_SUITE, ('gpu', True): GPU_SUITE_QUICK,   # (suite, quick): plan
           ('cpu', False): CPU_SUITE, ('cpu', True): CPU_SUITE_QUICK}
 
@@ -1334,7 +1341,7 @@ def bench_suite(
     suite:str='gpu',
     out:str='bench',               # folder for the results: one file per part, <suite>-<part>.json, written as it ends
     device:str='auto',             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    # parts to run: training, sampling, serving, recipes (gpu); nanogpt, sampling, deploy, finetune (cpu); None = all
+    # parts to run: training, sampling, serving, recipes (gpu); nanogpt, sampling, deploy, finetune, data (cpu); None = all
     part:list[str]|None=None,
     quick:bool=False,              # the same code path at toy sizes (tiny preset): a CPU runs the gpu suite in minutes
     minutes:float=8.0,             # the gpu suite's wall-clock budget: its training runs get what the other parts leave

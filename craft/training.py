@@ -57,7 +57,7 @@ class TrainConfig:
     grad_clip: float = 1.0        # clip the gradient norm to this (0 = off)
     eval_interval: int = 250      # evaluate every this many steps
     eval_iters: int = 200         # validation batches per evaluation (0 = the whole validation split, exact)
-    eval_tokens: int = 524_288    # most tokens a whole-split evaluation scores, in evenly spaced windows (0 = all); 1 MB of text is scored whole
+    eval_tokens: int = 262_144    # most tokens a whole-split evaluation scores, in evenly spaced windows (0 = all); 1 MB of text is scored whole
     target_loss: float = 0.0      # stop once an evaluation's validation loss is at or below this (0 = off)
     log_interval: int = 10        # write a metrics line every this many steps
     device: str = 'auto'          # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
