@@ -448,15 +448,16 @@ def load_tokens(data='', tokenizer:CharTokenizer|None=None, progress:bool=False)
     if meta.get('skipped'): print(f"craft: {meta['skipped']}", file=sys.stderr)
     return tokens, tok
 
-# %% ../nbs/03b_corpus.ipynb #ffd6cf61
+# %% ../nbs/03b_corpus.ipynb #dd772d29
 def link_corpus(source, n_bytes:int, dest:Path) -> tuple[int, int]:
-    "Hard-link the first files of `source` (sorted; again and again if needed) into `dest` until `n_bytes`; (files, bytes)."
+    "Hard-link the ASCII files of `source` (sorted; again and again if needed) into `dest` until `n_bytes`; (files, bytes)."
     files, stats = stat_files(source)
+    ascii = [(f, st) for f, st in zip(files, stats) if st.st_size and f.read_bytes().isascii()]
     root, total, n, copy = Path(os.path.abspath(source)), 0, 0, 0
     while total < n_bytes:
-        for f, st in zip(files, stats):
+        for f, st in ascii:
             if total >= n_bytes: break
-            target = dest / f"{copy:03d}" / Path(f).relative_to(root) if len(files) > 1 else dest / f"{copy:03d}-{Path(f).name}"
+            target = dest / f"{copy:03d}" / f.relative_to(root) if len(files) > 1 else dest / f"{copy:03d}-{f.name}"
             target.parent.mkdir(parents=True, exist_ok=True)
             try: os.link(f, target)
             except OSError: os.symlink(f, target)     # another file system: a link to the file works as well
@@ -536,8 +537,8 @@ def measure_corpus(data, cache:Path, runs:Path, train_s:float, cold:bool=True) -
         out[name] = {**run, **(_train_figures(runs / name) if run['returncode'] == 0 else {})}
     return out
 
-# %% ../nbs/03b_corpus.ipynb #62927f58
-CORPUS_SIZES = {'10 MB': 10**7, '100 MB': 10**8, '1 GB': 10**9}
+# %% ../nbs/03b_corpus.ipynb #e59c093d
+CORPUS_SIZES = {'1 MB': 10**6, '10 MB': 10**7, '100 MB': 10**8, '1 GB': 10**9}
 
 def bench_source(source=None) -> str:
     "The folder the corpora are linked from: `source`, else $CRAFT_BENCH_CORPUS, else Python's standard library."
@@ -551,9 +552,8 @@ def corpus_results(source=None, sizes:dict=CORPUS_SIZES, simulated:int=10**10, t
         tmp, rows = Path(tmp), {}
         cache = tmp / 'cache'                               # its machine profiles are measured once, by the warm-up
         run_measured(_train_command(shakespeare_path(), tmp / 'warm-up', 2), {**os.environ, 'CRAFT_CACHE_DIR': str(cache)})
-        plan = [('1 MB (bundled)', shakespeare_path(), None, True), *((k, None, v, True) for k, v in sizes.items()),
-                (f"{simulated / 1e9:g} GB (simulated)", None, simulated, False)]
-        for i, (label, data, n_bytes, cold) in enumerate(plan):
-            if data is None: data = tmp / f"corpus{i}"; link_corpus(source, n_bytes, data)
+        plan = [*((k, v, True) for k, v in sizes.items()), (f"{simulated / 1e9:g} GB (simulated)", simulated, False)]
+        for i, (label, n_bytes, cold) in enumerate(plan):
+            data = tmp / f"corpus{i}"; link_corpus(source, n_bytes, data)
             rows[label] = {'files': len(stat_files(data)[0]), **measure_corpus(data, cache, tmp / f"runs{i}", train_s, cold)}
     return {'source': source, 'train_s': train_s, 'rows': rows}
