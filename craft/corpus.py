@@ -209,17 +209,19 @@ def _pwrite_all(fd:int, data:bytes, offset:int):
     view = memoryview(data)
     while view: view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
 
-# %% ../nbs/03b_corpus.ipynb #352ffca1
+# %% ../nbs/03b_corpus.ipynb #585b3aad
 def _encode_task(args) -> int:
-    "Encode a task's kept pieces into the file `out` at their token offsets (-1: a skipped piece); returns the bytes read."
-    task, offsets, chars, dtype, out = args
+    "Encode a task's kept pieces into the file `out` at their token offsets (-1: skipped); a piece must keep its length."
+    task, offsets, counts, chars, dtype, out = args
     tok = CharTokenizer(chars); table, itemsize = ascii_table(tok), np.dtype(dtype).itemsize
     fd, done = os.open(out, os.O_WRONLY), 0
     try:
-        for (path, start, end), at in zip(task, offsets):
+        for (path, start, end), at, n in zip(task, offsets, counts):
             if at < 0: continue
+            ids = encode_piece(read_piece(path, start, end)[1], tok, table, dtype)
+            if len(ids) != n: raise CraftError(f"{path} changed while the corpus was prepared; run the command again")
+            _pwrite_all(fd, ids.tobytes(), at * itemsize)
             done += end - start
-            _pwrite_all(fd, encode_piece(read_piece(path, start, end)[1], tok, table, dtype).tobytes(), at * itemsize)
     finally: os.close(fd)
     return done
 
@@ -315,11 +317,11 @@ def layout(self:CorpusScan) -> tuple[np.ndarray, np.ndarray, int]:
 # %% ../nbs/03b_corpus.ipynb #d4cc6cd6
 def _encode_tasks(scan:CorpusScan, tok:CharTokenizer, dtype:np.dtype, out:Path) -> tuple[list, list[int]]:
     "The second pass's tasks (the first pass's, with each piece's token offset) and the bytes each reads."
-    at, tasks, sizes, i = scan.layout()[0].tolist(), [], [], 0
+    at, counts, tasks, sizes, i = scan.layout()[0].tolist(), scan.counts.tolist(), [], [], 0
     for task in _tasks(scan.pieces):
         offsets = at[i:i + len(task)]; i += len(task)
         if max(offsets) < 0: continue
-        tasks.append((task, offsets, tok.chars, dtype.str, str(out)))
+        tasks.append((task, offsets, counts[i - len(task):i], tok.chars, dtype.str, str(out)))
         sizes.append(sum(e - s for (_, s, e), o in zip(task, offsets) if o >= 0))
     return tasks, sizes
 

@@ -36,7 +36,7 @@ LORA_TARGETS = ('attn', 'mlp', 'attn.qkv', 'attn.proj', 'mlp.fc', 'mlp.proj')  #
 class TrainConfig:
     "How to train: data, batches, optimiser, schedule, evaluation, devices. Invalid values raise `CraftError`."
     preset: str = 'auto'          # named recipe, model and training: auto (cpu on a CPU, nanogpt on a GPU), cpu, nanogpt, speedrun, quality, tiny
-    data: str = ''                # UTF-8 text file, or a folder of text files; '' = the bundled tiny Shakespeare
+    data: str = ''                # UTF-8 text: a file, a folder of files, or a quoted glob ('src/**/*.c'); '' = the bundled tiny Shakespeare
     out: str = ''                 # run directory; '' = runs/<date-time>
     val_fraction: float = 0.1     # the last fraction of the corpus that validates (the standard split is 0.1)
     batch_size: int = 64          # sequences per micro-batch (per process under torchrun)
