@@ -1179,7 +1179,7 @@ CPU_SUITE = dict(nanogpt=NANOGPT_CPU, finish_s=6.0, presets=['cpu', 'nanogpt'], 
                  cli_preset='nanogpt', cli_tokens=500, cli_repeats=3,
                  deploy=dict(preset='nanogpt', tokens=500, repeats=3, train_seconds=100.0),       # 10_deploy
                  finetune=dict(preset='cpu', seconds=75.0, parent_seconds=100.0),                 # 09_finetune
-                 data=dict(train_s=30.0, simulated=10**10))                                     # 03b_corpus
+                 data=dict(train_s=20.0, simulated=10**10))                                     # 03b_corpus
 _SHORT = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=2)
 CPU_SUITE_QUICK = {**CPU_SUITE, 'nanogpt': {**NANOGPT_CPU, **_SHORT}, 'finish_s': 4.0, 'presets': ['tiny'],
                    'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50,
