@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['PIECE_BYTES', 'SEPARATOR', 'TOKENS_FORMAT', 'TOKENS_VERSION', 'GATHER', 'CORPUS_SIZES', 'is_pattern', 'stat_files',
-           'corpus_files', 'stat_key', 'fingerprint', 'corpus_record', 'read_piece', 'scan_piece', 'encode_piece',
-           'ascii_table', 'run_tasks', 'CorpusScan', 'scan_corpus', 'token_dtype', 'write_tokens', 'encode_in_memory',
-           'read_corpus', 'cache_paths', 'read_cache', 'prepare_tokens', 'load_tokens', 'link_corpus', 'run_measured',
-           'measure_corpus', 'bench_source', 'corpus_results']
+           'corpus_files', 'stat_key', 'fingerprint', 'corpus_record', 'read_piece', 'byte_set', 'scan_piece',
+           'encode_piece', 'ascii_table', 'run_tasks', 'CorpusScan', 'scan_corpus', 'token_dtype', 'write_tokens',
+           'encode_in_memory', 'read_corpus', 'cache_paths', 'read_cache', 'prepare_tokens', 'load_tokens',
+           'link_corpus', 'run_measured', 'measure_corpus', 'bench_source', 'corpus_results']
 
 # %% ../nbs/03b_corpus.ipynb #c6b3c47c
 import codecs, contextlib, glob, hashlib, json, os, shutil, signal, stat, sys, tempfile
@@ -134,20 +134,30 @@ def read_piece(path, start:int, end:int) -> tuple[int, bytes]:
     n = end - start
     return start + head, data[head:_continues(data, n, n + 3)]
 
-# %% ../nbs/03b_corpus.ipynb #22b5a163
+# %% ../nbs/03b_corpus.ipynb #53464d05
+def byte_set(data:bytes) -> set[int]:
+    "The distinct byte values of `data`: the first 4 kB's, then those of what is left once they are deleted."
+    found = set()
+    while data:
+        head = set(data[:4096])
+        found |= head
+        data = data.translate(None, bytes(head))
+    return found
+
+# %% ../nbs/03b_corpus.ipynb #850379cf
 def scan_piece(data:bytes, first:bool=True) -> tuple[str, int, np.ndarray]:
     "What a piece is ('text', 'UTF-16', 'binary', 'not UTF-8'), its characters (or the bad byte's place) and code points."
     none = np.zeros(0, np.int64)
     if first and data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE): return 'UTF-16', 0, none
     if (nul := data.find(b'\0')) >= 0: return 'binary', nul, none
+    if data.isascii(): return 'text', len(data), np.array(sorted(byte_set(data)), np.int64)
     try: text = data.decode('utf-8')
     except UnicodeDecodeError as e: return 'not UTF-8', e.start, none
-    if text.isascii(): return 'text', len(text), np.flatnonzero(np.bincount(np.frombuffer(data, np.uint8)))
     cps = np.frombuffer(text.encode('utf-32-le'), '<u4')          # (n,) the code points
     low = cps < 128
     return 'text', len(text), np.union1d(np.flatnonzero(np.bincount(cps[low])), np.unique(cps[~low]))
 
-# %% ../nbs/03b_corpus.ipynb #5a87edd8
+# %% ../nbs/03b_corpus.ipynb #d4d7eebc
 def _file_verdict(pieces:list[tuple[str, int]]) -> tuple[str, int]:
     "One file's kind from its pieces' (kind, characters or bad offset): text, empty, UTF-16, binary or not UTF-8."
     kinds = [k for k, _ in pieces]
@@ -167,7 +177,7 @@ def _refusal(path, kind:str, offset:int) -> CraftError:
                      f"e.g. `iconv -f latin1 -t utf-8 {Path(path).name} > {Path(path).stem}.utf8.txt`",
         'unreadable': f"cannot read {path}; check the file's permissions"}[kind])
 
-# %% ../nbs/03b_corpus.ipynb #672d6c2b
+# %% ../nbs/03b_corpus.ipynb #4ac894f9
 def _pieces(files:list[Path], sizes:list[int]) -> list[tuple[str, int, int]]:
     "The corpus cut into (path, start, end) pieces of at most PIECE_BYTES; an empty file is one empty piece."
     return [(str(f), s, min(s + PIECE_BYTES, size)) for f, size in zip(files, sizes)
@@ -181,7 +191,7 @@ def _tasks(pieces:list) -> list[list]:
         if size >= PIECE_BYTES: tasks.append(task); task, size = [], 0
     return tasks + [task] if task else tasks
 
-# %% ../nbs/03b_corpus.ipynb #63835019
+# %% ../nbs/03b_corpus.ipynb #ac53e05a
 def _scan_task(task:list) -> list[tuple[str, int, np.ndarray]]:
     "Scan each (path, start, end) piece: its kind, characters (or bad offset) and distinct code points."
     out = []
@@ -192,24 +202,22 @@ def _scan_task(task:list) -> list[tuple[str, int, np.ndarray]]:
         out.append((kind, n if kind == 'text' else offset + n, cps))
     return out
 
-# %% ../nbs/03b_corpus.ipynb #dbfd58f0
-def encode_piece(data:bytes, tok:CharTokenizer, table:np.ndarray, dtype) -> np.ndarray:
-    "A piece's ids: bytes through `table` when ASCII, else `tok.encode`."
-    if data.isascii(): return table[np.frombuffer(data, np.uint8)].astype(dtype, copy=False)
+# %% ../nbs/03b_corpus.ipynb #a781bf80
+def encode_piece(data:bytes, tok:CharTokenizer, table:bytes|None, dtype) -> np.ndarray:
+    "A piece's ids: ASCII bytes through `table` (`bytes.translate`), anything else through `tok.encode`."
+    if table is not None and data.isascii(): return np.frombuffer(data.translate(table), np.uint8).astype(dtype, copy=False)
     return tok.encode(data.decode('utf-8')).astype(dtype, copy=False)
 
-def ascii_table(tok:CharTokenizer) -> np.ndarray:
-    "Byte -> id for the ASCII characters of the vocabulary (others map to 0; the first pass rules them out)."
-    table = np.zeros(128, np.int64)
-    for i, c in enumerate(tok.chars):
-        if ord(c) < 128: table[ord(c)] = i
-    return table
+def ascii_table(tok:CharTokenizer) -> bytes|None:
+    "A `bytes.translate` table, byte -> id, for the vocabulary's ASCII characters; None if one's id is over 255."
+    ids = {ord(c): i for i, c in enumerate(tok.chars) if ord(c) < 128}
+    return bytes(ids.get(b, 0) for b in range(256)) if all(i < 256 for i in ids.values()) else None
 
 def _pwrite_all(fd:int, data:bytes, offset:int):
     view = memoryview(data)
     while view: view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
 
-# %% ../nbs/03b_corpus.ipynb #b8043eb7
+# %% ../nbs/03b_corpus.ipynb #9db7158b
 def _encode_task(args) -> int:
     "Encode a task's kept pieces into the file `out` at their token offsets (-1: skipped); a piece must keep its length."
     task, offsets, counts, chars, dtype, out = args
@@ -225,7 +233,7 @@ def _encode_task(args) -> int:
     finally: os.close(fd)
     return done
 
-# %% ../nbs/03b_corpus.ipynb #640077c3
+# %% ../nbs/03b_corpus.ipynb #be656d39
 def _workers(n_tasks:int) -> int:
     "How many processes a pass uses: one per core this process may run on (its affinity mask), at most one per task."
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1   # no torch here
@@ -242,7 +250,7 @@ def run_tasks(fn, tasks:list, sizes:list[int], bar, workers:int=1):
         for result, size in zip(pool.map(fn, tasks), sizes): bar.update(size); yield result
     finally: pool.shutdown(wait=True, cancel_futures=True)
 
-# %% ../nbs/03b_corpus.ipynb #fa6c77d8
+# %% ../nbs/03b_corpus.ipynb #c5c7a4fa
 SEPARATOR = '\n\n'   # between two documents of a corpus
 
 @dataclass
@@ -256,7 +264,7 @@ class CorpusScan:
     offsets: list         # (F,) where a skipped file's bad byte is (0 for text)
     chars: str            # the vocabulary: the kept files' characters, sorted, and the separator's
 
-# %% ../nbs/03b_corpus.ipynb #8d83fb21
+# %% ../nbs/03b_corpus.ipynb #c2649abf
 def _verdicts(scan_results:list, piece_file:np.ndarray, n_files:int) -> tuple[list, list]:
     "Each file's kind and bad offset, from its pieces' scan results."
     per_file = [[] for _ in range(n_files)]
@@ -277,7 +285,7 @@ def scan_corpus(files:list[Path], sizes:list[int], bar, workers:int=1) -> Corpus
     chars = set(map(chr, cps.tolist())) | (set(SEPARATOR) if kinds.count('text') > 1 else set())
     return CorpusScan(files, pieces, piece_file, counts, kinds, offsets, ''.join(sorted(chars)))
 
-# %% ../nbs/03b_corpus.ipynb #c59a3159
+# %% ../nbs/03b_corpus.ipynb #295c2461
 @patch
 def kept(self:CorpusScan) -> list[int]:
     "The indices of the files that join the corpus."
@@ -297,7 +305,7 @@ def skipped_list(self:CorpusScan) -> str:
     "One line per skipped file: its kind, then its path."
     return ''.join(f"{k}\t{f}\n" for f, k in zip(self.files, self.kinds) if k != 'text')
 
-# %% ../nbs/03b_corpus.ipynb #51f75ac0
+# %% ../nbs/03b_corpus.ipynb #de876427
 def token_dtype(vocab_size:int) -> np.dtype:
     "The smallest unsigned type for the ids: uint8 up to 256 characters, uint16 up to 65,536, else int32."
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int32)
@@ -314,7 +322,7 @@ def layout(self:CorpusScan) -> tuple[np.ndarray, np.ndarray, int]:
     at = np.where(kept_file, starts + seps * len(SEPARATOR), -1)
     return at, starts[seps], int(widths.sum())
 
-# %% ../nbs/03b_corpus.ipynb #c13a818d
+# %% ../nbs/03b_corpus.ipynb #4134ece7
 def _encode_tasks(scan:CorpusScan, tok:CharTokenizer, dtype:np.dtype, out:Path) -> tuple[list, list[int]]:
     "The second pass's tasks (the first pass's, with each piece's token offset) and the bytes each reads."
     at, counts, tasks, sizes, i = scan.layout()[0].tolist(), scan.counts.tolist(), [], [], 0
@@ -339,7 +347,7 @@ def write_tokens(scan:CorpusScan, tok:CharTokenizer, out:Path, bar, workers:int=
     finally: os.close(fd)
     return n
 
-# %% ../nbs/03b_corpus.ipynb #28637fa2
+# %% ../nbs/03b_corpus.ipynb #9605398b
 def encode_in_memory(scan:CorpusScan, tok:CharTokenizer) -> np.ndarray:
     "The corpus's ids as an array in memory, for when the cache cannot be written."
     dtype, table = token_dtype(tok.vocab_size), ascii_table(tok)
@@ -352,7 +360,7 @@ def encode_in_memory(scan:CorpusScan, tok:CharTokenizer) -> np.ndarray:
     if len(seps): ids[seps[:, None] + np.arange(len(SEPARATOR))] = tok.encode(SEPARATOR)   # (S, 2) positions
     return ids
 
-# %% ../nbs/03b_corpus.ipynb #6b962443
+# %% ../nbs/03b_corpus.ipynb #ebcce913
 def read_corpus(data='', separator:str=SEPARATOR) -> str:
     "The corpus as one string: its text files, read whole, joined by a blank line (the reference for small corpora)."
     texts = []
@@ -360,7 +368,7 @@ def read_corpus(data='', separator:str=SEPARATOR) -> str:
         with contextlib.suppress(CraftError): texts.append(load_text(f))
     return separator.join(texts)
 
-# %% ../nbs/03b_corpus.ipynb #d3e0274f
+# %% ../nbs/03b_corpus.ipynb #ec6f36e5
 TOKENS_FORMAT, TOKENS_VERSION = 'craft.tokens', 2
 
 def cache_paths(key:str) -> tuple[Path, Path, Path]:
@@ -371,7 +379,7 @@ def _ids_in_range(tokens:np.ndarray, vocab_size:int) -> bool:
     if len(tokens) <= 1 << 26: return int(tokens.max()) < vocab_size
     return max(int(tokens[:1 << 20].max()), int(tokens[-(1 << 20):].max())) < vocab_size
 
-# %% ../nbs/03b_corpus.ipynb #46a63031
+# %% ../nbs/03b_corpus.ipynb #904df534
 def read_cache(tokens_path:Path, meta_path:Path) -> tuple[np.ndarray, CharTokenizer, dict]|None:
     "The cached ids (a read-only memmap), tokenizer and record, if the entry passes every check; else None."
     try:
@@ -384,7 +392,7 @@ def read_cache(tokens_path:Path, meta_path:Path) -> tuple[np.ndarray, CharTokeni
         return (tokens, tok, meta) if _ids_in_range(tokens, tok.vocab_size) else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError): return None
 
-# %% ../nbs/03b_corpus.ipynb #e9eb130a
+# %% ../nbs/03b_corpus.ipynb #6b69a716
 def _vocabulary(scan:CorpusScan, tokenizer:CharTokenizer|None) -> CharTokenizer:
     "The corpus's tokenizer: `tokenizer`, if every character of the corpus is in it, else built from the scan."
     if not scan.kept():
@@ -402,7 +410,7 @@ def _bar(total:int, what:str, progress:bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, unit='B', unit_scale=True, desc=f"craft: {what}", disable=not progress, leave=False, file=sys.stderr)
 
-# %% ../nbs/03b_corpus.ipynb #f16e69cc
+# %% ../nbs/03b_corpus.ipynb #cae9aad5
 def _remove_stale(tokens_path:Path, older_than:float=60.0):
     "Remove temporary ids files of this entry that no writer has touched for `older_than` seconds (a killed preparation's)."
     import time
@@ -425,7 +433,7 @@ def _cache_tokens(scan:CorpusScan, tok:CharTokenizer, paths:tuple, sizes:list[in
     atomic_write_text(meta_path, json.dumps(meta))
     return np.memmap(tokens_path, dtype=token_dtype(tok.vocab_size), mode='r', shape=(n,)), meta
 
-# %% ../nbs/03b_corpus.ipynb #ef915ab1
+# %% ../nbs/03b_corpus.ipynb #cd9db941
 def prepare_tokens(files:list[Path], stats:list, tokenizer:CharTokenizer|None, paths:tuple, progress:bool=False):
     "Scan and encode the corpus into the cache entry `paths`; returns (ids, tokenizer, record)."
     sizes = [st.st_size for st in stats]
@@ -439,7 +447,7 @@ def prepare_tokens(files:list[Path], stats:list, tokenizer:CharTokenizer|None, p
         return encode_in_memory(scan, tok), tok, {'skipped': scan.skipped_line()}
     return tokens, tok, meta
 
-# %% ../nbs/03b_corpus.ipynb #5dccc71b
+# %% ../nbs/03b_corpus.ipynb #5777b283
 def load_tokens(data='', tokenizer:CharTokenizer|None=None, progress:bool=False) -> tuple[np.ndarray, CharTokenizer]:
     "The corpus's ids (a read-only memmap of the cache) and its tokenizer (built from the corpus unless given)."
     files, stats = stat_files(data)
@@ -450,7 +458,7 @@ def load_tokens(data='', tokenizer:CharTokenizer|None=None, progress:bool=False)
     if meta.get('skipped'): print(f"craft: {meta['skipped']}", file=sys.stderr)
     return tokens, tok
 
-# %% ../nbs/03b_corpus.ipynb #278d5f6f
+# %% ../nbs/03b_corpus.ipynb #71a25c2b
 def link_corpus(source, n_bytes:int, dest:Path) -> tuple[int, int]:
     "Hard-link the ASCII files of `source` (sorted; again and again if needed) into `dest` until `n_bytes`; (files, bytes)."
     files, stats = stat_files(source)
@@ -467,7 +475,7 @@ def link_corpus(source, n_bytes:int, dest:Path) -> tuple[int, int]:
         copy += 1
     return n, total
 
-# %% ../nbs/03b_corpus.ipynb #df168b64
+# %% ../nbs/03b_corpus.ipynb #ecbbe445
 def _tree_rss(proc) -> int:
     "Resident bytes of a psutil process and all its descendants (0 for any that ended meanwhile)."
     import psutil
@@ -494,7 +502,7 @@ def run_measured(cmd:list, env:dict, timeout:float=3600) -> dict:
     return {'wall_s': round(time.perf_counter() - start, 2), 'returncode': p.returncode,
             'peak_rss_mb': round(peak / 1e6, 1), 'stdout': ''.join(out)[-2000:], 'stderr_tail': ''.join(err)[-300:]}
 
-# %% ../nbs/03b_corpus.ipynb #895370af
+# %% ../nbs/03b_corpus.ipynb #e5b11f62
 def _train_figures(run_dir:Path) -> dict:
     "From a finished run's files: start-up to the first step, median training tokens/s, steps, the final loss."
     status = json.loads((run_dir / 'status.json').read_text())
@@ -509,7 +517,7 @@ def _train_command(data, out:Path, seconds:float) -> list:
     return [sys.executable, '-m', 'craft.cli', 'train', '--preset', 'cpu', '--device', 'cpu', '--data', str(data),
             '--max-time', str(seconds), '--out', str(out), '--sample-chars', '0', '--no-progress']
 
-# %% ../nbs/03b_corpus.ipynb #0a6d481f
+# %% ../nbs/03b_corpus.ipynb #74849a1b
 GATHER = """import json, sys, time, numpy as np
 from craft.corpus import load_tokens
 ids, tok = load_tokens(sys.argv[1])
@@ -539,7 +547,7 @@ def measure_corpus(data, cache:Path, runs:Path, train_s:float, cold:bool=True) -
         out[name] = {**run, **(_train_figures(runs / name) if run['returncode'] == 0 else {})}
     return out
 
-# %% ../nbs/03b_corpus.ipynb #a3d2bde8
+# %% ../nbs/03b_corpus.ipynb #aa4d9095
 CORPUS_SIZES = {'1 MB': 10**6, '10 MB': 10**7, '100 MB': 10**8, '1 GB': 10**9}
 
 def bench_source(source=None) -> str:

@@ -299,7 +299,7 @@ def full_loss(model:nn.Module, tokens:np.ndarray, block_size:int, batch_size:int
     for i in range(0, len(starts), batch_size):
         index = starts[i:i + batch_size, None] + offsets                         # (B, T+1)
         chunk = torch.from_numpy(np.asarray(tokens[index]).astype(np.int64))     # (B, T+1)
-        x, y = chunk[:, :-1].to(device), chunk[:, 1:].to(device)                  # (B, T) each
+        x, y = chunk[:, :-1].contiguous().to(device), chunk[:, 1:].contiguous().to(device)   # (B, T) each
         with autocast(): total += model(x, y)[1].float().item() * len(x)
     model.train(was_training)
     return total / len(starts)
