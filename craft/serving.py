@@ -30,6 +30,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, StringConstraints, WithJsonSchema,
                       field_validator, model_validator)
 from pydantic.json_schema import models_json_schema
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 from .errors import CraftError
 from .tokenizer import CharTokenizer
@@ -475,12 +476,12 @@ def _seed(v) -> int:
     "A seed: a whole number up to `MAX_SAFE_SEED`, or up to 2**63 - 1 as a string of digits."
     if isinstance(v, str):
         if not (v.isascii() and v.isdigit() and len(v) <= 19 and int(v) < 2**63):
-            raise ValueError('a seed given as a string must be the digits of a whole number below 2**63, e.g. "5860268007214108586"')
+            raise PydanticCustomError('seed', 'a seed given as a string must be the digits of a whole number below 2**63, e.g. "5860268007214108586"')
         return int(v)
     v = _integral(v)
-    if not isinstance(v, int) or isinstance(v, bool): raise ValueError("must be a whole number, or a string of digits")
+    if not isinstance(v, int) or isinstance(v, bool): raise PydanticCustomError('seed', "must be a whole number, or a string of digits")
     if not 0 <= v <= MAX_SAFE_SEED:
-        raise ValueError(f"must be from 0 to 2**53 - 1 = {MAX_SAFE_SEED} as a JSON number (larger ones lose digits in JavaScript); "
+        raise PydanticCustomError('seed', f"must be from 0 to 2**53 - 1 = {MAX_SAFE_SEED} as a JSON number (larger ones lose digits in JavaScript); "
                          "send a larger seed as a string of digits, below 2**63")
     return v
 
@@ -683,7 +684,7 @@ class BodyLimit:
 # %% ../nbs/07_serving.ipynb #f9bc3488
 SHUTTING_DOWN = "the server is shutting down; send the request again when it is back"
 
-MAX_UNREAD = 256   # news a stream may leave unread (its client's socket full); past that, the stream is dropped
+MAX_UNREAD = 64    # steps of news a stream may leave unread (its client's socket full); past that, the stream is dropped
 
 def _deliver(news:list, metrics=None):
     "On the event loop: put each job's news into its queue; drop a stream whose client left `MAX_UNREAD` of them unread."
@@ -1182,6 +1183,7 @@ def _listen(host:str, port:int) -> socket.socket:
         family = socket.AF_INET6 if ':' in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)   # IPPROTO_TCP: asyncio then sets TCP_NODELAY on connections
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)   # each connection's, fixed: a client that stops reading fills it soon
         sock.bind((host, port))
         sock.listen(2048)
         return sock
