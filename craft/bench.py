@@ -1102,7 +1102,7 @@ def served(checkpoint, device:str='auto', max_slots:int=64, timeout:float=120.0,
         try: server.wait(10)
         except subprocess.TimeoutExpired: server.kill(); server.wait()
 
-# %% ../nbs/06_benchmarks.ipynb #6e75f7bd
+# %% ../nbs/06_benchmarks.ipynb #7b1ea974
 def _post(url:str, body:dict, timeout:float) -> tuple[int, dict]:
     "POST `body` to `url`/v1/generate: the status and the JSON answer."
     host, port = url.removeprefix('http://').rstrip('/').rsplit(':', 1)
@@ -1113,6 +1113,7 @@ def _post(url:str, body:dict, timeout:float) -> tuple[int, dict]:
         return response.status, json.loads(response.read() or b'null')
     finally: connection.close()
 
+# %% ../nbs/06_benchmarks.ipynb #6e75f7bd
 def _generate_request(url:str, body:dict, timeout:float) -> dict:
     "POST `body` to `url`/v1/generate; the answer, or a `CraftError` for any status but 200."
     status, answer = _post(url, body, timeout)

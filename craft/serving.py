@@ -700,6 +700,7 @@ def _event(name:str, data:dict) -> str:
     "One Server-Sent Event."
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
+# %% ../nbs/07_serving.ipynb #dd5b3035
 def _failure(engine:Engine, job:Job) -> str|None:
     "Why `job` failed, if it did: an error in the engine, the server shutting down, or its time limit."
     if job.finish_reason == 'error': return f"generation failed: {job.error}"
@@ -918,20 +919,24 @@ class _Tagged:
     def put_nowait(self, item): self.queue.put_nowait((self.i, *item))
     def qsize(self) -> int: return self.queue.qsize()
 
+def _data(payload) -> str: return f"data: {json.dumps(payload)}\n\n"     # one Server-Sent Event of OpenAI's streams
+
+def _cancel_unfinished(engine:Engine, jobs:list[Job]):
+    for job in jobs:
+        if not job.done.is_set(): engine.cancel(job)
+
 # %% ../nbs/07_serving.ipynb #185da493
 async def _completion_events(engine:Engine, jobs:list[Job], queue:asyncio.Queue, prompts:list[str], body, head:dict):
     "OpenAI's stream of `jobs`: text chunks per choice, a last chunk per choice with its finish_reason, the usage if asked, then [DONE]."
     n, sent, left, usage = body.n, Counter(), len(jobs), body.stream_options is not None and body.stream_options.include_usage
-    data = lambda payload: f"data: {json.dumps(payload)}\n\n"
-    chunk = lambda choices, **more: data(head | {'choices': choices} | ({'usage': None} if usage else {}) | more)
+    chunk = lambda choices, **more: _data(head | {'choices': choices} | ({'usage': None} if usage else {}) | more)
     choice = lambda i, j, text='', logprobs=None, reason=None: dict(index=i * n + j, text=text, logprobs=logprobs, finish_reason=reason)
     try:
         if body.echo: yield chunk([choice(i, j, p, None if body.logprobs is None else _logprobs(jobs[i], j, 0, '', 0, body.logprobs, p))
                                    for i, p in enumerate(prompts) for j in range(n)])
         while left:
             i, chunks, finished = await queue.get()
-            job, skip = jobs[i], len(prompts[i]) if body.echo else 0
-            texts = []
+            job, skip, texts = jobs[i], len(prompts[i]) if body.echo else 0, []
             for j, text in chunks:
                 lp = None if body.logprobs is None else _logprobs(job, j, sent[i, j], text, skip + sent[i, j], body.logprobs)
                 sent[i, j] += len(text)
@@ -939,13 +944,11 @@ async def _completion_events(engine:Engine, jobs:list[Job], queue:asyncio.Queue,
             if texts: yield chunk(texts)
             if not finished: continue
             left -= 1
-            if failure := _failure(engine, job): yield data(json.loads(_error(_failure_status(failure), failure, openai=True).body)); return
+            if failure := _failure(engine, job): yield _data(json.loads(_error(_failure_status(failure), failure, openai=True).body)); return
             yield chunk([choice(i, j, reason=_finish_reason(job, j)) for j in range(n)])
         if usage: yield chunk([], usage=_usage(jobs))
         yield 'data: [DONE]\n\n'
-    finally:
-        for job in jobs:
-            if not job.done.is_set(): engine.cancel(job)
+    finally: _cancel_unfinished(engine, jobs)
 
 # %% ../nbs/07_serving.ipynb #d904c5bc
 def _submit_all(request:Request, prompts:list[str], body, seed:int, queue:asyncio.Queue) -> list[Job]:
@@ -970,8 +973,7 @@ async def _wait_for(request:Request, jobs:list[Job], queue:asyncio.Queue):
         while left: left -= (await queue.get())[2]
     finally:
         watcher.cancel()
-        for job in jobs:
-            if not job.done.is_set(): engine.cancel(job)
+        _cancel_unfinished(engine, jobs)
 
 # %% ../nbs/07_serving.ipynb #91737969
 def _model_card(app:FastAPI) -> dict:
