@@ -158,6 +158,15 @@ def test_playground_fixes(browser, server, served_run, artifacts):
     assert page.locator('#hint').is_visible()                                           # the legend stays
     p.screenshot(artifacts / 'playground-1280x800.png')
 
+    page.locator('#max_new_tokens').evaluate("e => { e.value = 2000; e.dispatchEvent(new Event('input')) }")
+    page.click('#generate')                                                              # scrolled up to read, the box stays there
+    page.wait_for_function("document.querySelectorAll('#output .generated span').length > 600", timeout=60_000)
+    page.locator('#output').evaluate('o => { o.scrollTop = 0 }')
+    page.wait_for_function("document.querySelectorAll('#output .generated span').length > 900", timeout=60_000)
+    assert page.locator('#output').evaluate('o => o.scrollTop') == 0
+    if page.locator('#stop').is_enabled(): page.click('#stop')
+    expect(page.locator('#generate')).to_be_enabled(timeout=60_000)
+
     page.fill('#prompt', 'QUEEN')                                                        # edit the prompt after generating
     page.locator('#output .generated span').nth(3).click()
     expect(page.locator('#context')).to_have_text('…KING' + ''.join({' ': '␣', '\n': '⏎'}.get(c, c) for c in generated(page)[:4]))
@@ -222,6 +231,27 @@ def test_seeds_round_trip_in_javascript(browser, server, served_run):
     assert result['big']['seed'] == '5860268007214108586' and result['bigAgain']['texts'] == result['big']['texts']
     assert result['big']['texts'] == generate(*model, 'KING', max_new_tokens=30, seed=5860268007214108586, temperature=0.8)
     assert result['openai']['choices'][0]['text'] == result['openaiAgain']['choices'][0]['text']
+
+
+
+def test_playground_with_an_api_key(browser, served_run):
+    "On a server with --api-key, the page asks for the key, says so when it is wrong, and with the right one generates."
+    s = Server([sys.executable, '-m', 'craft.cli', 'serve', str(served_run), '--port', '0', '--device', 'cpu', '--dtype', 'float32',
+                '--log-level', 'warning', '--api-key', 'page-key'])
+    try:
+        p = Page(browser, s, '/')
+        page = p.page
+        expect(page.locator('#model')).to_have_text('this server needs an API key')
+        page.fill('#key', 'wrong')
+        page.click('#key-save')
+        expect(page.locator('#status.error')).to_contain_text('not this server')
+        page.fill('#key', 'page-key')
+        page.click('#key-save')
+        expect(page.locator('#model')).to_contain_text('parameters')
+        generate_and_wait(page)
+        assert len(generated(page)) == 300
+    finally: s.stop()
+    assert 'Traceback' not in s.log, s.log
 
 
 @pytest.fixture(scope='module')

@@ -110,7 +110,7 @@ function atBottom(box) { return box.scrollHeight - box.scrollTop - box.clientHei
 
 function onEvent(name, data) {
   if (name === 'chunk') {
-    const sample = samples[data.sample], output = $('output'), stuck = atBottom(output);
+    const sample = samples[data.sample], output = $('output');
     const spans = [...data.text].map((ch, i) => {
       const span = document.createElement('span');
       span.textContent = ch;
@@ -119,8 +119,10 @@ function onEvent(name, data) {
       return span;
     });
     sample.box.querySelector('.generated').append(...spans);
-    if (follow) select(data.sample, sample.steps.length - 1);
-    if (follow || stuck) output.scrollTop = output.scrollHeight;    // the box follows the text, unless the reader scrolled up
+    if (follow) {                                                  // the bars and the box follow the text, till the reader looks elsewhere
+      select(data.sample, sample.steps.length - 1);
+      output.scrollTop = output.scrollHeight;
+    }
   } else if (name === 'done') {
     const t = data.timing;
     status(`${data.generated_tokens} characters in ${t.total_s.toFixed(2)} s, ${Math.round(t.tokens_per_s)} characters/s; seed ${data.seed}`);
@@ -223,6 +225,7 @@ $('output').addEventListener('click', (e) => {
   follow = false;
   select(Number(e.target.parentElement.dataset.s), Number(e.target.dataset.i));
 });
+$('output').addEventListener('scroll', () => { if (controller && !atBottom($('output'))) follow = false; });   // scrolled up to read
 $('previous').addEventListener('click', () => { follow = false; if (selected) select(selected.s, selected.i - 1); });
 $('next').addEventListener('click', () => { follow = false; if (selected) select(selected.s, selected.i + 1); });
 $('generate').addEventListener('click', () => generate());
