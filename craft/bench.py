@@ -1380,7 +1380,7 @@ def bench_suite(
     suite:str='gpu',
     out:str='bench',               # folder for the results: one file per part, <suite>-<part>.json, written as it ends
     device:str='auto',             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    # parts to run: training, sampling, serving, recipes (gpu); nanogpt, sampling, deploy, finetune, data (cpu); None = all
+    # parts to run: training, sampling, serving, recipes (gpu); nanogpt, sampling, deploy, finetune, data, server (cpu); None = all
     part:list[str]|None=None,
     quick:bool=False,              # the same code path at toy sizes (tiny preset): a CPU runs the gpu suite in minutes
     minutes:float=8.0,             # the gpu suite's wall-clock budget: its training runs get what the other parts leave
