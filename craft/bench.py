@@ -1191,7 +1191,7 @@ CPU_SUITE_QUICK = {**CPU_SUITE, 'nanogpt': {**NANOGPT_CPU, **_SHORT}, 'finish_s'
                    'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50,
                    'cli_repeats': 1, 'deploy': dict(preset='tiny', tokens=30, repeats=1, train_seconds=5.0),
                    'finetune': dict(preset='tiny', seconds=3.0, parent_seconds=5.0),
-                   'data': dict(sizes={'0.5 MB': 5 * 10**5}, simulated=2 * 10**6, train_s=2.0),
+                   'data': dict(sizes={'0.5 MB': 5 * 10**5}, simulated=2 * 10**6, train_s=2.0, timed_s=2.0),
                    'server': dict(preset='tiny', clients=[1, 4, 16], tokens=10, max_slots=4, max_queue=4)}
 
 # %% ../nbs/06_benchmarks.ipynb #f1540a6c

@@ -563,8 +563,9 @@ def bench_source(source=None) -> str:
     import sysconfig
     return os.path.abspath(source or os.environ.get('CRAFT_BENCH_CORPUS') or sysconfig.get_paths()['stdlib'])
 
-def corpus_results(source=None, sizes:dict=CORPUS_SIZES, simulated:int=10**10, train_s:float=30.0, workdir=None) -> dict:
-    "Preparation MB/s, peak memory, cold and warm start-up and training tokens/s from 1 MB to `simulated` bytes of `source`."
+def corpus_results(source=None, sizes:dict=CORPUS_SIZES, simulated:int=10**10, train_s:float=30.0, timed_s:float=60.0,
+                   workdir=None) -> dict:
+    "Preparation MB/s, peak memory, start-up and tokens/s from 1 MB to `simulated` bytes; a `timed_s` run on the largest size."
     source = bench_source(source)
     with tempfile.TemporaryDirectory(dir=workdir, prefix='craft-corpora-') as tmp:
         tmp, rows = Path(tmp), {}
@@ -574,4 +575,7 @@ def corpus_results(source=None, sizes:dict=CORPUS_SIZES, simulated:int=10**10, t
         for i, (label, n_bytes, cold) in enumerate(plan):
             data = tmp / f"corpus{i}"; link_corpus(source, n_bytes, data)
             rows[label] = {'files': len(stat_files(data)[0]), **measure_corpus(data, cache, tmp / f"runs{i}", train_s, cold)}
+            if label == list(sizes)[-1]:                     # --max-time timed_s, warm: when does the process end?
+                env = {**os.environ, 'CRAFT_CACHE_DIR': str(cache)}
+                rows[label]['timed'] = {'max_time': timed_s, **run_measured(_train_command(data, tmp / 'timed', timed_s), env)}
     return {'source': source, 'train_s': train_s, 'rows': rows}

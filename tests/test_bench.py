@@ -278,7 +278,7 @@ def test_cpu_suite_quick(tmp_path):
         assert row['prepare']['returncode'] == 0 and row['warm']['returncode'] == 0 and row['warm']['tokens_per_s'] > 0
         assert 0 < row['warm']['to_step_1_s'] < row['warm']['wall_s'] and row['warm']['peak_rss_mb'] > 0
         assert row['vocab_size'] <= 128 and row['token_bytes'] == 1 and row['batch_us'] > 0      # ASCII files only
-    assert 'cold' in small and 'cold' not in simulated
+    assert 'cold' in small and 'cold' not in simulated and small['timed']['returncode'] == 0 and small['timed']['max_time'] == 2
     tuned = load_results(out / 'cpu-finetune.json')                   # fine-tuning on Austen (09_finetune)
     assert tuned['status'] == 'done', tuned.get('error')
     assert [r['name'] for r in tuned['runs']] == ['from scratch', 'full fine-tune', 'LoRA, rank 4', 'LoRA, rank 16']
