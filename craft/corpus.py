@@ -475,7 +475,7 @@ def link_corpus(source, n_bytes:int, dest:Path) -> tuple[int, int]:
         copy += 1
     return n, total
 
-# %% ../nbs/03b_corpus.ipynb #ecbbe445
+# %% ../nbs/03b_corpus.ipynb #bd1bdd69
 def _tree_rss(proc) -> int:
     "Resident bytes of a psutil process and all its descendants (0 for any that ended meanwhile)."
     import psutil
@@ -484,6 +484,7 @@ def _tree_rss(proc) -> int:
         with contextlib.suppress(psutil.Error): total += p.memory_info().rss
     return total
 
+# %% ../nbs/03b_corpus.ipynb #a844d314
 def run_measured(cmd:list, env:dict, timeout:float=3600) -> dict:
     "Run `cmd`; its wall time, exit status, the peak resident memory of its process tree (MB) and its stderr's tail."
     import psutil, subprocess, threading, time
@@ -502,7 +503,7 @@ def run_measured(cmd:list, env:dict, timeout:float=3600) -> dict:
     return {'wall_s': round(time.perf_counter() - start, 2), 'returncode': p.returncode,
             'peak_rss_mb': round(peak / 1e6, 1), 'stdout': ''.join(out)[-2000:], 'stderr_tail': ''.join(err)[-300:]}
 
-# %% ../nbs/03b_corpus.ipynb #e5b11f62
+# %% ../nbs/03b_corpus.ipynb #eaf8b0f3
 def _train_figures(run_dir:Path) -> dict:
     "From a finished run's files: start-up to the first step, median training tokens/s, steps, the final loss."
     status = json.loads((run_dir / 'status.json').read_text())
@@ -517,7 +518,7 @@ def _train_command(data, out:Path, seconds:float) -> list:
     return [sys.executable, '-m', 'craft.cli', 'train', '--preset', 'cpu', '--device', 'cpu', '--data', str(data),
             '--max-time', str(seconds), '--out', str(out), '--sample-chars', '0', '--no-progress']
 
-# %% ../nbs/03b_corpus.ipynb #227aae9f
+# %% ../nbs/03b_corpus.ipynb #af89339f
 PREPARE = """import sys, craft.corpus
 workers = craft.corpus._workers
 craft.corpus._workers = lambda n: min(WORKERS, workers(n))
@@ -534,6 +535,7 @@ print(json.dumps({'vocab_size': tok.vocab_size, 'token_bytes': ids.dtype.itemsiz
                   'batch_us': round((time.perf_counter() - t0) / len(starts) * 1e6, 1)}))"""
 # the data path of a training step on a CPU: 64 random windows of 257 ids gathered from the memmap, in microseconds
 
+# %% ../nbs/03b_corpus.ipynb #6ed15cfa
 def _forget_corpora(cache:Path):
     "Empty the token cache and the remembered fingerprints of `cache` (the machine profiles stay: they are not the corpus's)."
     for sub in ('tokens', 'corpora'): shutil.rmtree(cache / sub, ignore_errors=True)
@@ -555,7 +557,7 @@ def measure_corpus(data, cache:Path, runs:Path, train_s:float, cold:bool=True) -
         out[name] = {**run, **(_train_figures(runs / name) if run['returncode'] == 0 else {})}
     return out
 
-# %% ../nbs/03b_corpus.ipynb #aa4d9095
+# %% ../nbs/03b_corpus.ipynb #8174eb8c
 CORPUS_SIZES = {'1 MB': 10**6, '10 MB': 10**7, '100 MB': 10**8, '1 GB': 10**9}
 
 def bench_source(source=None) -> str:
