@@ -551,6 +551,7 @@ def measure_corpus(data, cache:Path, runs:Path, train_s:float, cold:bool=True) -
     out = {'bytes': size, 'prepare': {**prep, 'mb_per_s': round(size / 1e6 / prep['wall_s'], 1)},
            'prepare_one_worker': {**one, 'mb_per_s': round(size / 1e6 / one['wall_s'], 1)},
            **json.loads(run_measured([sys.executable, '-c', GATHER, str(data)], env)['stdout'] or '{}')}
+    run_measured(_train_command(data, runs / 'profile', 2), env)   # this model's machine profile (its vocabulary's), once
     for name in ('cold', 'warm') if cold else ('warm',):
         if name == 'cold': _forget_corpora(cache)
         run = run_measured(_train_command(data, runs / name, train_s), env)
@@ -571,8 +572,7 @@ def corpus_results(source=None, sizes:dict=CORPUS_SIZES, simulated:int=10**10, t
     source = bench_source(source)
     with tempfile.TemporaryDirectory(dir=workdir, prefix='craft-corpora-') as tmp:
         tmp, rows = Path(tmp), {}
-        cache = tmp / 'cache'                               # its machine profiles are measured once, by the warm-up
-        run_measured(_train_command(shakespeare_path(), tmp / 'warm-up', 2), {**os.environ, 'CRAFT_CACHE_DIR': str(cache)})
+        cache = tmp / 'cache'                               # machine profiles stay in it, corpora go
         plan = [*((k, v, True) for k, v in sizes.items()), (f"{simulated / 1e9:g} GB (simulated)", simulated, False)]
         for i, (label, n_bytes, cold) in enumerate(plan):
             data = tmp / f"corpus{i}"; link_corpus(source, n_bytes, data)
