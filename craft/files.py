@@ -79,15 +79,15 @@ def read_small_file(path, what:str='', limit:int=SMALL_FILE_LIMIT) -> bytes:
     return data
 
 # %% ../nbs/00_files.ipynb #554eb51d
-def parse_json(text:str|bytes, where) -> object:
+def parse_json(text:str|bytes, where, kind:str='JSON') -> object:
     "The JSON value of `text`; any damage (bad syntax or encoding, nesting too deep, a number too long) is a `CraftError` naming `where`."
     try: return json.loads(text)
-    except RecursionError: raise CraftError(f"{where}: damaged JSON (nested too deeply)") from None
-    except ValueError as e: raise CraftError(f"{where}: damaged JSON ({str(e).splitlines()[0][:200]})") from None
+    except RecursionError: raise CraftError(f"{where}: damaged {kind} (nested too deeply)") from None
+    except ValueError as e: raise CraftError(f"{where}: damaged {kind} ({str(e).splitlines()[0][:200]})") from None
 
-def read_json_file(path, what:str='', limit:int=SMALL_FILE_LIMIT) -> object:
-    "The JSON value of the small regular file `path`; a damaged file is a `CraftError` naming it."
-    return parse_json(read_small_file(path, what, limit), path)
+def read_json_file(path, what:str='', limit:int=SMALL_FILE_LIMIT, kind:str='JSON') -> object:
+    "The JSON value of the small regular file `path`; a damaged file is a `CraftError` naming it and its `kind`."
+    return parse_json(read_small_file(path, what, limit), path, kind)
 
 # %% ../nbs/00_files.ipynb #4bc94114
 def _temp_beside(path:Path) -> Path:
@@ -212,8 +212,8 @@ def _command() -> str:
 
 def lock_owner(run_dir) -> dict:
     "Who holds or last held the lock of `run_dir`: pid, host, command and since when ({} if unknown)."
-    try: owner = json.loads((Path(run_dir) / OWNER_FILE).read_text(encoding='utf-8'))
-    except (OSError, ValueError): return {}
+    try: owner = read_json_file(Path(run_dir) / OWNER_FILE)   # a regular file, of sound JSON
+    except (OSError, CraftError): return {}
     return owner if isinstance(owner, dict) else {}
 
 def _busy_message(run_dir) -> str:
