@@ -41,7 +41,7 @@ def check_output_file(path, flag:str='--out', example:str='out.json') -> Path:
     except FileNotFoundError: mode = None
     except OSError as e: raise CraftError(f"{flag} {describe_os_error(e)}") from None
     if mode is not None and stat.S_ISDIR(mode):
-        raise CraftError(f"{flag} {path} is a folder; give a file name, e.g. {path / example}")
+        raise CraftError(f"{flag} {path} is a directory; give a file name, e.g. {path / example}")
     if mode is not None and not stat.S_ISREG(mode):
         raise CraftError(f"{flag} {path} is {file_kind(mode)}, not a file: craft writes only regular files; give a file path")
     if top := system_folder(path):
