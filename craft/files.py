@@ -39,7 +39,7 @@ def check_output_file(path, flag:str='--out', example:str='out.json') -> Path:
     path = Path(path)
     try: mode = os.stat(path).st_mode
     except FileNotFoundError: mode = None
-    except OSError as e: raise CraftError(f"{flag} {describe_os_error(e)}") from None
+    except OSError as e: raise CraftError(f"cannot write {flag} {describe_os_error(e)}") from None
     if mode is not None and stat.S_ISDIR(mode):
         raise CraftError(f"{flag} {path} is a directory; give a file name, e.g. {path / example}")
     if mode is not None and not stat.S_ISREG(mode):
@@ -54,7 +54,7 @@ def check_output_folder(path, flag:str='--out') -> Path:
     path = Path(path)
     try: mode = os.stat(path).st_mode
     except FileNotFoundError: mode = None
-    except OSError as e: raise CraftError(f"{flag} {describe_os_error(e)}") from None
+    except OSError as e: raise CraftError(f"cannot write {flag} {describe_os_error(e)}") from None
     if mode is not None and not stat.S_ISDIR(mode):
         raise CraftError(f"{flag} {path} is {file_kind(mode)}, not a folder; give a folder")
     if top := system_folder(path / 'x'):
