@@ -390,7 +390,7 @@ def read_run_config(run_dir) -> RunConfig:
 def _metrics_row(line:str, path:Path) -> dict|None:
     try: row = parse_json(line, path)
     except CraftError: return None
-    return row if isinstance(row, dict) else None
+    return row if isinstance(row, dict) and type(row.get('step', 0)) is int else None   # a step that is not a number: damaged
 
 def metrics_and_damage(run_dir) -> tuple[list[dict], int, bool]:
     "The readable rows of a run's `metrics.jsonl`, how many non-blank lines are damaged, and whether the last was cut short."
