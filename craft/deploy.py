@@ -144,9 +144,10 @@ class OnnxModel:
         if 'craft.config' not in metadata: raise ValueError(f"{path} has no craft metadata; export with `craft export`")
         try:                                                               # metadata from outside: check what is used
             self.config, vocabulary = json.loads(metadata['craft.config']), json.loads(metadata['craft.tokenizer'])
-            self.chars, self.unk = list(vocabulary['chars']), bool(vocabulary['unk'])   # id i is chars[i]; unk: one more
-            if not all(isinstance(self.config[k], int) and self.config[k] > 0 for k in ('block_size', 'n_head', 'n_embd')):
-                raise ValueError('block_size, n_head and n_embd must be positive integers')
+            self.chars, self.unk = vocabulary['chars'], bool(vocabulary['unk'])   # id i is chars[i]; unk: one more
+            sizes = [self.config[k] for k in ('block_size', 'n_head', 'n_embd')]
+            if not (isinstance(self.chars, str) and all(isinstance(n, int) and n > 0 for n in sizes)):
+                raise ValueError('chars must be a string, and block_size, n_head and n_embd positive integers')
         except (KeyError, TypeError, ValueError, RecursionError) as e:
             raise ValueError(f"{path}: damaged craft metadata ({type(e).__name__}: {e}); export it again with `craft export`") from None
         self.past_names = [i.name for i in self.session.get_inputs()[1:]]  # past_key_0, past_value_0, ...
