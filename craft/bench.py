@@ -589,7 +589,9 @@ def load_results(path) -> dict:
     try: results = read_json_file(path, limit=2**28)                      # a regular file, of sound JSON
     except FileNotFoundError:
         raise CraftError(f"{path}: no such file; write one with `craft bench --out {path}`") from None
-    except OSError as e: raise CraftError(f"{path}: not a readable JSON file ({describe_os_error(e)})") from None
+    except (OSError, CraftError) as e:                                     # unreadable, damaged, or not a regular file
+        why = describe_os_error(e) if isinstance(e, OSError) else str(e).removeprefix(f"{path}: ")
+        raise CraftError(f"{path}: not a readable JSON file ({why})") from None
     if not isinstance(results, dict) or results.get('format') != BENCH_FORMAT:
         raise CraftError(f"{path} is not a craft bench results file (no format '{BENCH_FORMAT}')")
     if results.get('version') != BENCH_VERSION:
