@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from .errors import CraftError
 from .tokenizer import CharTokenizer
-from .files import atomic_write_text
+from .files import atomic_write_text, check_output_file, check_output_folder, describe_os_error, read_json_file
 from .model import GPT, GPTConfig, PRESETS, DTYPE_BYTES, flops_per_token, matmul_params, memory_budget
 from .model import pick_device, save_checkpoint
 from .training import TRAIN_PRESETS, Trainer, resolve_config, load_tokens, estimate_loss
@@ -586,10 +586,12 @@ def write_results(results:dict, path) -> Path:
 def load_results(path) -> dict:
     "Read a results file written by `craft bench`, checking its format and version."
     path = Path(path)
-    try: results = json.loads(path.read_text(encoding='utf-8'))
+    try: results = read_json_file(path, limit=2**28)                      # a regular file, of sound JSON
     except FileNotFoundError:
         raise CraftError(f"{path}: no such file; write one with `craft bench --out {path}`") from None
-    except (OSError, json.JSONDecodeError) as e: raise CraftError(f"{path}: not a readable JSON file ({e})") from None
+    except (OSError, CraftError) as e:                                     # unreadable, damaged, or not a regular file
+        why = describe_os_error(e) if isinstance(e, OSError) else str(e).removeprefix(f"{path}: ")
+        raise CraftError(f"{path}: not a readable JSON file ({why})") from None
     if not isinstance(results, dict) or results.get('format') != BENCH_FORMAT:
         raise CraftError(f"{path} is not a craft bench results file (no format '{BENCH_FORMAT}')")
     if results.get('version') != BENCH_VERSION:
@@ -601,10 +603,9 @@ def _check(ok:bool, message:str):
     "Raise a `CraftError` saying `message` unless `ok`."
     if not ok: raise CraftError(message)
 
-def _check_out(out:str) -> Path:
-    "The output path, its folder created; a `CraftError` if it cannot be written."
-    path = Path(out)
-    _check(not path.is_dir(), f"--out {out} is a directory; give a file name, e.g. {path / 'bench.json'}")
+def _check_out(out:str, example:str='bench.json') -> Path:
+    "The output path, its folder created; a `CraftError` if it cannot be written, or is a device, a pipe, a folder (`example`: a name to suggest)."
+    path = check_output_file(out, '--out', example)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}."): pass
@@ -647,7 +648,7 @@ def _bench_settings(on_gpu:bool, preset, repeats, batch_size, new_tokens, loss_p
            f"invalid --batch-size {batch_sizes}: each must be a positive integer")
     _check(isinstance(repeats, int) and repeats >= 1, f"invalid --repeats {repeats}: must be at least 1")
     _check(new_tokens >= 0, f"invalid --new-tokens {new_tokens}: must be >= 0 (0 = the default)")
-    _check(peak_tflops is None or peak_tflops > 0, f"invalid --peak-tflops {peak_tflops}: must be > 0")
+    _check(peak_tflops is None or (math.isfinite(peak_tflops) and peak_tflops > 0), f"invalid --peak-tflops {peak_tflops}: must be a number > 0")
     _check(max_time > 0, f"invalid --max-time {max_time}: must be > 0 seconds")
     _check(target_loss is None or target_loss > 0, f"invalid --target-loss {target_loss}: must be > 0")
     _check(threads >= 0, f"invalid --threads {threads}: must be >= 0 (0 = torch's default)")
@@ -1326,6 +1327,7 @@ def _check_folder(out:str) -> Path:
     "The output folder, created; a `CraftError` if it is a file or cannot be written."
     path = Path(out)
     _check(not path.is_file(), f"--out {out} is a file; a suite writes one file per part into a folder: give a folder")
+    check_output_folder(path)                                              # nor a device, nor in /dev
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix='.probe.'): pass
@@ -1351,7 +1353,7 @@ def _suite_plan(suite:str, part, quick:bool, minutes:float, peak_tflops, threads
     _check(not unknown, f"unknown --part {', '.join(unknown)} for --suite {suite}; choose from: "
                         f"{', '.join(SUITES[suite])}")
     _check(math.isfinite(minutes) and minutes > 0, f"invalid --minutes {minutes}: must be a number > 0")
-    _check(peak_tflops is None or peak_tflops > 0, f"invalid --peak-tflops {peak_tflops}: must be > 0")
+    _check(peak_tflops is None or (math.isfinite(peak_tflops) and peak_tflops > 0), f"invalid --peak-tflops {peak_tflops}: must be a number > 0")
     _check(threads >= 0, f"invalid --threads {threads}: must be >= 0 (0 = torch's default)")
     plan = {**_PLANS[suite, quick], 'quick': quick, 'minutes': minutes, 'peak_tflops': peak_tflops, 'threads': threads}
     return [p for p in SUITES[suite] if p in parts], plan

@@ -1148,7 +1148,7 @@ def _model_info(app:FastAPI) -> dict:
 
 def _add_info_routes(app:FastAPI):
     "GET /health and GET /v1/model, and the stream's event models in the schema."
-    @app.get('/health', response_model=ModelInfo)
+    @app.api_route('/health', methods=['GET', 'HEAD'], response_model=ModelInfo)   # HEAD: load balancers' probes
     async def health():
         "The server is up: the model, the limits and the engine's counters."
         return _model_info(app)

@@ -6,9 +6,9 @@
 __all__ = ['DTYPES', 'OPTIMIZERS', 'LORA_TARGETS', 'TRAIN_PRESETS', 'MODEL_FIELDS', 'TRAIN_FIELDS', 'BITS_PER_NAT', 'RUN_FORMAT',
            'RUN_VERSION', 'MIN_BATCH', 'STATE_LAYOUT', 'TrainConfig', 'RunConfig', 'read_config_file', 'resolve_config',
            'Batches', 'split_tokens', 'make_optimizers', 'learning_rate', 'estimate_loss', 'scored_windows',
-           'scored_tokens', 'full_loss', 'read_run_config', 'read_metrics', 'read_status', 'plot_metrics', 'Dist',
-           'dist_from_env', 'training_profile', 'fit_batch_to_time', 'Trainer', 'read_training_state', 'process_age',
-           'tensorboard_writer', 'write_sample', 'resume_config', 'train']
+           'scored_tokens', 'full_loss', 'read_run_config', 'metrics_and_damage', 'read_metrics', 'read_status',
+           'plot_metrics', 'Dist', 'dist_from_env', 'training_profile', 'fit_batch_to_time', 'Trainer',
+           'read_training_state', 'process_age', 'tensorboard_writer', 'write_sample', 'resume_config', 'train']
 
 # %% ../nbs/04_training.ipynb #15aedaa9
 import contextlib, functools, hashlib, json, math, os, signal, stat, sys, threading, time
@@ -21,6 +21,7 @@ import torch.nn as nn
 from fastcore.basics import patch
 from .errors import CraftError
 from .files import atomic_path, atomic_write, atomic_write_text, cache_dir, describe_os_error, RunLock
+from .files import check_output_folder, parse_json, read_json_file, read_small_file
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .corpus import corpus_files, corpus_record, fingerprint, load_tokens, read_corpus
 from .model import GPT, GPTConfig, PRESETS, save_checkpoint, load_checkpoint, read_checkpoint_header, pick_device, check_field_types
@@ -147,7 +148,7 @@ def _read_settings(path:Path):
     "The parsed YAML or JSON of the config file `path`, or one clear `CraftError`."
     if not path.exists(): raise CraftError(f"config file not found: {path}")
     if path.is_dir(): raise CraftError(f"--config {path} is a folder; pass a YAML or JSON file")
-    try: text = path.read_text(encoding='utf-8')
+    try: text = read_small_file(path, '--config').decode('utf-8')   # not a device, a pipe or a huge file
     except OSError as e: raise CraftError(f"--config {describe_os_error(e)}") from None
     except UnicodeDecodeError as e: raise CraftError(f"{path}: not UTF-8 (byte {e.start}); pass YAML or JSON") from None
     try:
@@ -312,29 +313,44 @@ def read_run_config(run_dir) -> RunConfig:
     path = Path(run_dir) / 'config.json'
     if not Path(run_dir).is_dir(): raise CraftError(f"{run_dir}: no such run directory")
     if not path.is_file(): raise CraftError(f"{run_dir} is not a craft run directory (no config.json)")
-    try: d = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise CraftError(f"{path}: damaged run config ({e})") from None
+    try: d = read_json_file(path, kind='run config')   # a regular file, of sound JSON
+    except OSError as e: raise CraftError(describe_os_error(e)) from None
     if not isinstance(d, dict) or d.get('format') != RUN_FORMAT or d.get('version') != RUN_VERSION:
         raise CraftError(f"{path}: not a craft run config of version {RUN_VERSION}")
     corpus = d.get('corpus') if isinstance(d.get('corpus'), dict) else None
     try: return RunConfig(GPTConfig.from_dict(d['model']), TrainConfig(**d['train']), corpus)
     except (KeyError, TypeError, AttributeError) as e: raise CraftError(f"{path}: damaged run config ({type(e).__name__}: {e})") from None
 
+# %% ../nbs/04_training.ipynb #4ca51bd2
+def _metrics_row(line:str, path:Path) -> dict|None:
+    try: row = parse_json(line, path)
+    except CraftError: return None
+    return row if isinstance(row, dict) and type(row.get('step', 0)) is int else None   # a step that is not a number: damaged
+
+def metrics_and_damage(run_dir) -> tuple[list[dict], int, bool]:
+    "The readable rows of a run's `metrics.jsonl`, how many non-blank lines are damaged, and whether the last was cut short."
+    path = Path(run_dir) / 'metrics.jsonl'
+    if not path.is_file(): return [], 0, False
+    text = read_small_file(path, 'metrics', limit=2**31).decode('utf-8', errors='replace')   # not /dev/zero
+    rows = [(line, _metrics_row(line, path)) for line in text.splitlines()]
+    damaged = sum(1 for line, row in rows if row is None and line.strip())
+    return [row for _, row in rows if row is not None], damaged, bool(rows) and rows[-1][1] is None and not text.endswith('\n')
+
 # %% ../nbs/04_training.ipynb #51988519
 def read_metrics(run_dir) -> list[dict]:
-    "The lines of a run's `metrics.jsonl`; unreadable lines (a crash mid-write) are skipped."
-    path = Path(run_dir) / 'metrics.jsonl'
-    if not path.is_file(): return []
-    rows = []
-    for line in path.read_text(encoding='utf-8', errors='replace').splitlines():
-        try: rows.append(json.loads(line))
-        except json.JSONDecodeError: pass
+    "The rows of a run's `metrics.jsonl`; damaged lines are skipped with a warning (a last line cut by a crash, silently)."
+    try: rows, damaged, cut = metrics_and_damage(run_dir)
+    except (OSError, CraftError) as e:
+        print(f"craft: warning: {run_dir}: metrics not read ({describe_os_error(e) if isinstance(e, OSError) else e})", file=sys.stderr)
+        return []
+    if damaged - cut: print(f"craft: warning: {Path(run_dir) / 'metrics.jsonl'}: skipped {damaged - cut} damaged line(s)", file=sys.stderr)
     return rows
 
 def read_status(run_dir) -> dict:
-    "A run's `status.json` (empty if missing or unreadable)."
-    try: return json.loads((Path(run_dir) / 'status.json').read_text(encoding='utf-8'))
-    except (OSError, ValueError): return {}
+    "A run's `status.json` (empty if missing, unreadable or damaged: 100,000 nested brackets, a link to /dev/zero)."
+    try: status = read_json_file(Path(run_dir) / 'status.json')
+    except (OSError, CraftError): return {}
+    return status if isinstance(status, dict) else {}
 
 # %% ../nbs/04_training.ipynb #a43ca286
 def plot_metrics(run_dir, ax=None):
@@ -517,6 +533,7 @@ def _claim_run_dir(self:Trainer, resume) -> tuple[Path, RunLock|None]:
     out = Path(resume) if resume else self._new_run_dir()
     if not self.dist.is_main: return out, None
     if out.exists() and not out.is_dir(): raise CraftError(f"--out {out} is a file, not a folder; choose another --out")
+    check_output_folder(out, '--resume' if resume else '--out')   # not in /dev, /proc or /sys
     try: lock = RunLock(out).acquire()
     except OSError as e: raise CraftError(f"cannot write the run directory: {describe_os_error(e)}") from None
     if not resume and any((out / f).exists() for f in ('config.json', 'metrics.jsonl', 'state.pt', 'status.json')):
@@ -885,7 +902,10 @@ def _signals(self:Trainer):
     "While training: a first SIGINT or SIGTERM asks to save and stop after this step, a second stops at once."
     if threading.current_thread() is not threading.main_thread(): yield; return   # only the main thread handles signals
     def on_signal(signum, frame):
-        if not self.interrupted: self.interrupted = signum; return
+        if not self.interrupted:
+            self.interrupted = signum
+            if self.dist.is_main: os.write(2, f"craft: stopping after step {self.step + 1} (a second Ctrl-C stops at once)\n".encode())
+            return
         for sig in previous: signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
