@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['WIDGET', 'WIDGET_NOTE', 'runs_in_tests', 'page_outputs', 'exec_quick']
 
-# %% ../nbs/11_docs.ipynb #e03c6ba5
+# %% ../nbs/11_docs.ipynb #8b074062
 import re
 from execnb.nbio import _dict2obj
 from execnb.shell import CaptureShell
@@ -14,7 +14,7 @@ from fastcore.xtras import working_directory
 from nbdev.config import get_config
 from nbdev.process import Processor
 
-# %% ../nbs/11_docs.ipynb #ea29fa04
+# %% ../nbs/11_docs.ipynb #27fe75e8
 def runs_in_tests(cell, skip_flags:str|None=None) -> bool:
     "Whether `nbdev_test` runs `cell`: code, not `eval: false`, none of `skip_flags` (default: `tst_flags`)."
     if cell.cell_type != 'code' or not cell.source.strip() or 'nbdev_export'+'(' in cell.source: return False
@@ -23,7 +23,7 @@ def runs_in_tests(cell, skip_flags:str|None=None) -> bool:
     flags = set((get_config().tst_flags if skip_flags is None else skip_flags).split())
     return not (flags & directives.keys())
 
-# %% ../nbs/11_docs.ipynb #68c373a0
+# %% ../nbs/11_docs.ipynb #408db03d
 WIDGET = 'application/vnd.jupyter.widget-view+json'
 WIDGET_NOTE = '*An interactive widget: open this notebook in JupyterLab to use it.*'
 
@@ -32,7 +32,7 @@ def page_outputs(outputs:list) -> list:
     note = {'output_type': 'display_data', 'metadata': {}, 'data': {'text/markdown': WIDGET_NOTE}}
     return [note if WIDGET in o.get('data', {}) else o for o in outputs]
 
-# %% ../nbs/11_docs.ipynb #041eb08c
+# %% ../nbs/11_docs.ipynb #de0cc670
 class exec_quick(Processor):
     "Run every cell `nbdev_test` runs, in order in one shell, and show each one's outputs on its page."
     def __init__(self, nb):
@@ -47,7 +47,7 @@ class exec_quick(Processor):
                 if shell.exc: raise RuntimeError(f"docs: this cell failed while its page was built:\n{source}") from shell.exc
                 if outputs: cell.outputs = _dict2obj(page_outputs(outputs))
 
-# %% ../nbs/11_docs.ipynb #30e0ac4d
+# %% ../nbs/11_docs.ipynb #955a4e79
 _no_home_source = re.compile(r'\[source\]\((?!https?://)[^)]*\)\{[^}]*\}\n*')
 
 @patch
@@ -57,4 +57,4 @@ def end(self:exec_quick):
         cell.pop('has_sd', None)
         for o in cell.get('outputs', []):
             md = o.get('data', {}).get('text/markdown')
-            if isinstance(md, str): o['data']['text/markdown'] = _no_home_source.sub('', md)
+            if md: o['data']['text/markdown'] = _no_home_source.sub('', ''.join(md))

@@ -1,0 +1,104 @@
+"""The docs site in a real browser: every page of `_docs/` (built by `nbdev_docs`, which needs Quarto) served on
+loopback and read in Chromium. These tests run with `pytest --site` once the site is built, as CI does after
+`nbdev_docs`; the README's plain `pytest` deselects them (a machine without Quarto has no site to read)."""
+import functools, http.server, os, re, threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+try: from playwright.sync_api import expect, sync_playwright
+except ImportError: sync_playwright = None
+
+from browser import chromium_executable
+
+pytestmark = pytest.mark.site
+DOCS = Path(__file__).resolve().parent.parent / '_docs'
+FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run']
+
+# What each chapter must show: at least this many images in its cells' outputs, and these texts in its outputs.
+EXPECTED = {
+    'sampling.html':  dict(images=7, texts=['ROMEO:']),   # six transforms, the attention map; a sample
+    'training.html':  dict(images=1),                     # the loss curves
+    'benchmarks.html': dict(images=1, tables=1),          # recorded results
+    'finetune.html':  dict(images=1),
+    'deploy.html':    dict(tables=1),
+    'index.html':     dict(),
+}
+SCREENSHOTS = ('index.html', 'sampling.html', 'benchmarks.html')
+RAW_TEX = re.compile(r'\$\$|\\\(|\\\[')
+
+
+def pages() -> list[str]:
+    return sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob('*.html'))
+
+
+@pytest.fixture(scope='module')
+def site():
+    "`_docs/` on a free port of 127.0.0.1."
+    if not (DOCS / 'index.html').is_file(): pytest.fail(f"no site in {DOCS}: build it with nbdev_docs first (it needs Quarto)", pytrace=False)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(DOCS))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{server.server_address[1]}/'
+    server.shutdown()
+
+
+@pytest.fixture(scope='module')
+def browser():
+    if sync_playwright is None: pytest.fail("tests/test_site.py needs playwright, a dev requirement of craft: pip install -e '.[dev]'", pytrace=False)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium_executable(), args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope='module')
+def artifacts(tmp_path_factory) -> Path:
+    folder = Path(os.environ['CRAFT_ARTIFACTS']) if os.environ.get('CRAFT_ARTIFACTS') else tmp_path_factory.mktemp('artifacts')
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_the_site_has_every_chapter():
+    for name in EXPECTED: assert (DOCS / name).is_file(), name
+    assert len(pages()) >= 17, pages()
+
+
+@pytest.mark.parametrize('name', pages() if DOCS.is_dir() else ['index.html'])
+def test_page(browser, site, artifacts, name):
+    "Every request stays on the site and succeeds, every formula is rendered, and the chapter shows its results."
+    page = browser.new_page(viewport={'width': 1280, 'height': 900})
+    requests, failed, host = [], [], urlsplit(site).netloc
+    page.on('request', lambda r: requests.append(r.url))
+    page.on('requestfailed', lambda r: failed.append(f'{r.url} ({r.failure})'))
+    page.on('response', lambda r: failed.append(f'{r.url} ({r.status})') if r.status >= 400 else None)
+    page.goto(site + name, wait_until='networkidle')
+    elsewhere = [u for u in requests if not u.startswith('data:') and urlsplit(u).netloc != host]
+    assert elsewhere == [], elsewhere
+    assert failed == [], failed
+    prose = page.evaluate("""() => { const b = document.querySelector('main') || document.body; const c = b.cloneNode(true);
+        c.querySelectorAll('pre, code, .katex-mathml, script, style').forEach(e => e.remove()); return c.textContent; }""")
+    assert not RAW_TEX.search(prose), f"raw TeX on {name}: ...{prose[max(0, RAW_TEX.search(prose).start() - 80):][:160]}..."
+    assert page.locator('span.math').count() == page.locator('span.math .katex').count()   # KaTeX rendered each one
+    want = EXPECTED.get(name, {})
+    images = page.locator('.cell-output img, .cell-output-display img').count()
+    assert images >= want.get('images', 0), f"{name}: {images} images in the outputs, expected {want.get('images')}"
+    assert page.locator('.cell-output table, .cell-output-display table').count() >= want.get('tables', 0), f"{name}: no table of results"
+    outputs = ' '.join(page.locator('.cell-output, .cell-output-display, .cell-output-stdout').all_text_contents())
+    for text in want.get('texts', []): assert text in outputs, f"{name}: {text!r} not in any output"
+    if name in SCREENSHOTS: page.screenshot(path=artifacts / f"site-{name.removesuffix('.html')}.png", full_page=True)
+    page.close()
+
+
+def test_search_finds_generate(browser, site):
+    "The search box (Quarto's, over search.json, on the site itself) finds `generate`."
+    page = browser.new_page()
+    page.goto(site + 'index.html', wait_until='networkidle')
+    page.locator('#quarto-search').click()
+    page.keyboard.type('generate')
+    hits = page.locator('.aa-Item')
+    expect(hits.first).to_be_visible(timeout=10_000)
+    assert any('generate' in t for t in hits.all_text_contents()), hits.all_text_contents()
+    page.close()
