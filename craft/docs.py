@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['WIDGET', 'WIDGET_NOTE', 'runs_in_tests', 'page_outputs', 'exec_quick']
 
-# %% ../nbs/11_docs.ipynb #8b074062
+# %% ../nbs/11_docs.ipynb #245d95ce
 import re
 from execnb.nbio import _dict2obj
 from execnb.shell import CaptureShell
@@ -14,7 +14,7 @@ from fastcore.xtras import working_directory
 from nbdev.config import get_config
 from nbdev.process import Processor
 
-# %% ../nbs/11_docs.ipynb #27fe75e8
+# %% ../nbs/11_docs.ipynb #3ec0603a
 def runs_in_tests(cell, skip_flags:str|None=None) -> bool:
     "Whether `nbdev_test` runs `cell`: code, not `eval: false`, none of `skip_flags` (default: `tst_flags`)."
     if cell.cell_type != 'code' or not cell.source.strip() or 'nbdev_export'+'(' in cell.source: return False
@@ -23,16 +23,23 @@ def runs_in_tests(cell, skip_flags:str|None=None) -> bool:
     flags = set((get_config().tst_flags if skip_flags is None else skip_flags).split())
     return not (flags & directives.keys())
 
-# %% ../nbs/11_docs.ipynb #408db03d
+# %% ../nbs/11_docs.ipynb #0b23c61f
 WIDGET = 'application/vnd.jupyter.widget-view+json'
 WIDGET_NOTE = '*An interactive widget: open this notebook in JupyterLab to use it.*'
 
-def page_outputs(outputs:list) -> list:
-    "`outputs` as a static page shows them: a widget becomes a line that says where it runs."
-    note = {'output_type': 'display_data', 'metadata': {}, 'data': {'text/markdown': WIDGET_NOTE}}
-    return [note if WIDGET in o.get('data', {}) else o for o in outputs]
+def _as_markdown(html:str) -> dict: return {'text/markdown': f'```{{=html}}\n{html}\n```'}
 
-# %% ../nbs/11_docs.ipynb #de0cc670
+def page_outputs(outputs:list) -> list:
+    "`outputs` as a static page shows them: a widget as a line that says where it runs, HTML without scripts as markdown."
+    shown = []
+    for o in outputs:
+        data, html = o.get('data', {}), ''.join(o.get('data', {}).get('text/html', ''))
+        if WIDGET in data: o = {**o, 'data': {'text/markdown': WIDGET_NOTE}}
+        elif html and '<script' not in html: o = {**o, 'data': _as_markdown(html)}
+        shown.append(o)
+    return shown
+
+# %% ../nbs/11_docs.ipynb #f791f6d2
 class exec_quick(Processor):
     "Run every cell `nbdev_test` runs, in order in one shell, and show each one's outputs on its page."
     def __init__(self, nb):
@@ -47,7 +54,7 @@ class exec_quick(Processor):
                 if shell.exc: raise RuntimeError(f"docs: this cell failed while its page was built:\n{source}") from shell.exc
                 if outputs: cell.outputs = _dict2obj(page_outputs(outputs))
 
-# %% ../nbs/11_docs.ipynb #955a4e79
+# %% ../nbs/11_docs.ipynb #4be7178b
 _no_home_source = re.compile(r'\[source\]\((?!https?://)[^)]*\)\{[^}]*\}\n*')
 
 @patch
