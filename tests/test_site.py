@@ -16,15 +16,16 @@ pytestmark = pytest.mark.site
 DOCS = Path(__file__).resolve().parent.parent / '_docs'
 FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run']
 
-# What each chapter must show: at least this many images and tables in its cells' outputs, and, for each code
-# snippet of `outputs`, the cell with that code shows an output of at least 40 characters.
+# What each chapter must show, by the code of the cells that show it: `figures` (code: at least this many images
+# in the outputs of the cells with that code), `tables` (a table in such a cell's outputs), `text` (at least 40
+# characters of output: a sample).
 EXPECTED = {
-    'sampling.html':  dict(images=7, outputs=['print(generate(']),   # six transforms, the attention map; a sample
-    'training.html':  dict(images=1),                     # the loss curves
-    'benchmarks.html': dict(images=1, tables=1),          # recorded results
-    'finetune.html':  dict(images=1),
-    'deploy.html':    dict(tables=1),
-    'index.html':     dict(),
+    'sampling.html':   dict(figures={'plot_transform(': 6, 'fig = plot_attention(model': 1}, text=['print(generate(']),
+    'training.html':   dict(figures={'plot_metrics(run_dir)': 1}),
+    'benchmarks.html': dict(figures={'fig = plot_results(cpu_results)': 1}, tables=['show = lambda table, before=']),
+    'finetune.html':   dict(figures={"for run in result['runs']": 1}, tables=['def _row(r']),
+    'deploy.html':     dict(tables=["deploy_file = bench / 'cpu-deploy.json'"]),
+    'index.html':      dict(),
 }
 SCREENSHOTS = ('index.html', 'sampling.html', 'benchmarks.html')
 RAW_TEX = re.compile(r'\$\$|\\\(|\\\[')
@@ -85,11 +86,12 @@ def test_page(browser, site, artifacts, name):
     assert not RAW_TEX.search(prose), f"raw TeX on {name}: ...{prose[max(0, RAW_TEX.search(prose).start() - 80):][:160]}..."
     assert page.locator('span.math').count() == page.locator('span.math .katex').count()   # KaTeX rendered each one
     want = EXPECTED.get(name, {})
-    images = page.locator('.cell-output img, .cell-output-display img').count()
-    assert images >= want.get('images', 0), f"{name}: {images} images in the outputs, expected {want.get('images')}"
-    assert page.locator('.cell-output table, .cell-output-display table').count() >= want.get('tables', 0), f"{name}: no table of results"
-    for code in want.get('outputs', []):
-        shown = page.locator('.cell', has=page.locator('code', has_text=code)).locator('.cell-output').all_text_contents()
+    cells = lambda code: page.locator('.cell', has=page.locator('code', has_text=code)).locator('.cell-output, .cell-output-display')
+    for code, n in want.get('figures', {}).items():
+        assert cells(code).locator('img').count() >= n, f"{name}: fewer than {n} images under the cells with {code!r}"
+    for code in want.get('tables', []): assert cells(code).locator('table').count() >= 1, f"{name}: no table under the cell with {code!r}"
+    for code in want.get('text', []):
+        shown = cells(code).all_text_contents()
         assert len(''.join(shown).strip()) >= 40, f"{name}: the cell with {code!r} shows {shown}"
     if name in SCREENSHOTS: page.screenshot(path=artifacts / f"site-{name.removesuffix('.html')}.png", full_page=True)
     page.close()
