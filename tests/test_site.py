@@ -27,7 +27,9 @@ EXPECTED = {
     'deploy.html':     dict(tables=["deploy_file = bench / 'cpu-deploy.json'"]),
     'index.html':      dict(),
 }
-SCREENSHOTS = ('index.html', 'sampling.html', 'benchmarks.html')
+# Screenshots (test artefacts): the page's top, or the screen from this element (the maths and plots of temperature,
+# the recorded CPU results).
+SCREENSHOTS = {'index.html': None, 'sampling.html': '#temperature', 'benchmarks.html': ".cell:has(code:has-text('fig = plot_results(cpu_results)'))"}
 RAW_TEX = re.compile(r'\$\$|\\\(|\\\[')
 
 
@@ -85,6 +87,9 @@ def test_page(browser, site, artifacts, name):
         c.querySelectorAll('pre, code, .katex-mathml, script, style').forEach(e => e.remove()); return c.textContent; }""")
     assert not RAW_TEX.search(prose), f"raw TeX on {name}: ...{prose[max(0, RAW_TEX.search(prose).start() - 80):][:160]}..."
     assert page.locator('span.math').count() == page.locator('span.math .katex').count()   # KaTeX rendered each one
+    wide = page.evaluate("() => [...document.querySelectorAll('main img')].filter(i => i.getBoundingClientRect().right > "
+                         "document.querySelector('main').getBoundingClientRect().right + 1).map(i => i.getAttribute('src'))")
+    assert wide == [], f"{name}: images wider than the text column, cut off: {wide}"
     want = EXPECTED.get(name, {})
     cells = lambda code: page.locator('.cell', has=page.locator('code', has_text=code)).locator('.cell-output, .cell-output-display')
     for code, n in want.get('figures', {}).items():
@@ -93,7 +98,9 @@ def test_page(browser, site, artifacts, name):
     for code in want.get('text', []):
         shown = cells(code).all_text_contents()
         assert len(''.join(shown).strip()) >= 40, f"{name}: the cell with {code!r} shows {shown}"
-    if name in SCREENSHOTS: page.screenshot(path=artifacts / f"site-{name.removesuffix('.html')}.png", full_page=True)
+    if name in SCREENSHOTS:
+        if SCREENSHOTS[name]: page.locator(SCREENSHOTS[name]).first.evaluate("e => e.scrollIntoView({block: 'start'})")
+        page.screenshot(path=artifacts / f"site-{name.removesuffix('.html')}.png")
     page.close()
 
 
