@@ -21,21 +21,23 @@ def playwright_own() -> str|None:
 
 
 def install_commands(root:bool, apt:bool) -> list[list[str]]:
-    "How to get a Chromium here: Debian's package when root with apt, else Playwright's build."
-    if root and apt: return [['apt-get', 'update', '-qq'], ['apt-get', 'install', '-y', '-qq', 'chromium']]
-    return [[sys.executable, '-m', 'playwright', 'install', 'chromium']]
+    "How to get a Chromium here, in order of preference: Debian's package when root with apt, then Playwright's build."
+    playwright = [sys.executable, '-m', 'playwright', 'install', 'chromium']
+    if root and apt: return [['apt-get', 'update', '-qq'], ['apt-get', 'install', '-y', '-qq', 'chromium'], playwright]
+    return [playwright]
 
 
 def chromium_executable() -> str:
     "The path of a Chromium to launch with Playwright, installing one if there is none (see the module's doc)."
     if found := on_path() or playwright_own(): return found
-    commands = install_commands(hasattr(os, 'geteuid') and os.geteuid() == 0, shutil.which('apt-get') is not None)
-    env = {**os.environ, 'DEBIAN_FRONTEND': 'noninteractive'}
-    for command in commands:
-        print('no Chromium here; getting one:', ' '.join(command), file=sys.stderr)
+    env, tried = {**os.environ, 'DEBIAN_FRONTEND': 'noninteractive'}, []
+    for command in install_commands(hasattr(os, 'geteuid') and os.geteuid() == 0, shutil.which('apt-get') is not None):
+        print('no Chromium here; getting one:', *command, file=sys.stderr)
         done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0: break
-    if found := on_path() or playwright_own(): return found
-    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ['']
-    raise RuntimeError(f"the browser tests need Chromium, and `{' '.join(command)}` did not install it ({tail[0]}): "
+        lines = (done.stderr or done.stdout).strip().splitlines() or [f'exit status {done.returncode}']
+        last = next((l.strip() for l in reversed(lines) if 'rror' in l), lines[-1].strip())   # the error, not a trace's tail
+        label = ' '.join('python' if c == sys.executable else c for c in command)
+        tried.append(f"`{label}`: {last if done.returncode else 'done'}")
+        if found := on_path() or playwright_own(): return found
+    raise RuntimeError(f"the browser tests need Chromium and found none after trying {'; '.join(tried)}; "
                        "install Debian's chromium (apt-get install chromium) or run `playwright install chromium`")

@@ -26,9 +26,10 @@ def bare(tmp_path, monkeypatch):
 
 def test_install_commands():
     "Root with apt: Debian's package; anyone else: Playwright's own build (no root needed)."
-    assert browser.install_commands(root=True, apt=True)[-1] == ['apt-get', 'install', '-y', '-qq', 'chromium']
+    playwright = [sys.executable, '-m', 'playwright', 'install', 'chromium']
+    assert browser.install_commands(root=True, apt=True) == [['apt-get', 'update', '-qq'], ['apt-get', 'install', '-y', '-qq', 'chromium'], playwright]
     for root, apt in [(False, True), (True, False), (False, False)]:
-        assert browser.install_commands(root, apt) == [[sys.executable, '-m', 'playwright', 'install', 'chromium']]
+        assert browser.install_commands(root, apt) == [playwright]
 
 
 def test_found_on_path(bare):
@@ -50,8 +51,10 @@ def test_installed_with_apt_when_root(bare, monkeypatch):
 
 
 def test_one_clear_line_when_nothing_works(bare, monkeypatch):
-    "apt fails (no network, say): one line that says what failed and how to get a browser."
+    "apt fails (no network, say), and so does Playwright's download: one line that says what was tried and how to get a browser."
     script(bare, 'apt-get', 'echo "E: Unable to locate package chromium" >&2; exit 100')
     monkeypatch.setattr(os, 'geteuid', lambda: 0)
-    with pytest.raises(RuntimeError, match=r"apt-get update -qq` did not install it \(E: Unable to locate package chromium\).*playwright install chromium"):
+    monkeypatch.setattr(browser.sys, 'executable', str(script(bare, 'python', 'echo "Error: Download failed: server returned code 403" >&2; exit 1')))
+    with pytest.raises(RuntimeError, match=r"found none after trying `apt-get update -qq`: E: Unable to locate package chromium; .*"
+                                           r"`python -m playwright install chromium`: Error: Download failed.*; install Debian's chromium"):
         browser.chromium_executable()
