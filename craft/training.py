@@ -1067,7 +1067,8 @@ def _leave_group(self:Trainer):
 def progress_bar(cfg:TrainConfig, step:int, shown:bool, time_left:float=0.0, clock=time.perf_counter, **kwargs):
     "A tqdm bar over the steps from `step`; with `max_time`, its total follows the steps `time_left` allows."
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.max_iters, initial=step, disable=not shown, unit='step', dynamic_ncols=True, **kwargs)
+    total = cfg.max_iters if cfg.max_time <= 0 else None            # with max_time: unknown until the first step
+    bar = tqdm(total=total, initial=step, disable=not shown, unit='step', dynamic_ncols=True, **kwargs)
     if cfg.max_time <= 0 or bar.disable: return bar
     start, update = clock(), bar.update
     def update_total(n=1):
