@@ -75,7 +75,7 @@ class LoRALinear(nn.Module):
 @patch
 @torch.no_grad()
 def merged(self:LoRALinear) -> nn.Linear:
-    "A plain `nn.Linear` with weight $W + \frac{\alpha}{r}BA$: the same function, with no adapter."
+    r"A plain `nn.Linear` with weight $W + \frac{\alpha}{r}BA$: the same function, with no adapter."
     d_out, d_in = self.base.weight.shape
     weight = self.base.weight                                                  # (d_out, d_in)
     linear = nn.Linear(d_in, d_out, bias=self.base.bias is not None, device=weight.device, dtype=weight.dtype)

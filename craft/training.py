@@ -8,7 +8,8 @@ __all__ = ['DTYPES', 'OPTIMIZERS', 'LORA_TARGETS', 'TRAIN_PRESETS', 'MODEL_FIELD
            'Batches', 'split_tokens', 'make_optimizers', 'learning_rate', 'estimate_loss', 'scored_windows',
            'scored_tokens', 'full_loss', 'read_run_config', 'metrics_and_damage', 'read_metrics', 'read_status',
            'plot_metrics', 'Dist', 'dist_from_env', 'training_profile', 'fit_batch_to_time', 'Trainer',
-           'read_training_state', 'process_age', 'tensorboard_writer', 'write_sample', 'resume_config', 'train']
+           'read_training_state', 'process_age', 'tensorboard_writer', 'write_sample', 'progress_bar', 'resume_config',
+           'train']
 
 # %% ../nbs/04_training.ipynb #15aedaa9
 import contextlib, functools, hashlib, json, math, os, signal, stat, sys, threading, time
@@ -1021,18 +1022,32 @@ def _leave_group(self:Trainer):
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
+# %% ../nbs/04_training.ipynb #a3f1c0d2
+def progress_bar(cfg:TrainConfig, step:int, shown:bool, time_left:float=0.0, clock=time.perf_counter, **kwargs):
+    "A tqdm bar over the steps from `step`; with `max_time`, its total follows the steps `time_left` allows."
+    from tqdm.auto import tqdm
+    total = cfg.max_iters if cfg.max_time <= 0 else None            # with max_time: unknown until the first step
+    bar = tqdm(total=total, initial=step, disable=not shown, unit='step', dynamic_ncols=True, **kwargs)
+    if cfg.max_time <= 0 or bar.disable: return bar
+    start, update = clock(), bar.update
+    def update_total(n=1):
+        done, elapsed = bar.n + n - step, max(clock() - start, 1e-9)   # steps and seconds in this process
+        bar.total = min(cfg.max_iters, max(bar.n + n, step + round(done * time_left / elapsed)))
+        return update(n)
+    bar.update = update_total
+    return bar
+
 # %% ../nbs/04_training.ipynb #79a88f6b
 @patch
 def fit(self:Trainer) -> Path:
     "Train until a stop condition; returns the run directory. Whatever ends it, status.json says how."
-    from tqdm.auto import tqdm
     bar, self.writer, threads_before = None, None, torch.get_num_threads()
     with self._signals():   # around the failure handling too: a second Ctrl-C must not cut the status write short
         try:
             self._begin()
             if self.profile.choice.threads: torch.set_num_threads(self.profile.choice.threads)
             shown = self.dist.is_main and self.cfg.progress
-            bar = tqdm(total=self.cfg.max_iters, initial=self.step, disable=not shown, unit='step', dynamic_ncols=True)
+            bar = progress_bar(self.cfg, self.step, shown, time_left=self.cfg.max_time - self.elapsed_before)
             reason = self._train_loop(bar)
             if reason == 'interrupted': self._save_interrupted()
             else: self._finish(reason)

@@ -11,6 +11,7 @@ except ImportError: sync_playwright = None
 from craft.model import load_checkpoint
 from craft.sampling import generate
 from test_serving import ENV, Server
+from browser import chromium_executable
 
 # Headless, and no traffic of the browser's own: the only requests are the page's.
 FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run']
@@ -18,10 +19,9 @@ FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--
 
 @pytest.fixture(scope='module')
 def browser():
-    "Debian's chromium, launched by Playwright (browsers cannot be downloaded here: never `playwright install`)."
+    "Chromium launched by Playwright: Debian's on PATH, else Playwright's own, else one the test installs (tests/browser.py)."
     if sync_playwright is None: pytest.fail("tests/test_playground.py needs playwright, a dev requirement of craft: pip install -e '.[dev]'", pytrace=False)
-    chromium = shutil.which('chromium')
-    if chromium is None: pytest.fail("tests/test_playground.py needs Debian's chromium: apt-get install -y chromium", pytrace=False)
+    chromium = chromium_executable()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
         yield browser
