@@ -275,7 +275,7 @@ def test_cpu_suite_quick(tmp_path):
     small, simulated = data['rows']['0.5 MB'], data['rows']['0.002 GB (simulated)']
     assert small['bytes'] >= 5 * 10**5 and simulated['bytes'] >= 2 * 10**6 and simulated['files'] > small['files']
     for row in (small, simulated):
-        assert row['prepare']['returncode'] == 0 and row['warm']['returncode'] == 0 and row['warm']['tokens_per_s'] > 0
+        assert row['prepare']['returncode'] == 0 and row['warm']['returncode'] == 0 and row['warm']['full_val_tokens'] > 0
         assert 0 < row['warm']['to_step_1_s'] < row['warm']['wall_s'] and row['warm']['peak_rss_mb'] > 0
         assert row['vocab_size'] <= 128 and row['token_bytes'] == 1 and row['batch_us'] > 0      # ASCII files only
     assert 'cold' in small and 'cold' not in simulated and small['timed']['returncode'] == 0 and small['timed']['max_time'] == 2
