@@ -9,8 +9,8 @@ __all__ = ['PIECE_BYTES', 'SEPARATOR', 'TOKENS_FORMAT', 'TOKENS_VERSION', 'PREPA
            'write_tokens', 'encode_in_memory', 'read_corpus', 'cache_paths', 'read_cache', 'prepare_tokens',
            'load_tokens', 'link_corpus', 'run_measured', 'measure_corpus', 'bench_source', 'corpus_results']
 
-# %% ../nbs/03b_corpus.ipynb #c6b3c47c
-import codecs, contextlib, glob, hashlib, json, os, shutil, signal, stat, sys, tempfile
+# %% ../nbs/03b_corpus.ipynb #2a160f7a
+import codecs, contextlib, functools, glob, hashlib, json, operator, os, shutil, signal, stat, sys, tempfile
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -110,10 +110,10 @@ def fingerprint(files:list[Path], stats:list[os.stat_result]|None=None) -> str:
     except OSError as e: raise CraftError(f"--data: cannot read {describe_os_error(e)}") from None
     return _fingerprints[key]
 
-# %% ../nbs/03b_corpus.ipynb #ac2faa9d
-def corpus_record(data='') -> dict:
+# %% ../nbs/03b_corpus.ipynb #2c0945da
+def corpus_record(data='', listing:tuple|None=None) -> dict:
     "What a run records of its corpus: its absolute path or pattern (None when bundled), its files and its fingerprint."
-    files, stats = stat_files(data)
+    files, stats = listing or stat_files(data)   # `listing`: what `stat_files(data)` returned, if the caller has it
     path = None if not data else os.path.abspath(data) if is_pattern(data) else str(Path(data).resolve())
     return {'path': path, 'bundled': not data, 'files': len(files), 'fingerprint': fingerprint(files, stats)}
 
@@ -199,10 +199,20 @@ def _scan_task(task:list) -> list[tuple[str, int, np.ndarray]]:
         try: offset, data = read_piece(path, start, end)
         except OSError: out.append(('unreadable', 0, np.zeros(0, np.int64))); continue
         kind, n, cps = scan_piece(data, first=start == 0)
-        out.append((kind, n if kind == 'text' else offset + n, cps))
+        out.append((kind, n if kind == 'text' else offset + n, _compact(cps)))
     return out
 
-# %% ../nbs/03b_corpus.ipynb #a781bf80
+def _compact(cps:np.ndarray):
+    "A piece's code points as an int bit mask when all are ASCII (28 bytes, not an array: 600,000 pieces add up)."
+    return sum(1 << c for c in cps.tolist()) if not len(cps) or cps[-1] < 128 else cps
+
+def _union(found:list) -> np.ndarray:
+    "The sorted code points of pieces' `_compact` results."
+    mask = functools.reduce(operator.or_, (f for f in found if isinstance(f, int)), 0)
+    ascii = np.array([c for c in range(128) if mask >> c & 1], np.int64)
+    return np.unique(np.concatenate([ascii] + [f for f in found if not isinstance(f, int)]))
+
+# %% ../nbs/03b_corpus.ipynb #e5f40c10
 def encode_piece(data:bytes, tok:CharTokenizer, table:bytes|None, dtype) -> np.ndarray:
     "A piece's ids: ASCII bytes through `table` (`bytes.translate`), anything else through `tok.encode`."
     if table is not None and data.isascii(): return np.frombuffer(data.translate(table), np.uint8).astype(dtype, copy=False)
@@ -217,7 +227,7 @@ def _pwrite_all(fd:int, data:bytes, offset:int):
     view = memoryview(data)
     while view: view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
 
-# %% ../nbs/03b_corpus.ipynb #9db7158b
+# %% ../nbs/03b_corpus.ipynb #57a6b686
 def _encode_task(args) -> int:
     "Encode a task's kept pieces into the file `out` at their token offsets (-1: skipped); a piece must keep its length."
     task, offsets, counts, chars, dtype, out = args
@@ -233,7 +243,7 @@ def _encode_task(args) -> int:
     finally: os.close(fd)
     return done
 
-# %% ../nbs/03b_corpus.ipynb #be656d39
+# %% ../nbs/03b_corpus.ipynb #e7c8e4cb
 def _workers(n_tasks:int) -> int:
     "How many processes a pass uses: one per core this process may run on (its affinity mask), at most one per task."
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1   # no torch here
@@ -250,7 +260,7 @@ def run_tasks(fn, tasks:list, sizes:list[int], bar, workers:int=1):
         for result, size in zip(pool.map(fn, tasks), sizes): bar.update(size); yield result
     finally: pool.shutdown(wait=True, cancel_futures=True)
 
-# %% ../nbs/03b_corpus.ipynb #c5c7a4fa
+# %% ../nbs/03b_corpus.ipynb #d8c09c33
 SEPARATOR = '\n\n'   # between two documents of a corpus
 
 @dataclass
@@ -264,7 +274,7 @@ class CorpusScan:
     offsets: list         # (F,) where a skipped file's bad byte is (0 for text)
     chars: str            # the vocabulary: the kept files' characters, sorted, and the separator's
 
-# %% ../nbs/03b_corpus.ipynb #c2649abf
+# %% ../nbs/03b_corpus.ipynb #1f03cb09
 def _verdicts(scan_results:list, piece_file:np.ndarray, n_files:int) -> tuple[list, list]:
     "Each file's kind and bad offset, from its pieces' scan results."
     per_file = [[] for _ in range(n_files)]
@@ -281,11 +291,11 @@ def scan_corpus(files:list[Path], sizes:list[int], bar, workers:int=1) -> Corpus
     kinds, offsets = _verdicts(results, piece_file, len(files))
     kept = np.array([kinds[f] == 'text' for f in piece_file.tolist()], dtype=bool)                     # (P,)
     counts = np.array([r[1] for r in results], dtype=np.int64) * kept
-    cps = np.unique(np.concatenate([np.zeros(0, np.int64)] + [r[2] for r, k in zip(results, kept) if k]))
+    cps = _union([r[2] for r, k in zip(results, kept) if k])
     chars = set(map(chr, cps.tolist())) | (set(SEPARATOR) if kinds.count('text') > 1 else set())
     return CorpusScan(files, pieces, piece_file, counts, kinds, offsets, ''.join(sorted(chars)))
 
-# %% ../nbs/03b_corpus.ipynb #295c2461
+# %% ../nbs/03b_corpus.ipynb #0cf88830
 @patch
 def kept(self:CorpusScan) -> list[int]:
     "The indices of the files that join the corpus."
@@ -305,7 +315,7 @@ def skipped_list(self:CorpusScan) -> str:
     "One line per skipped file: its kind, then its path."
     return ''.join(f"{k}\t{f}\n" for f, k in zip(self.files, self.kinds) if k != 'text')
 
-# %% ../nbs/03b_corpus.ipynb #de876427
+# %% ../nbs/03b_corpus.ipynb #5af9b30e
 def token_dtype(vocab_size:int) -> np.dtype:
     "The smallest unsigned type for the ids: uint8 up to 256 characters, uint16 up to 65,536, else int32."
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int32)
@@ -322,7 +332,7 @@ def layout(self:CorpusScan) -> tuple[np.ndarray, np.ndarray, int]:
     at = np.where(kept_file, starts + seps * len(SEPARATOR), -1)
     return at, starts[seps], int(widths.sum())
 
-# %% ../nbs/03b_corpus.ipynb #4134ece7
+# %% ../nbs/03b_corpus.ipynb #c32b7a04
 def _encode_tasks(scan:CorpusScan, tok:CharTokenizer, dtype:np.dtype, out:Path) -> tuple[list, list[int]]:
     "The second pass's tasks (the first pass's, with each piece's token offset) and the bytes each reads."
     at, counts, tasks, sizes, i = scan.layout()[0].tolist(), scan.counts.tolist(), [], [], 0
@@ -347,7 +357,7 @@ def write_tokens(scan:CorpusScan, tok:CharTokenizer, out:Path, bar, workers:int=
     finally: os.close(fd)
     return n
 
-# %% ../nbs/03b_corpus.ipynb #9605398b
+# %% ../nbs/03b_corpus.ipynb #cbf83867
 def encode_in_memory(scan:CorpusScan, tok:CharTokenizer) -> np.ndarray:
     "The corpus's ids as an array in memory, for when the cache cannot be written."
     dtype, table = token_dtype(tok.vocab_size), ascii_table(tok)
@@ -360,7 +370,7 @@ def encode_in_memory(scan:CorpusScan, tok:CharTokenizer) -> np.ndarray:
     if len(seps): ids[seps[:, None] + np.arange(len(SEPARATOR))] = tok.encode(SEPARATOR)   # (S, 2) positions
     return ids
 
-# %% ../nbs/03b_corpus.ipynb #ebcce913
+# %% ../nbs/03b_corpus.ipynb #15cea8d7
 def read_corpus(data='', separator:str=SEPARATOR) -> str:
     "The corpus as one string: its text files, read whole, joined by a blank line (the reference for small corpora)."
     texts = []
@@ -368,7 +378,7 @@ def read_corpus(data='', separator:str=SEPARATOR) -> str:
         with contextlib.suppress(CraftError): texts.append(load_text(f))
     return separator.join(texts)
 
-# %% ../nbs/03b_corpus.ipynb #ec6f36e5
+# %% ../nbs/03b_corpus.ipynb #b11278f3
 TOKENS_FORMAT, TOKENS_VERSION = 'craft.tokens', 2
 
 def cache_paths(key:str) -> tuple[Path, Path, Path]:
@@ -379,7 +389,7 @@ def _ids_in_range(tokens:np.ndarray, vocab_size:int) -> bool:
     if len(tokens) <= 1 << 26: return int(tokens.max()) < vocab_size
     return max(int(tokens[:1 << 20].max()), int(tokens[-(1 << 20):].max())) < vocab_size
 
-# %% ../nbs/03b_corpus.ipynb #904df534
+# %% ../nbs/03b_corpus.ipynb #2563c582
 def read_cache(tokens_path:Path, meta_path:Path) -> tuple[np.ndarray, CharTokenizer, dict]|None:
     "The cached ids (a read-only memmap), tokenizer and record, if the entry passes every check; else None."
     try:
@@ -392,7 +402,7 @@ def read_cache(tokens_path:Path, meta_path:Path) -> tuple[np.ndarray, CharTokeni
         return (tokens, tok, meta) if _ids_in_range(tokens, tok.vocab_size) else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError): return None
 
-# %% ../nbs/03b_corpus.ipynb #6b69a716
+# %% ../nbs/03b_corpus.ipynb #535ce3bc
 def _vocabulary(scan:CorpusScan, tokenizer:CharTokenizer|None) -> CharTokenizer:
     "The corpus's tokenizer: `tokenizer`, if every character of the corpus is in it, else built from the scan."
     if not scan.kept():
@@ -410,7 +420,7 @@ def _bar(total:int, what:str, progress:bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, unit='B', unit_scale=True, desc=f"craft: {what}", disable=not progress, leave=False, file=sys.stderr)
 
-# %% ../nbs/03b_corpus.ipynb #cae9aad5
+# %% ../nbs/03b_corpus.ipynb #6ad3b255
 def _remove_stale(tokens_path:Path, older_than:float=60.0):
     "Remove temporary ids files of this entry that no writer has touched for `older_than` seconds (a killed preparation's)."
     import time
@@ -433,7 +443,7 @@ def _cache_tokens(scan:CorpusScan, tok:CharTokenizer, paths:tuple, sizes:list[in
     atomic_write_text(meta_path, json.dumps(meta))
     return np.memmap(tokens_path, dtype=token_dtype(tok.vocab_size), mode='r', shape=(n,)), meta
 
-# %% ../nbs/03b_corpus.ipynb #cd9db941
+# %% ../nbs/03b_corpus.ipynb #b2a6064a
 def prepare_tokens(files:list[Path], stats:list, tokenizer:CharTokenizer|None, paths:tuple, progress:bool=False):
     "Scan and encode the corpus into the cache entry `paths`; returns (ids, tokenizer, record)."
     sizes = [st.st_size for st in stats]
@@ -447,10 +457,11 @@ def prepare_tokens(files:list[Path], stats:list, tokenizer:CharTokenizer|None, p
         return encode_in_memory(scan, tok), tok, {'skipped': scan.skipped_line()}
     return tokens, tok, meta
 
-# %% ../nbs/03b_corpus.ipynb #5777b283
-def load_tokens(data='', tokenizer:CharTokenizer|None=None, progress:bool=False) -> tuple[np.ndarray, CharTokenizer]:
+# %% ../nbs/03b_corpus.ipynb #3e5348d5
+def load_tokens(data='', tokenizer:CharTokenizer|None=None, progress:bool=False,
+                listing:tuple|None=None) -> tuple[np.ndarray, CharTokenizer]:
     "The corpus's ids (a read-only memmap of the cache) and its tokenizer (built from the corpus unless given)."
-    files, stats = stat_files(data)
+    files, stats = listing or stat_files(data)   # `listing`: what `stat_files(data)` returned, if the caller has it
     key = fingerprint(files, stats)
     if tokenizer is not None: key += '-' + hashlib.sha256(json.dumps(tokenizer.to_dict()).encode()).hexdigest()[:8]
     paths = cache_paths(key)
@@ -458,7 +469,7 @@ def load_tokens(data='', tokenizer:CharTokenizer|None=None, progress:bool=False)
     if meta.get('skipped'): print(f"craft: {meta['skipped']}", file=sys.stderr)
     return tokens, tok
 
-# %% ../nbs/03b_corpus.ipynb #71a25c2b
+# %% ../nbs/03b_corpus.ipynb #b70c7037
 def link_corpus(source, n_bytes:int, dest:Path) -> tuple[int, int]:
     "Hard-link the ASCII files of `source` (sorted; again and again if needed) into `dest` until `n_bytes`; (files, bytes)."
     files, stats = stat_files(source)
@@ -475,7 +486,7 @@ def link_corpus(source, n_bytes:int, dest:Path) -> tuple[int, int]:
         copy += 1
     return n, total
 
-# %% ../nbs/03b_corpus.ipynb #bd1bdd69
+# %% ../nbs/03b_corpus.ipynb #11784e11
 def _tree_rss(proc) -> int:
     "Resident bytes of a psutil process and all its descendants (0 for any that ended meanwhile)."
     import psutil
@@ -484,7 +495,7 @@ def _tree_rss(proc) -> int:
         with contextlib.suppress(psutil.Error): total += p.memory_info().rss
     return total
 
-# %% ../nbs/03b_corpus.ipynb #a844d314
+# %% ../nbs/03b_corpus.ipynb #f4ac9f73
 def run_measured(cmd:list, env:dict, timeout:float=3600) -> dict:
     "Run `cmd`; its wall time, exit status, the peak resident memory of its process tree (MB) and its stderr's tail."
     import psutil, subprocess, threading, time
@@ -503,13 +514,13 @@ def run_measured(cmd:list, env:dict, timeout:float=3600) -> dict:
     return {'wall_s': round(time.perf_counter() - start, 2), 'returncode': p.returncode,
             'peak_rss_mb': round(peak / 1e6, 1), 'stdout': ''.join(out)[-2000:], 'stderr_tail': ''.join(err)[-300:]}
 
-# %% ../nbs/03b_corpus.ipynb #eaf8b0f3
+# %% ../nbs/03b_corpus.ipynb #5d35e8e2
 def _train_figures(run_dir:Path) -> dict:
     "From a finished run's files: start-up to the first step, median training tokens/s, steps, the final loss."
     status = json.loads((run_dir / 'status.json').read_text())
     rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
     first_eval = next(r['elapsed_s'] for r in rows if 'val_loss' in r)                  # the step-0 evaluation
-    speeds = sorted(r['tokens_per_sec'] for r in rows if 'tokens_per_sec' in r)[1:]        # the first includes warm-up
+    speeds = sorted(r['tokens_per_sec'] for r in rows if 'tokens_per_sec' in r)
     return {'to_step_1_s': round(status['startup_s'] + first_eval, 2), 'startup_s': status['startup_s'],
             'tokens_per_s': speeds[len(speeds) // 2] if speeds else None, 'steps': status['step'],
             'full_val_loss': status.get('full_val_loss'), 'full_val_tokens': status.get('full_val_tokens')}
@@ -518,7 +529,7 @@ def _train_command(data, out:Path, seconds:float) -> list:
     return [sys.executable, '-m', 'craft.cli', 'train', '--preset', 'cpu', '--device', 'cpu', '--data', str(data),
             '--max-time', str(seconds), '--out', str(out), '--sample-chars', '0', '--no-progress']
 
-# %% ../nbs/03b_corpus.ipynb #af89339f
+# %% ../nbs/03b_corpus.ipynb #a07bf6d8
 PREPARE = """import sys, craft.corpus
 workers = craft.corpus._workers
 craft.corpus._workers = lambda n: min(WORKERS, workers(n))
@@ -535,7 +546,7 @@ print(json.dumps({'vocab_size': tok.vocab_size, 'token_bytes': ids.dtype.itemsiz
                   'batch_us': round((time.perf_counter() - t0) / len(starts) * 1e6, 1)}))"""
 # the data path of a training step on a CPU: 64 random windows of 257 ids gathered from the memmap, in microseconds
 
-# %% ../nbs/03b_corpus.ipynb #6ed15cfa
+# %% ../nbs/03b_corpus.ipynb #ba4000f7
 def _forget_corpora(cache:Path):
     "Empty the token cache and the remembered fingerprints of `cache` (the machine profiles stay: they are not the corpus's)."
     for sub in ('tokens', 'corpora'): shutil.rmtree(cache / sub, ignore_errors=True)
@@ -558,7 +569,7 @@ def measure_corpus(data, cache:Path, runs:Path, train_s:float, cold:bool=True) -
         out[name] = {**run, **(_train_figures(runs / name) if run['returncode'] == 0 else {})}
     return out
 
-# %% ../nbs/03b_corpus.ipynb #8174eb8c
+# %% ../nbs/03b_corpus.ipynb #0d66ba5b
 CORPUS_SIZES = {'1 MB': 10**6, '10 MB': 10**7, '100 MB': 10**8, '1 GB': 10**9}
 
 def bench_source(source=None) -> str:

@@ -24,7 +24,7 @@ from .errors import CraftError
 from .files import atomic_path, atomic_write, atomic_write_text, cache_dir, describe_os_error, RunLock
 from .files import check_output_folder, parse_json, read_json_file, read_small_file
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
-from .corpus import corpus_files, corpus_record, fingerprint, load_tokens, read_corpus
+from .corpus import corpus_files, corpus_record, fingerprint, load_tokens, read_corpus, stat_files
 from .model import GPT, GPTConfig, PRESETS, save_checkpoint, load_checkpoint, read_checkpoint_header, pick_device, check_field_types
 from .model import checksum, check_memory, memory_budget, sampling_memory, available_memory, oom_message, DTYPE_BYTES
 from .machine import Profile, Setting, cpu_cores, candidates, machine_profile, step_seconds, threads_of
@@ -563,20 +563,23 @@ Trainer.__init__ = _released_on_failure(Trainer.__init__)
 def _load_corpus(self:Trainer, run:RunConfig, tokenizer:CharTokenizer|None) -> tuple[np.ndarray, CharTokenizer, dict]:
     "Tokens, tokenizer and record of the corpus; on resume, the recorded corpus, checked (unless `--data` is given)."
     data, recorded = (run.corpus.get('path') or '', run.corpus) if run.corpus else (self.cfg.data, None)
+    try: listing = stat_files(data)                                   # once: 78,000 files take a second or two
+    except CraftError:
+        if not recorded: raise
+        listing = None
     if recorded:
-        try: now = corpus_record(data)['fingerprint']
-        except CraftError: now = None
+        now = corpus_record(data, listing)['fingerprint'] if listing else None
         if now != recorded.get('fingerprint'):
             where = data or 'the bundled corpus'
             what = 'is missing' if now is None else 'has changed since the run began'
             raise CraftError(f"cannot resume {self.out}: its corpus {where} {what}; restore it, or continue on other "
                              "text with --data FILE (its characters must be in the run's vocabulary)")
-    try: tokens, tok = load_tokens(data, tokenizer, progress=self.cfg.progress and self.dist.is_main)
+    try: tokens, tok = load_tokens(data, tokenizer, self.cfg.progress and self.dist.is_main, listing)
     except CraftError as e:
         if tokenizer is None or "not in the tokenizer's vocabulary" not in str(e): raise
         raise CraftError(f"cannot resume {self.out} on --data {data}: {str(e).split(';')[0]}; "
                          "continue on text made of the run's characters") from None
-    return tokens, tok, corpus_record(data)
+    return tokens, tok, corpus_record(data, listing)
 
 # %% ../nbs/04_training.ipynb #0f52784d
 @patch
