@@ -1227,6 +1227,7 @@ def update(self:SpikeDetector, loss:float) -> bool:
 # %% ../nbs/04_training.ipynb #b3b3ec37
 Trainer.spikes = Trainer.pending_spike = None   # the run's SpikeDetector (made at the first step), and a spike to log
 Trainer.spike_count = 0
+Trainer.unread = None   # on a GPU: the last step's loss and gradient norm, read at the next step
 
 @patch
 def _clip_gradients(self:Trainer) -> torch.Tensor|None:
@@ -1236,20 +1237,30 @@ def _clip_gradients(self:Trainer) -> torch.Tensor|None:
     for optimizer in self.optimizers: self.scaler.unscale_(optimizer)
     return nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
 
+# %% ../nbs/04_training.ipynb #8490a43e
+@patch
+def _reads_late(self:Trainer) -> bool:
+    "Whether to read each step's loss one step late: on a GPU, unless a spike must drop its own update (skip)."
+    return self.device.type == 'cuda' and self.cfg.on_spike != 'skip'
+
 @patch
 def _take_update(self:Trainer, loss:torch.Tensor, grad_norm:torch.Tensor|None) -> bool:
     "Keep the step's gradient norm and watch its loss for a spike; False to drop the update (on_spike skip or stop)."
     if not self.cfg.health: return True
     values = torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)])
     if self.dist.enabled: torch.distributed.all_reduce(values); values /= self.dist.world_size   # the same decision everywhere
-    loss_value, norm = values.tolist()
+    step = (values, self.step + 1, self.lr)                      # the step's figures, and its number as metrics.jsonl counts
+    if self._reads_late(): step, self.unread = self.unread, step   # the GPU need not wait for this step: read the last one
+    if step is None: return True
+    loss_value, norm = step[0].tolist()
     self._count_norm(norm)
     if self.spikes is None: self.spikes = SpikeDetector(self.cfg.spike_sigma)
     limit, level, std = self.spikes.threshold, self.spikes.level, self.spikes.std
     if not self.spikes.update(loss_value): return True
-    self.pending_spike = dict(event='spike', spike_loss=_sig(loss_value), threshold=_sig(limit), level=_sig(level), noise_std=_sig(std),
-                              grad_norm=_sig(norm), lr=_sig(self.lr), recent_losses=list(self.spikes.recent), action=self.cfg.on_spike)
-    return self.cfg.on_spike == 'warn'
+    self.pending_spike = dict(step=step[1], event='spike', spike_loss=_sig(loss_value), threshold=_sig(limit), level=_sig(level),
+                              noise_std=_sig(std), grad_norm=_sig(norm), lr=_sig(step[2]), recent_losses=list(self.spikes.recent),
+                              action=self.cfg.on_spike)
+    return self.cfg.on_spike == 'warn' or self._reads_late()
 
 # %% ../nbs/04_training.ipynb #10a0b64c
 @patch
@@ -1274,7 +1285,7 @@ def _log_health(self:Trainer):
     spike, self.pending_spike = self.pending_spike, None
     self.spike_count += 1
     self.log(**spike)
-    what = (f"loss spike at step {self.step}: {spike['spike_loss']:.4f}, above {spike['threshold']:.4f} "
+    what = (f"loss spike at step {spike['step']}: {spike['spike_loss']:.4f}, above {spike['threshold']:.4f} "
             f"(its level {spike['level']:.4f} + {self.cfg.spike_sigma:g} x noise {spike['noise_std']:.4f})")
     if spike['action'] == 'stop':
         kept = ("nothing was saved yet" if self.committed_step is None
