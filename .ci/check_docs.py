@@ -23,7 +23,7 @@ def has_table(nb:dict) -> bool:
     "Whether an output holds a table: Markdown or HTML, or aligned text with a header rule."
     for o in outputs(nb):
         data, text = o.get('data', {}), text_of(o)
-        if 'text/html' in data and '<table' in ''.join(data['text/html']): return True
+        if '<table' in ''.join(data.get('text/html', '')) or '<table' in text: return True   # HTML, or HTML in markdown (craft.docs)
         if re.search(r'^\|.*\|\s*\n\|[-:| ]+\|', text, re.M): return True
         if re.search(r'^.*\S {2,}\S.*\n(.*\S {2,}\S.*\n){2,}', text, re.M): return True
     return False

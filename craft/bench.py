@@ -13,8 +13,8 @@ __all__ = ['PEAKS', 'LOSS_RUNS', 'BENCH_FORMAT', 'BENCH_VERSION', 'SPEEDRUN_RUNG
            'bench_command', 'plot_training', 'plot_sampling', 'plot_time_to_loss', 'plot_memory', 'plot_results',
            'ladder_settings', 'train_recipe', 'bench_ladder', 'ladder_table', 'plot_curves', 'plot_ladder',
            'PartTimeout', 'time_limit', 'run_part', 'served', 'load_test', 'baseline_recipe', 'cli_sample_speed',
-           'bench_suite', 'load_suite', 'on_gpu', 'recipes_table', 'serving_table', 'plot_serving', 'nanogpt_table',
-           'cli_table']
+           'flood_test', 'server_table', 'bench_suite', 'load_suite', 'on_gpu', 'recipes_table', 'serving_table',
+           'plot_serving', 'nanogpt_table', 'cli_table']
 
 # %% ../nbs/06_benchmarks.ipynb #da61ba18
 import contextlib, ctypes, gc, json, math, os, platform, re, signal, statistics, subprocess, sys, tempfile, threading
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from .errors import CraftError
 from .tokenizer import CharTokenizer
-from .files import atomic_write_text
+from .files import atomic_write_text, check_output_file, check_output_folder, describe_os_error, read_json_file
 from .model import GPT, GPTConfig, PRESETS, DTYPE_BYTES, flops_per_token, matmul_params, memory_budget
 from .model import pick_device, save_checkpoint
 from .training import TRAIN_PRESETS, Trainer, resolve_config, load_tokens, estimate_loss
@@ -586,10 +586,12 @@ def write_results(results:dict, path) -> Path:
 def load_results(path) -> dict:
     "Read a results file written by `craft bench`, checking its format and version."
     path = Path(path)
-    try: results = json.loads(path.read_text(encoding='utf-8'))
+    try: results = read_json_file(path, limit=2**28)                      # a regular file, of sound JSON
     except FileNotFoundError:
         raise CraftError(f"{path}: no such file; write one with `craft bench --out {path}`") from None
-    except (OSError, json.JSONDecodeError) as e: raise CraftError(f"{path}: not a readable JSON file ({e})") from None
+    except (OSError, CraftError) as e:                                     # unreadable, damaged, or not a regular file
+        why = describe_os_error(e) if isinstance(e, OSError) else str(e).removeprefix(f"{path}: ")
+        raise CraftError(f"{path}: not a readable JSON file ({why})") from None
     if not isinstance(results, dict) or results.get('format') != BENCH_FORMAT:
         raise CraftError(f"{path} is not a craft bench results file (no format '{BENCH_FORMAT}')")
     if results.get('version') != BENCH_VERSION:
@@ -601,10 +603,9 @@ def _check(ok:bool, message:str):
     "Raise a `CraftError` saying `message` unless `ok`."
     if not ok: raise CraftError(message)
 
-def _check_out(out:str) -> Path:
-    "The output path, its folder created; a `CraftError` if it cannot be written."
-    path = Path(out)
-    _check(not path.is_dir(), f"--out {out} is a directory; give a file name, e.g. {path / 'bench.json'}")
+def _check_out(out:str, example:str='bench.json') -> Path:
+    "The output path, its folder created; a `CraftError` if it cannot be written, or is a device, a pipe, a folder (`example`: a name to suggest)."
+    path = check_output_file(out, '--out', example)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}."): pass
@@ -647,7 +648,7 @@ def _bench_settings(on_gpu:bool, preset, repeats, batch_size, new_tokens, loss_p
            f"invalid --batch-size {batch_sizes}: each must be a positive integer")
     _check(isinstance(repeats, int) and repeats >= 1, f"invalid --repeats {repeats}: must be at least 1")
     _check(new_tokens >= 0, f"invalid --new-tokens {new_tokens}: must be >= 0 (0 = the default)")
-    _check(peak_tflops is None or peak_tflops > 0, f"invalid --peak-tflops {peak_tflops}: must be > 0")
+    _check(peak_tflops is None or (math.isfinite(peak_tflops) and peak_tflops > 0), f"invalid --peak-tflops {peak_tflops}: must be a number > 0")
     _check(max_time > 0, f"invalid --max-time {max_time}: must be > 0 seconds")
     _check(target_loss is None or target_loss > 0, f"invalid --target-loss {target_loss}: must be > 0")
     _check(threads >= 0, f"invalid --threads {threads}: must be >= 0 (0 = torch's default)")
@@ -1088,10 +1089,10 @@ def _server_url(lines:Queue, timeout:float) -> str:
         if line.strip(): last = line
 
 @contextlib.contextmanager
-def served(checkpoint, device:str='auto', max_slots:int=64, timeout:float=120.0):
+def served(checkpoint, device:str='auto', max_slots:int=64, timeout:float=120.0, max_queue:int=128):
     "Serve `checkpoint` with `craft serve` in a fresh process, on a free port of 127.0.0.1; yields its URL, stops it."
     command = [sys.executable, '-m', 'craft.cli', 'serve', str(checkpoint), '--port', '0', '--device', str(device),
-               '--max-slots', str(max_slots), '--log-level', 'warning']
+               '--max-slots', str(max_slots), '--max-queue', str(max_queue), '--log-level', 'warning']
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               preexec_fn=_die_with_parent)
     lines = Queue()
@@ -1102,17 +1103,22 @@ def served(checkpoint, device:str='auto', max_slots:int=64, timeout:float=120.0)
         try: server.wait(10)
         except subprocess.TimeoutExpired: server.kill(); server.wait()
 
-# %% ../nbs/06_benchmarks.ipynb #6e75f7bd
-def _generate_request(url:str, body:dict, timeout:float) -> dict:
-    "POST `body` to `url`/v1/generate; the answer, or a `CraftError` for any status but 200."
+# %% ../nbs/06_benchmarks.ipynb #7b1ea974
+def _post(url:str, body:dict, timeout:float) -> tuple[int, dict]:
+    "POST `body` to `url`/v1/generate: the status and the JSON answer."
     host, port = url.removeprefix('http://').rstrip('/').rsplit(':', 1)
     connection = HTTPConnection(host.strip('[]'), int(port), timeout=timeout)
     try:
         connection.request('POST', '/v1/generate', json.dumps(body), {'Content-Type': 'application/json'})
         response = connection.getresponse()
-        answer = json.loads(response.read() or b'null')
+        return response.status, json.loads(response.read() or b'null')
     finally: connection.close()
-    if response.status != 200: raise CraftError(f"the server answered {response.status}: {answer}")
+
+# %% ../nbs/06_benchmarks.ipynb #6e75f7bd
+def _generate_request(url:str, body:dict, timeout:float) -> dict:
+    "POST `body` to `url`/v1/generate; the answer, or a `CraftError` for any status but 200."
+    status, answer = _post(url, body, timeout)
+    if status != 200: raise CraftError(f"the server answered {status}: {answer}")
     return answer
 
 def _summary_or_none(values:list) -> dict|None: return summarize(values) if values else None
@@ -1178,12 +1184,16 @@ NANOGPT_CPU = dict(  # nanoGPT's documented CPU recipe for shakespeare_char: its
 CPU_SUITE = dict(nanogpt=NANOGPT_CPU, finish_s=6.0, presets=['cpu', 'nanogpt'], new_tokens=64, repeats=5,
                  cli_preset='nanogpt', cli_tokens=500, cli_repeats=3,
                  deploy=dict(preset='nanogpt', tokens=500, repeats=3, train_seconds=100.0),       # 10_deploy
-                 finetune=dict(preset='cpu', seconds=75.0, parent_seconds=100.0))                 # 09_finetune
+                 finetune=dict(preset='cpu', seconds=75.0, parent_seconds=100.0),                 # 09_finetune
+                 data=dict(train_s=20.0, simulated=10**10),                                     # 03b_corpus
+                 server=dict(preset='cpu', clients=[1, 16, 64, 256], tokens=100, max_slots=64, max_queue=128))   # 07_serving
 _SHORT = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=2)
 CPU_SUITE_QUICK = {**CPU_SUITE, 'nanogpt': {**NANOGPT_CPU, **_SHORT}, 'finish_s': 4.0, 'presets': ['tiny'],
                    'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50,
                    'cli_repeats': 1, 'deploy': dict(preset='tiny', tokens=30, repeats=1, train_seconds=5.0),
-                   'finetune': dict(preset='tiny', seconds=3.0, parent_seconds=5.0)}
+                   'finetune': dict(preset='tiny', seconds=3.0, parent_seconds=5.0),
+                   'data': dict(sizes={'0.5 MB': 5 * 10**5}, simulated=2 * 10**6, train_s=2.0, timed_s=2.0),
+                   'server': dict(preset='tiny', clients=[1, 4, 16], tokens=10, max_slots=4, max_queue=4)}
 
 # %% ../nbs/06_benchmarks.ipynb #f1540a6c
 def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
@@ -1268,11 +1278,48 @@ def _suite_cpu_finetune(part:dict, save:Callable, ctx:dict):
     from .finetune import finetune_results
     part.update(finetune_results(**ctx['plan']['finetune']))
 
+def _suite_cpu_data(part:dict, save:Callable, ctx:dict):
+    "Corpora from 1 MB to 10 GB: preparation MB/s, peak memory, cold and warm start-up, tokens/s (`03b_corpus`)."
+    from .corpus import corpus_results
+    part.update(corpus_results(**ctx['plan']['data']))
+
+# %% ../nbs/06_benchmarks.ipynb #fdc16800
+def flood_test(url:str, clients:int, new_tokens:int=100, timeout:float=300.0) -> dict:
+    "`clients` requests at once: tokens/s of those answered, their time to first token (p50, p99), the share told 429, other statuses."
+    bodies = [{'prompt': '\n', 'max_new_tokens': new_tokens, 'temperature': 1.0, 'seed': i} for i in range(clients)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool: answers = list(pool.map(lambda body: _post(url, body, timeout), bodies))
+    seconds, ok = time.perf_counter() - start, [a for status, a in answers if status == 200]
+    firsts = [a['timing']['first_token_s'] for a in ok if a['timing']['first_token_s'] is not None]
+    p = lambda q: _sig(float(np.percentile(firsts, q))) if firsts else None
+    statuses = [status for status, _ in answers]
+    return {'clients': clients, 'answered': len(ok), 'rate_429': _sig(statuses.count(429) / clients, 3), 'seconds': _sig(seconds),
+            'other_statuses': sorted({s for s in statuses if s not in (200, 429)}), 'first_token_p50_s': p(50), 'first_token_p99_s': p(99),
+            'tokens_per_s': _sig(sum(a['generated_tokens'] for a in ok) / seconds)}
+
+def _suite_cpu_server(part:dict, save:Callable, ctx:dict):
+    "`craft serve` on a random model of the plan's preset, flooded by each number of clients in the plan (`07_serving`)."
+    plan = ctx['plan']['server']
+    checkpoint = save_checkpoint(ctx['tmp'] / 'server.safetensors', *random_model(plan['preset']))
+    part['server'] = {**plan, 'loads': []}
+    with served(checkpoint, str(ctx['dev']), plan['max_slots'], max_queue=plan['max_queue']) as url:
+        flood_test(url, min(8, plan['max_slots']), plan['tokens'])                    # warm-up
+        for n in plan['clients']:
+            part['server']['loads'].append(flood_test(url, n, plan['tokens'])); save()
+
+# %% ../nbs/06_benchmarks.ipynb #fdef40ea
+def server_table(part:dict) -> tuple[list[str], list[list[str]]]:
+    "One row per flood: clients, answered, the share told 429, tokens/s of the answered, time to first token p50 and p99."
+    headers = ['clients', 'answered', 'told 429', 'tokens/s', 'first token ms (p50)', 'first token ms (p99)']
+    rows = [[str(l['clients']), str(l['answered']), _percent(l['rate_429']), _num(l['tokens_per_s']), _ms(l['first_token_p50_s']),
+             _ms(l['first_token_p99_s'])] for l in part['server']['loads']]
+    return headers, rows
+
 # %% ../nbs/06_benchmarks.ipynb #e40bad45
 SUITES = {'gpu': {'training': _suite_training, 'sampling': _suite_sampling, 'serving': _suite_serving,
                   'recipes': _suite_recipes},
           'cpu': {'nanogpt': _suite_nanogpt, 'sampling': _suite_cpu_sampling, 'deploy': _suite_cpu_deploy,
-                  'finetune': _suite_cpu_finetune}}
+                  'finetune': _suite_cpu_finetune, 'data': _suite_cpu_data, 'server': _suite_cpu_server}}
 _PLANS = {('gpu', False): GPU_SUITE, ('gpu', True): GPU_SUITE_QUICK,   # (suite, quick): plan
           ('cpu', False): CPU_SUITE, ('cpu', True): CPU_SUITE_QUICK}
 
@@ -1280,6 +1327,7 @@ def _check_folder(out:str) -> Path:
     "The output folder, created; a `CraftError` if it is a file or cannot be written."
     path = Path(out)
     _check(not path.is_file(), f"--out {out} is a file; a suite writes one file per part into a folder: give a folder")
+    check_output_folder(path)                                              # nor a device, nor in /dev
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix='.probe.'): pass
@@ -1305,7 +1353,7 @@ def _suite_plan(suite:str, part, quick:bool, minutes:float, peak_tflops, threads
     _check(not unknown, f"unknown --part {', '.join(unknown)} for --suite {suite}; choose from: "
                         f"{', '.join(SUITES[suite])}")
     _check(math.isfinite(minutes) and minutes > 0, f"invalid --minutes {minutes}: must be a number > 0")
-    _check(peak_tflops is None or peak_tflops > 0, f"invalid --peak-tflops {peak_tflops}: must be > 0")
+    _check(peak_tflops is None or (math.isfinite(peak_tflops) and peak_tflops > 0), f"invalid --peak-tflops {peak_tflops}: must be a number > 0")
     _check(threads >= 0, f"invalid --threads {threads}: must be >= 0 (0 = torch's default)")
     plan = {**_PLANS[suite, quick], 'quick': quick, 'minutes': minutes, 'peak_tflops': peak_tflops, 'threads': threads}
     return [p for p in SUITES[suite] if p in parts], plan
@@ -1334,7 +1382,7 @@ def bench_suite(
     suite:str='gpu',
     out:str='bench',               # folder for the results: one file per part, <suite>-<part>.json, written as it ends
     device:str='auto',             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    # parts to run: training, sampling, serving, recipes (gpu); nanogpt, sampling, deploy, finetune (cpu); None = all
+    # parts to run: training, sampling, serving, recipes (gpu); nanogpt, sampling, deploy, finetune, data, server (cpu); None = all
     part:list[str]|None=None,
     quick:bool=False,              # the same code path at toy sizes (tiny preset): a CPU runs the gpu suite in minutes
     minutes:float=8.0,             # the gpu suite's wall-clock budget: its training runs get what the other parts leave

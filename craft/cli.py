@@ -15,7 +15,7 @@ import errno, io, signal, sys
 from pathlib import Path
 
 def _interrupted_at_startup(signum, frame):
-    "Ctrl-C while craft and PyTorch are imported: one line and exit 130, not a traceback through the imports."
+    "Ctrl-C or SIGTERM while craft and PyTorch are imported: one line and exit 130 or 143, not a traceback through the imports."
     os.write(2, b"craft: interrupted\n")
     os._exit(128 + signum)
 
@@ -33,10 +33,10 @@ def _guard_standard_streams():
 
 if '__file__' in globals() and (__name__ == '__main__' or Path(sys.argv[0]).stem == 'craft'):   # the command itself
     _guard_standard_streams()
-    signal.signal(signal.SIGINT, _interrupted_at_startup)
+    for _signal in (signal.SIGINT, signal.SIGTERM): signal.signal(_signal, _interrupted_at_startup)
 
 # %% ../nbs/90_cli.ipynb #2a144537
-import argparse, inspect, sys, types, typing
+import argparse, contextlib, inspect, sys, types, typing
 from dataclasses import fields
 from fastcore.docments import docments
 from .errors import CraftError
@@ -206,7 +206,9 @@ def main(argv:list[str]|None=None) -> int:
     "Entry point of the `craft` command: parse, dispatch, and turn user errors into one line and a non-zero exit."
     command = argv is None                       # the `craft` command itself, not a call from Python
     args = parse_args(argv)
-    if command: signal.signal(signal.SIGINT, signal.default_int_handler)   # imports done: Ctrl-C raises again
+    if command:                                   # imports done: Ctrl-C says 'stopping…' at once and stops the command;
+        signal.signal(signal.SIGINT, _stopping(args.command))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # SIGTERM ends it as usual (train, bench and serve catch it)
     try:
         code = args.func(args) or 0
         if command: sys.stdout.flush()            # a full or closed stdout fails here, in one line, not at exit
@@ -257,6 +259,13 @@ def suite_parser() -> argparse.ArgumentParser:
 # %% ../nbs/90_cli.ipynb #4185365b
 MEMORY_FIXES = {'train': 'lower --batch-size', 'sample': 'lower --num-samples or --max-new-tokens',
                 'serve': 'lower --max-slots'}
+
+def _stopping(command:str):
+    "The handler of Ctrl-C while `craft <command>` runs: 'stopping…' on stderr at once, then a `KeyboardInterrupt`."
+    def stop(signum, frame):
+        with contextlib.suppress(OSError): os.write(2, f"craft {command}: stopping…\n".encode())
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    return stop
 
 def _silence_stdout():
     "Point a broken stdout at os.devnull: what is still buffered, and the flush at exit, go nowhere, not failing again."

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from .errors import CraftError
+from .files import atomic_path, atomic_write_text, describe_os_error
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, Int8Linear, checkpoint_file, load_checkpoint, quantize_weights
 from .training import full_loss, load_tokens, read_run_config, split_tokens, train
@@ -126,10 +127,9 @@ def export_onnx(model:GPT, tokenizer:CharTokenizer, path) -> Path:
     program.model.metadata_props.update({'craft.format': ONNX_FORMAT, 'craft.version': str(ONNX_VERSION),
                                          'craft.config': json.dumps(c.to_dict()),
                                          'craft.tokenizer': json.dumps(tokenizer.to_dict())})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try: program.save(str(tmp), external_data=False); os.replace(tmp, path)
-    except OSError as e: raise CraftError(f"cannot write {path}: {e.strerror or e}; choose a writable path") from None
-    finally: tmp.unlink(missing_ok=True)
+    try:
+        with atomic_path(path) as tmp: program.save(str(tmp), external_data=False)   # never over a device: see 00_files
+    except OSError as e: raise CraftError(f"cannot write {describe_os_error(e)}") from None
     return path
 
 # %% ../nbs/10_deploy.ipynb #a9409903
@@ -142,8 +142,14 @@ class OnnxModel:
         self.session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
         metadata = self.session.get_modelmeta().custom_metadata_map
         if 'craft.config' not in metadata: raise ValueError(f"{path} has no craft metadata; export with `craft export`")
-        self.config, vocabulary = json.loads(metadata['craft.config']), json.loads(metadata['craft.tokenizer'])
-        self.chars, self.unk = vocabulary['chars'], vocabulary['unk']     # id i is chars[i]; with unk, one more id
+        try:                                                               # metadata from outside: check what is used
+            self.config, vocabulary = json.loads(metadata['craft.config']), json.loads(metadata['craft.tokenizer'])
+            self.chars, self.unk = vocabulary['chars'], bool(vocabulary['unk'])   # id i is chars[i]; unk: one more
+            sizes = [self.config[k] for k in ('block_size', 'n_head', 'n_embd')]
+            if not (isinstance(self.chars, str) and all(isinstance(n, int) and n > 0 for n in sizes)):
+                raise ValueError('chars must be a string, and block_size, n_head and n_embd positive integers')
+        except (KeyError, TypeError, ValueError, RecursionError) as e:
+            raise ValueError(f"{path}: damaged craft metadata ({type(e).__name__}: {e}); export it again with `craft export`") from None
         self.past_names = [i.name for i in self.session.get_inputs()[1:]]  # past_key_0, past_value_0, ...
 
     def empty_past(self, batch_size:int=1) -> list:
@@ -184,6 +190,7 @@ def generate_onnx(model:OnnxModel, prompt:str='\n', max_new_tokens:int=500, temp
     rng, tokens, new = np.random.default_rng(seed), encode_text(model, prompt)[-T:], []
     if not tokens: raise ValueError("the prompt is empty; give at least one character")
     if temperature < 0: raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if max_new_tokens < 0: raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     logits, past = model.forward(np.array([tokens]), model.empty_past())   # the prompt at once
     for i in range(max_new_tokens):
         new.append(pick_token(logits[0, -1], temperature, rng))
@@ -252,15 +259,16 @@ def export_command(run:str,                 # run directory or .safetensors chec
     if format not in EXPORT_FORMATS:
         raise CraftError(f"unknown format {format!r}; craft exports: {', '.join(EXPORT_FORMATS)}")
     checkpoint_file(run)                                                   # a missing run fails before anything slow
-    path = _check_out(out)
+    path = _check_out(out, example='model.onnx')                          # a file, not a device, not in /dev
     _require_export()
     model, tokenizer, config = load_checkpoint(run, 'cpu')
     start = time.perf_counter()
     export_onnx(model, tokenizer, path)
     wrote = f"craft export: wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.0f} s"
     if example:
-        program, tmp = path.with_name('onnx_sample.py'), path.with_name(f".onnx_sample.py.{os.getpid()}.tmp")
-        tmp.write_text(example_program(), encoding='utf-8'); os.replace(tmp, program)   # whole, even with two at once
+        program = path.with_name('onnx_sample.py')
+        try: atomic_write_text(program, example_program())                 # whole, even with two at once
+        except OSError as e: raise CraftError(f"cannot write {describe_os_error(e)}") from None
         wrote += f", and {program}: try `python {program} {path} --prompt ROMEO:` (onnxruntime and numpy only)"
     print(wrote, file=sys.stderr)
     return path

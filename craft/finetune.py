@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from safetensors.torch import save_file, load_file
 from .errors import CraftError
-from .files import atomic_path, atomic_write_text
+from .files import atomic_path, atomic_write_text, read_json_file
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, load_checkpoint, checkpoint_file, read_checkpoint_header, save_checkpoint
 from .training import (Trainer, RunConfig, MODEL_FIELDS, LORA_TARGETS, resolve_config, resume_config,
@@ -75,7 +75,7 @@ class LoRALinear(nn.Module):
 @patch
 @torch.no_grad()
 def merged(self:LoRALinear) -> nn.Linear:
-    "A plain `nn.Linear` with weight $W + \frac{\alpha}{r}BA$: the same function, with no adapter."
+    r"A plain `nn.Linear` with weight $W + \frac{\alpha}{r}BA$: the same function, with no adapter."
     d_out, d_in = self.base.weight.shape
     weight = self.base.weight                                                  # (d_out, d_in)
     linear = nn.Linear(d_in, d_out, bias=self.base.bias is not None, device=weight.device, dtype=weight.dtype)
@@ -260,8 +260,8 @@ def lineage(self:FinetuneTrainer) -> dict:
 def read_lineage(run_dir) -> dict:
     "A fine-tuned run's finetune.json: its parent, the vocabulary it added, what trains."
     path = Path(run_dir) / 'finetune.json'
-    try: d = json.loads(path.read_text(encoding='utf-8'))
-    except (OSError, ValueError) as e:
+    try: d = read_json_file(path)                                           # a regular file, of sound JSON
+    except (OSError, CraftError) as e:
         raise CraftError(f"{path}: missing or unreadable ({type(e).__name__}); is {run_dir} a fine-tune?") from None
     if not isinstance(d, dict) or d.get('format') != FINETUNE_FORMAT:
         raise CraftError(f"{path}: not a craft fine-tuning record")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 import torch
 from .errors import CraftError
-from .files import atomic_write_text, cache_dir
+from .files import atomic_write_text, cache_dir, read_json_file
 
 # %% ../nbs/03a_machine.ipynb #f56053ff
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -158,8 +158,8 @@ def _profiles_file() -> Path: return cache_dir() / 'machine-profiles.json'
 
 def cached_profiles() -> dict:
     "Every cached profile, by key (empty if there is no cache or it is damaged)."
-    try: profiles = json.loads(_profiles_file().read_text(encoding='utf-8'))
-    except (OSError, ValueError): return {}
+    try: profiles = read_json_file(_profiles_file())           # a regular file, of sound JSON
+    except (OSError, CraftError): return {}
     return profiles if isinstance(profiles, dict) else {}
 
 def cache_profile(key:str, profile:Profile|dict):
@@ -178,7 +178,9 @@ def machine_profile(work:str, shape:dict, device, make_step:Callable[[Setting], 
     load = machine_load()
     key = profile_key(device, work, shape, settings, load)
     if (cached := cached_profiles().get(key)) is not None:
-        with contextlib.suppress(KeyError, TypeError, ValueError): return Profile.from_dict(cached, 'cached')
+        with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+            profile = Profile.from_dict(cached, 'cached')
+            if profile.choice in settings: return profile    # else planted or stale (4096 threads, dtype 'save'): measure
     figures = measure(make_step, settings, sync)
     profile = Profile(min(figures, key=figures.get), {str(s): t for s, t in figures.items()}, 'measured', work, load)
     cache_profile(key, profile)
@@ -190,7 +192,8 @@ def step_seconds(work:str, shape:dict, device, make_step:Callable[[Setting], Cal
     "Seconds per step of `work` (of `shape`) in `setting`: measured once with `make_step`, then cached like a profile."
     key = profile_key(device, work, shape, [setting], machine_load())
     cached = cached_profiles().get(key)
-    if isinstance(cached, dict) and isinstance(cached.get('seconds'), (int, float)): return float(cached['seconds'])
+    if isinstance(cached, dict) and isinstance(cached.get('seconds'), (int, float)) and 0 < cached['seconds'] < 1e6:
+        return float(cached['seconds'])                        # else planted or damaged: measured again
     with threads_of(setting): seconds = time_call(make_step(setting), sync)
     cache_profile(key, {'seconds': seconds, 'work': work, 'setting': str(setting)})
     return seconds

@@ -21,7 +21,7 @@ from fastcore.basics import patch
 from safetensors import safe_open
 from safetensors.torch import save_model, save_file, load_model
 from .errors import CraftError, check_setting
-from .files import atomic_path
+from .files import atomic_path, parse_json
 from .tokenizer import CharTokenizer
 from .attention import KVCache, keys_in_use, row_mask
 from .block import Block, make_norm, mlp_hidden, NORMS, MLPS
@@ -238,6 +238,16 @@ def memory_budget(config:GPTConfig, batch_size:int, dtype:str='bfloat16') -> dic
     }
     return {**parts, 'total': sum(parts.values())}
 
+# %% ../nbs/03_model.ipynb #a523a17c
+def _address_space_left() -> int|None:
+    "Bytes this process may still map under its address-space limit (`ulimit -v`, `prlimit --as`), if it has one."
+    try:
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY: return None
+        return limit - int(Path('/proc/self/statm').read_text().split()[0]) * os.sysconf('SC_PAGE_SIZE')
+    except (ImportError, OSError, ValueError, IndexError): return None
+
 # %% ../nbs/03_model.ipynb #7319c704
 def _cgroup_free() -> int|None:
     "Bytes left under this container's cgroup (v2) memory limit, if it has one."
@@ -247,7 +257,7 @@ def _cgroup_free() -> int|None:
     except (OSError, ValueError): return None
 
 def available_memory(device='cpu') -> int|None:
-    "Bytes `device` can still allocate (CPU: MemAvailable, within a cgroup limit; CUDA: free memory), or None."
+    "Bytes `device` can still allocate (CPU: MemAvailable, within a cgroup or `ulimit -v` limit; CUDA: free memory), or None."
     device = torch.device(device)
     if device.type == 'cuda': return torch.cuda.mem_get_info(device)[0]
     if device.type != 'cpu': return None
@@ -256,8 +266,7 @@ def available_memory(device='cpu') -> int|None:
     except (OSError, StopIteration, ValueError, IndexError):
         try: import psutil; free = psutil.virtual_memory().available
         except ImportError: return None
-    cgroup = _cgroup_free()
-    return free if cgroup is None else min(free, cgroup)
+    return min([free, *(v for v in (_cgroup_free(), _address_space_left()) if v is not None)])
 
 # %% ../nbs/03_model.ipynb #8974acad
 def format_bytes(n:int|float) -> str:
@@ -412,8 +421,11 @@ def read_checkpoint_header(path) -> dict:
     if header.get('version') != str(CHECKPOINT_VERSION):
         raise CraftError(f"{file} has checkpoint version {header.get('version')}, this craft reads version "
                          f"{CHECKPOINT_VERSION}; upgrade craft")
-    try: return {**header, **{k: json.loads(header[k]) for k in ('config', 'tokenizer', 'metadata')}}
-    except (KeyError, json.JSONDecodeError) as e: raise CraftError(f"{file}: damaged craft header ({e})") from None
+    try: fields = {k: parse_json(header[k], file, 'craft header') for k in ('config', 'tokenizer', 'metadata')}
+    except KeyError as e: raise CraftError(f"{file}: damaged craft header (no {e})") from None
+    if not all(isinstance(v, dict) for v in fields.values()):
+        raise CraftError(f"{file}: damaged craft header (config, tokenizer and metadata must be JSON objects)")
+    return {**header, **fields}
 
 # %% ../nbs/03_model.ipynb #238f2f9f
 def verify_checkpoint(path):
@@ -433,11 +445,13 @@ def load_checkpoint(path, device='cpu', quantize:str|None=None) -> tuple[GPT, Ch
     "Load `(model, tokenizer, config)` from a checkpoint or run directory, safely, checksum checked, in eval mode."
     file = checkpoint_file(path)
     header = read_checkpoint_header(file)
-    config = GPTConfig.from_dict(header['config'])
-    tokenizer = CharTokenizer.from_dict(header['tokenizer'])
+    try: config, tokenizer = GPTConfig.from_dict(header['config']), CharTokenizer.from_dict(header['tokenizer'])
+    except (TypeError, ValueError) as e: raise CraftError(f"{file}: damaged craft header ({e})") from None
     if tokenizer.vocab_size != config.vocab_size:
         raise CraftError(f"{file}: tokenizer has {tokenizer.vocab_size} tokens "
                          f"but the model expects {config.vocab_size}")
+    check_memory(sampling_memory(config, 0, 0), 'cpu', f"the model of {file} ({config.n_layer} layers of {config.n_embd})",
+                 "use a smaller model, or a machine with more memory")   # before building it: a header may claim anything
     model = GPT(config)
     try: load_model(model, str(file), strict=True, device=str(device))
     except Exception as e:

@@ -16,9 +16,9 @@ from datetime import datetime
 from html import escape
 from pathlib import Path
 from .errors import CraftError
-from .files import atomic_write, run_lock_held
+from .files import atomic_write, check_output_file, run_lock_held
 from .training import BITS_PER_NAT, MODEL_FIELDS, TRAIN_FIELDS, RunConfig, read_run_config, read_metrics, read_status
-from .training import plot_health, read_provenance
+from .training import metrics_and_damage, plot_health, read_provenance
 
 # %% ../nbs/08_experiments.ipynb #5156c082
 STATUSES = ('running', 'finished', 'interrupted', 'failed')   # what the trainer writes in status.json
@@ -41,10 +41,9 @@ def _status(run_dir:Path) -> dict:
 
 def _metrics(run_dir:Path) -> tuple[list[dict], int]:
     "The readable lines of `metrics.jsonl`, and how many non-blank lines could not be read."
-    rows = [r for r in read_metrics(run_dir) if isinstance(r, dict)]
-    try: lines = (run_dir / 'metrics.jsonl').read_text(encoding='utf-8', errors='replace').splitlines()
-    except OSError: return rows, 0
-    return rows, sum(1 for line in lines if line.strip()) - len(rows)
+    try: rows, damaged, _ = metrics_and_damage(run_dir)   # the row counts the damaged lines: no warning
+    except (OSError, CraftError): return [], 0             # unreadable, or not a regular file (a link to /dev/zero)
+    return rows, damaged
 
 # %% ../nbs/08_experiments.ipynb #b27fdca3
 def flat_config(run:RunConfig) -> dict:
@@ -346,6 +345,7 @@ def _check_plot_path(plot) -> Path:
     if path.suffix.lstrip('.').lower() not in formats:
         raise CraftError(f"--plot {path}: unknown image format {path.suffix or '(no extension)'!r}; use a .png, .svg or .pdf file name")
     if not path.parent.is_dir(): raise CraftError(f"--plot {path}: the folder {path.parent} does not exist; create it first")
+    check_output_file(path, '--plot', 'compare.png')           # not a device, not in /dev
     return path
 
 def compare_runs(run_dirs, plot:str|None=None):

@@ -22,6 +22,7 @@ from fastcore.basics import patch
 from .attention import KVCache
 from .block import Block
 from .errors import CraftError, check_setting
+from .files import read_small_file
 from .tokenizer import CharTokenizer, load_text
 from .model import GPT, GPTConfig, Int8Linear, cap_logits, load_checkpoint, pick_device
 from .model import DTYPE_BYTES, check_memory, read_checkpoint_header, sampling_memory
@@ -506,6 +507,8 @@ def load_for_sampling(run, device:str='auto', dtype:str='auto', threads:int=0, b
 
 def _read_prompt(prompt:str, prompt_file:str|None) -> str:
     if prompt_file is None: return prompt
+    try: read_small_file(prompt_file, '--prompt-file')   # a regular file of at most 16 MiB: not /dev/zero, not a pipe
+    except OSError: pass                                 # missing or unreadable: load_text says so
     try: return load_text(prompt_file)
     except CraftError as e: raise CraftError(f"prompt file: {e}") from None
 

@@ -14,7 +14,7 @@ import numpy as np
 from fastcore.basics import patch
 
 from .errors import CraftError
-from .files import atomic_write_text
+from .files import atomic_write_text, read_small_file
 
 # %% ../nbs/00_tokenizer.ipynb #e3368bb1
 def shakespeare_path() -> Path:
@@ -246,12 +246,13 @@ def load(cls: CharTokenizer, path: str | Path) -> CharTokenizer:
     if path.is_dir(): raise CraftError(f"{path} is a directory; pass the tokenizer's .json file")
     if not path.exists():
         raise CraftError(f"tokenizer file not found: {path}; check the path, or create one with CharTokenizer.save")
-    try: d = json.loads(path.read_bytes().decode('utf-8'))
+    try: d = json.loads(read_small_file(path, limit=2**26).decode('utf-8'))   # a regular file (not /dev/zero), at most 64 MiB
     except OSError as e: raise CraftError(f"cannot read {path}: {e.strerror}; check the file's permissions") from None
     except UnicodeDecodeError as e:
         raise CraftError(f"{path}: not a UTF-8 JSON file (bad byte at offset {e.start}); re-create it with "
                          "CharTokenizer.save") from None
-    except json.JSONDecodeError as e:
-        raise CraftError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno}), the file may be "
-                         "truncated or corrupted; re-create it with CharTokenizer.save") from None
+    except CraftError: raise                                  # a device, a pipe, a file too large: already one line
+    except (ValueError, RecursionError) as e:                 # bad syntax, nested too deeply, a number too long
+        raise CraftError(f"{path}: invalid JSON ({str(e)[:200]}), the file may be truncated or corrupted; "
+                         "re-create it with CharTokenizer.save") from None
     return cls.from_dict(d, where=str(path))

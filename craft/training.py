@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['DTYPES', 'OPTIMIZERS', 'SPIKE_ACTIONS', 'LORA_TARGETS', 'TRAIN_PRESETS', 'MODEL_FIELDS', 'TRAIN_FIELDS',
            'BITS_PER_NAT', 'RUN_FORMAT', 'RUN_VERSION', 'MIN_BATCH', 'STATE_LAYOUT', 'LAYER_PANELS', 'TrainConfig',
-           'RunConfig', 'read_config_file', 'resolve_config', 'corpus_files', 'read_corpus', 'fingerprint',
-           'corpus_record', 'load_tokens', 'Batches', 'split_tokens', 'hold_out_test', 'make_optimizers',
-           'learning_rate', 'estimate_loss', 'full_loss', 'read_run_config', 'read_metrics', 'read_status',
-           'plot_metrics', 'Dist', 'dist_from_env', 'training_profile', 'fit_batch_to_time', 'Trainer',
-           'read_training_state', 'process_age', 'tensorboard_writer', 'write_sample', 'health_layers',
-           'activation_stats', 'SpikeDetector', 'git_state', 'machine_record', 'provenance', 'read_provenance',
-           'resume_config', 'train', 'health_metrics', 'plot_health']
+           'RunConfig', 'read_config_file', 'resolve_config', 'Batches', 'split_tokens', 'hold_out_test',
+           'make_optimizers', 'learning_rate', 'estimate_loss', 'scored_windows', 'scored_tokens', 'full_loss',
+           'read_run_config', 'metrics_and_damage', 'read_metrics', 'read_status', 'plot_metrics', 'Dist',
+           'dist_from_env', 'training_profile', 'fit_batch_to_time', 'Trainer', 'read_training_state', 'process_age',
+           'tensorboard_writer', 'write_sample', 'progress_bar', 'health_layers', 'activation_stats', 'SpikeDetector',
+           'git_state', 'machine_record', 'provenance', 'read_provenance', 'resume_config', 'train', 'health_metrics',
+           'plot_health']
 
 # %% ../nbs/04_training.ipynb #15aedaa9
 import contextlib, functools, hashlib, json, math, os, signal, stat, sys, threading, time
@@ -24,7 +24,9 @@ import torch.nn as nn
 from fastcore.basics import patch
 from .errors import CraftError
 from .files import atomic_path, atomic_write, atomic_write_text, cache_dir, describe_os_error, RunLock
+from .files import check_output_folder, parse_json, read_json_file, read_small_file
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
+from .corpus import corpus_files, corpus_record, fingerprint, load_tokens, read_corpus
 from .model import GPT, GPTConfig, PRESETS, save_checkpoint, load_checkpoint, read_checkpoint_header, pick_device, check_field_types
 from .model import checksum, check_memory, memory_budget, sampling_memory, available_memory, oom_message, DTYPE_BYTES
 from .machine import Profile, Setting, cpu_cores, candidates, machine_profile, step_seconds, threads_of
@@ -39,7 +41,7 @@ LORA_TARGETS = ('attn', 'mlp', 'attn.qkv', 'attn.proj', 'mlp.fc', 'mlp.proj')  #
 class TrainConfig:
     "How to train: data, batches, optimiser, schedule, evaluation, devices. Invalid values raise `CraftError`."
     preset: str = 'auto'          # named recipe, model and training: auto (cpu on a CPU, nanogpt on a GPU), cpu, nanogpt, speedrun, quality, tiny
-    data: str = ''                # UTF-8 text file, or a folder of text files; '' = the bundled tiny Shakespeare
+    data: str = ''                # UTF-8 text: a file, a folder of files, or a quoted glob ('src/**/*.c'); '' = the bundled tiny Shakespeare
     out: str = ''                 # run directory; '' = runs/<date-time>
     val_fraction: float = 0.1     # the last fraction of the corpus that validates (the standard split is 0.1)
     test_fraction: float = 0.0    # hold out this last fraction of the corpus as a test split, scored once at the end with the best weights (0 = none, as nanoGPT)
@@ -61,6 +63,7 @@ class TrainConfig:
     grad_clip: float = 1.0        # clip the gradient norm to this (0 = off)
     eval_interval: int = 250      # evaluate every this many steps
     eval_iters: int = 200         # validation batches per evaluation (0 = the whole validation split, exact)
+    eval_tokens: int = 262_144    # most tokens a whole-split evaluation scores, in evenly spaced windows (0 = all); 1 MB of text is scored whole
     target_loss: float = 0.0      # stop once an evaluation's validation loss is at or below this (0 = off)
     log_interval: int = 10        # write a metrics line every this many steps
     health: bool = True           # record training health: each step's gradient norm, per-layer figures every eval_interval steps, loss spikes
@@ -72,7 +75,7 @@ class TrainConfig:
     compile: bool = False         # compile the model with torch.compile
     seed: int = 1337              # random seed for weights, batches and dropout
     sample_chars: int = 500       # length of the sample written at the end (0 = none)
-    full_eval: bool = True        # at the end, evaluate on the whole validation split (all non-overlapping windows)
+    full_eval: bool = True        # at the end, evaluate the best weights on the whole validation split (up to eval_tokens)
     progress: bool = True         # show a progress bar
     tensorboard: bool = False     # also write TensorBoard event files (scalars, config, sample) into the run directory
     init_from: str = ''           # fine-tune: start from this run's best weights and model shape ('' = from scratch; 09_finetune)
@@ -94,7 +97,7 @@ def validate(self:TrainConfig):
     check_field_types(self, 'training')
     for name in ('batch_size', 'grad_accum', 'max_iters', 'eval_interval', 'log_interval'):
         if getattr(self, name) < 1: _fail(name, getattr(self, name), "must be at least 1")
-    for name in ('max_time', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'weight_decay', 'grad_clip', 'sample_chars', 'eval_iters', 'target_loss', 'threads',
+    for name in ('max_time', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'weight_decay', 'grad_clip', 'sample_chars', 'eval_iters', 'eval_tokens', 'target_loss', 'threads',
                  'min_steps'):
         if getattr(self, name) < 0: _fail(name, getattr(self, name), "must be >= 0")
     if not 0 < self.val_fraction < 1: _fail('val_fraction', self.val_fraction, "must be between 0 and 1")
@@ -165,7 +168,7 @@ def _read_settings(path:Path):
     "The parsed YAML or JSON of the config file `path`, or one clear `CraftError`."
     if not path.exists(): raise CraftError(f"config file not found: {path}")
     if path.is_dir(): raise CraftError(f"--config {path} is a folder; pass a YAML or JSON file")
-    try: text = path.read_text(encoding='utf-8')
+    try: text = read_small_file(path, '--config').decode('utf-8')   # not a device, a pipe or a huge file
     except OSError as e: raise CraftError(f"--config {describe_os_error(e)}") from None
     except UnicodeDecodeError as e: raise CraftError(f"{path}: not UTF-8 (byte {e.start}); pass YAML or JSON") from None
     try:
@@ -207,84 +210,6 @@ def resolve_config(preset:str|None=None, config_file=None, device:str|None=None,
     model = GPTConfig(**{k: v for k, v in merged.items() if k in MODEL_FIELDS})
     train = TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_FIELDS})
     return RunConfig(model, train)
-
-# %% ../nbs/04_training.ipynb #dcc77691
-def _file_kind(path:Path) -> str:
-    "What `path` is, when it is neither a regular file nor a folder: a named pipe, a device, a socket."
-    mode = path.stat().st_mode
-    kinds = ((stat.S_ISFIFO, 'a named pipe (FIFO)'), (stat.S_ISCHR, 'a character device'),
-             (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'))
-    return next((name for test, name in kinds if test(mode)), 'a special file')
-
-def corpus_files(data:str|Path='') -> list[Path]:
-    "The text files of `data`: the file itself, a folder's visible files in sorted order, or the bundled corpus."
-    if not data: return [shakespeare_path()]
-    path = Path(data)
-    if not path.exists(): raise CraftError(f"--data {path}: no such file or directory")
-    if path.is_file(): return [path]
-    if not path.is_dir(): raise CraftError(f"--data {path} is {_file_kind(path)}, not a text file or a folder of them")
-    files = sorted(p for p in path.rglob('*') if p.is_file() and not any(part.startswith('.') for part in p.relative_to(path).parts))
-    if not files: raise CraftError(f"--data {path}: the folder has no files; put .txt files in it")
-    return files
-
-def read_corpus(data:str|Path='', separator:str='\n\n') -> str:
-    "The whole corpus as one string."
-    return separator.join(load_text(f) for f in corpus_files(data))
-
-# %% ../nbs/04_training.ipynb #1b81d9de
-_fingerprints = {}   # (path, size, mtime) of each file -> fingerprint: a resumed run hashes its corpus once, not twice
-
-def _hash_files(files:list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(b'\0file\0')
-        with open(f, 'rb') as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b''): h.update(chunk)
-    return h.hexdigest()[:24]
-
-def fingerprint(files:list[Path]) -> str:
-    "SHA-256 over the bytes of the files, in order (remembered in this process while their sizes and times stay)."
-    try:
-        stats = [os.stat(f) for f in files]
-        key = tuple((str(Path(f).resolve()), st.st_size, st.st_mtime_ns) for f, st in zip(files, stats))
-        if key not in _fingerprints: _fingerprints[key] = _hash_files(files)
-    except OSError as e: raise CraftError(f"--data: cannot read {describe_os_error(e)}") from None
-    return _fingerprints[key]
-
-def corpus_record(data:str|Path='') -> dict:
-    "What a run records of its corpus: its absolute path (None when bundled), its number of files and its content hash."
-    files = corpus_files(data)
-    path = str(Path(data).resolve()) if data else None
-    return {'path': path, 'bundled': not data, 'files': len(files), 'fingerprint': fingerprint(files)}
-
-# %% ../nbs/04_training.ipynb #003eb307
-def _cache_tokens(ids:np.ndarray, tok:CharTokenizer, files:list[Path], tokens_path:Path, meta_path:Path) -> np.ndarray:
-    "Write the token cache and map it back read-only; if it cannot be written (read-only, full), warn, keep the tokens."
-    try:
-        tokens_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(tokens_path, 'wb') as f: ids.tofile(f)
-        meta = dict(tokenizer=tok.to_dict(), dtype=ids.dtype.str, n_tokens=len(ids), files=[str(f) for f in files])
-        atomic_write_text(meta_path, json.dumps(meta))
-    except OSError as e:
-        print(f"craft: warning: no token cache ({describe_os_error(e)}); the tokens stay in memory. "
-              "Set CRAFT_CACHE_DIR to a writable folder to cache them", file=sys.stderr)
-        return ids
-    return np.memmap(tokens_path, dtype=ids.dtype, mode='r', shape=(len(ids),))
-
-# %% ../nbs/04_training.ipynb #0b14776a
-def load_tokens(data:str|Path='', tokenizer:CharTokenizer|None=None) -> tuple[np.ndarray, CharTokenizer]:
-    "Tokens of the corpus as a read-only memmap, and the tokenizer (built from the corpus unless given), cached by fingerprint."
-    files = corpus_files(data)
-    key = fingerprint(files) + ('' if tokenizer is None else '-' + hashlib.sha256(json.dumps(tokenizer.to_dict()).encode()).hexdigest()[:8])
-    tokens_path, meta_path = cache_dir() / f"{key}.tokens", cache_dir() / f"{key}.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        tok = CharTokenizer.from_dict(meta['tokenizer'])
-        return np.memmap(tokens_path, dtype=np.dtype(meta['dtype']), mode='r', shape=(meta['n_tokens'],)), tok
-    except Exception: pass  # no cache yet, or a damaged or unreadable one: it is rebuilt below
-    text = read_corpus(data)
-    tok = tokenizer or CharTokenizer.from_text(text)
-    return _cache_tokens(tok.encode(text), tok, files, tokens_path, meta_path), tok
 
 # %% ../nbs/04_training.ipynb #61d8a392
 class Batches:
@@ -382,22 +307,34 @@ def estimate_loss(model:nn.Module, batches:Batches, iters:int, autocast=contextl
     batches.load_state(state)
     return losses.mean().item()
 
+# %% ../nbs/04_training.ipynb #51347839
+def scored_windows(n_tokens:int, block_size:int, max_tokens:int=0) -> np.ndarray:
+    "The start of each window a whole-split evaluation scores: every non-overlapping one, or `max_tokens`' worth evenly spaced."
+    n_windows = (n_tokens - 1) // block_size
+    kept = n_windows if max_tokens <= 0 else min(n_windows, max(1, max_tokens // block_size))
+    return np.arange(kept) * n_windows // kept * block_size                       # (W,)
+
+def scored_tokens(n_tokens:int, block_size:int, max_tokens:int=0) -> int:
+    "How many tokens a whole-split evaluation scores: its windows times `block_size`."
+    return len(scored_windows(n_tokens, block_size, max_tokens)) * block_size
+
 # %% ../nbs/04_training.ipynb #153b2bd2
 @torch.no_grad()
-def full_loss(model:nn.Module, tokens:np.ndarray, block_size:int, batch_size:int=64, device='cpu', autocast=contextlib.nullcontext) -> float:
-    "Exact mean loss over all non-overlapping `block_size` windows of `tokens` (in nats per token)."
-    n_windows = (len(tokens) - 1) // block_size
-    data = torch.from_numpy(np.asarray(tokens[:n_windows * block_size + 1]).astype(np.int64))
-    x_all = data[:-1].view(n_windows, block_size)   # (W, T)
-    y_all = data[1:].view(n_windows, block_size)    # (W, T)
+def full_loss(model:nn.Module, tokens:np.ndarray, block_size:int, batch_size:int=64, device='cpu', autocast=contextlib.nullcontext,
+              max_tokens:int=0) -> float:
+    "Mean loss (nats per token) over the non-overlapping `block_size` windows of `tokens`; past `max_tokens`, over evenly spaced ones."
+    starts = scored_windows(len(tokens), block_size, max_tokens)                 # (W,)
+    offsets = np.arange(block_size + 1)                                           # (T+1,)
     was_training = model.training
     model.eval()
     total = 0.0
-    for i in range(0, n_windows, batch_size):
-        x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
+    for i in range(0, len(starts), batch_size):
+        index = starts[i:i + batch_size, None] + offsets                         # (B, T+1)
+        chunk = torch.from_numpy(np.asarray(tokens[index]).astype(np.int64))     # (B, T+1)
+        x, y = chunk[:, :-1].contiguous().to(device), chunk[:, 1:].contiguous().to(device)   # (B, T) each
         with autocast(): total += model(x, y)[1].float().item() * len(x)
     model.train(was_training)
-    return total / n_windows
+    return total / len(starts)
 
 # %% ../nbs/04_training.ipynb #400b056a
 RUN_FORMAT, RUN_VERSION = 'craft.run', 1
@@ -407,29 +344,44 @@ def read_run_config(run_dir) -> RunConfig:
     path = Path(run_dir) / 'config.json'
     if not Path(run_dir).is_dir(): raise CraftError(f"{run_dir}: no such run directory")
     if not path.is_file(): raise CraftError(f"{run_dir} is not a craft run directory (no config.json)")
-    try: d = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise CraftError(f"{path}: damaged run config ({e})") from None
+    try: d = read_json_file(path, kind='run config')   # a regular file, of sound JSON
+    except OSError as e: raise CraftError(describe_os_error(e)) from None
     if not isinstance(d, dict) or d.get('format') != RUN_FORMAT or d.get('version') != RUN_VERSION:
         raise CraftError(f"{path}: not a craft run config of version {RUN_VERSION}")
     corpus = d.get('corpus') if isinstance(d.get('corpus'), dict) else None
     try: return RunConfig(GPTConfig.from_dict(d['model']), TrainConfig(**d['train']), corpus)
     except (KeyError, TypeError, AttributeError) as e: raise CraftError(f"{path}: damaged run config ({type(e).__name__}: {e})") from None
 
+# %% ../nbs/04_training.ipynb #4ca51bd2
+def _metrics_row(line:str, path:Path) -> dict|None:
+    try: row = parse_json(line, path)
+    except CraftError: return None
+    return row if isinstance(row, dict) and type(row.get('step', 0)) is int else None   # a step that is not a number: damaged
+
+def metrics_and_damage(run_dir) -> tuple[list[dict], int, bool]:
+    "The readable rows of a run's `metrics.jsonl`, how many non-blank lines are damaged, and whether the last was cut short."
+    path = Path(run_dir) / 'metrics.jsonl'
+    if not path.is_file(): return [], 0, False
+    text = read_small_file(path, 'metrics', limit=2**31).decode('utf-8', errors='replace')   # not /dev/zero
+    rows = [(line, _metrics_row(line, path)) for line in text.splitlines()]
+    damaged = sum(1 for line, row in rows if row is None and line.strip())
+    return [row for _, row in rows if row is not None], damaged, bool(rows) and rows[-1][1] is None and not text.endswith('\n')
+
 # %% ../nbs/04_training.ipynb #51988519
 def read_metrics(run_dir) -> list[dict]:
-    "The lines of a run's `metrics.jsonl`; unreadable lines (a crash mid-write) are skipped."
-    path = Path(run_dir) / 'metrics.jsonl'
-    if not path.is_file(): return []
-    rows = []
-    for line in path.read_text(encoding='utf-8', errors='replace').splitlines():
-        try: rows.append(json.loads(line))
-        except json.JSONDecodeError: pass
+    "The rows of a run's `metrics.jsonl`; damaged lines are skipped with a warning (a last line cut by a crash, silently)."
+    try: rows, damaged, cut = metrics_and_damage(run_dir)
+    except (OSError, CraftError) as e:
+        print(f"craft: warning: {run_dir}: metrics not read ({describe_os_error(e) if isinstance(e, OSError) else e})", file=sys.stderr)
+        return []
+    if damaged - cut: print(f"craft: warning: {Path(run_dir) / 'metrics.jsonl'}: skipped {damaged - cut} damaged line(s)", file=sys.stderr)
     return rows
 
 def read_status(run_dir) -> dict:
-    "A run's `status.json` (empty if missing or unreadable)."
-    try: return json.loads((Path(run_dir) / 'status.json').read_text(encoding='utf-8'))
-    except (OSError, ValueError): return {}
+    "A run's `status.json` (empty if missing, unreadable or damaged: 100,000 nested brackets, a link to /dev/zero)."
+    try: status = read_json_file(Path(run_dir) / 'status.json')
+    except (OSError, CraftError): return {}
+    return status if isinstance(status, dict) else {}
 
 # %% ../nbs/04_training.ipynb #a43ca286
 def plot_metrics(run_dir, ax=None):
@@ -614,6 +566,7 @@ def _claim_run_dir(self:Trainer, resume) -> tuple[Path, RunLock|None]:
     out = Path(resume) if resume else self._new_run_dir()
     if not self.dist.is_main: return out, None
     if out.exists() and not out.is_dir(): raise CraftError(f"--out {out} is a file, not a folder; choose another --out")
+    check_output_folder(out, '--resume' if resume else '--out')   # not in /dev, /proc or /sys
     try: lock = RunLock(out).acquire()
     except OSError as e: raise CraftError(f"cannot write the run directory: {describe_os_error(e)}") from None
     if not resume and any((out / f).exists() for f in ('config.json', 'metrics.jsonl', 'state.pt', 'status.json')):
@@ -650,7 +603,7 @@ def _load_corpus(self:Trainer, run:RunConfig, tokenizer:CharTokenizer|None) -> t
             what = 'is missing' if now is None else 'has changed since the run began'
             raise CraftError(f"cannot resume {self.out}: its corpus {where} {what}; restore it, or continue on other "
                              "text with --data FILE (its characters must be in the run's vocabulary)")
-    try: tokens, tok = load_tokens(data, tokenizer)
+    try: tokens, tok = load_tokens(data, tokenizer, progress=self.cfg.progress and self.dist.is_main)
     except CraftError as e:
         if tokenizer is None or "not in the tokenizer's vocabulary" not in str(e): raise
         raise CraftError(f"cannot resume {self.out} on --data {data}: {str(e).split(';')[0]}; "
@@ -949,14 +902,16 @@ def _diverged(what:str, value:float, step:int, out:Path) -> CraftError:
 @patch
 def evaluate(self:Trainer) -> float:
     "Estimate the validation loss (exactly with `eval_iters=0`), log it, and checkpoint (best weights too if it improved)."
-    cfg = self.cfg
-    if cfg.eval_iters: val = estimate_loss(self.model, self.val_batches, cfg.eval_iters, self.autocast)
-    else: val = full_loss(self.model, self.val_tokens, self.run.model.block_size, cfg.batch_size, self.device, self.autocast)
+    cfg, T = self.cfg, self.run.model.block_size
+    if cfg.eval_iters: val, scored = estimate_loss(self.model, self.val_batches, cfg.eval_iters, self.autocast), cfg.eval_iters * cfg.batch_size * T
+    else:
+        val = full_loss(self.model, self.val_tokens, T, cfg.batch_size, self.device, self.autocast, cfg.eval_tokens)
+        scored = scored_tokens(len(self.val_tokens), T, cfg.eval_tokens)
     if not math.isfinite(val): raise _diverged('the validation loss', val, self.step, self.out)
     improved = val < self.best_val_loss
     if improved: self.best_val_loss, self.best_is_exact = val, cfg.eval_iters == 0
     if 0 < val <= cfg.target_loss and self.target_reached_s is None: self.target_reached_s = self.elapsed()
-    self.log(val_loss=val, val_bpc=val * BITS_PER_NAT)
+    self.log(val_loss=val, val_bpc=val * BITS_PER_NAT, val_tokens=scored)
     self.save(best=improved)
     return val
 
@@ -980,7 +935,10 @@ def _signals(self:Trainer):
     "While training: a first SIGINT or SIGTERM asks to save and stop after this step, a second stops at once."
     if threading.current_thread() is not threading.main_thread(): yield; return   # only the main thread handles signals
     def on_signal(signum, frame):
-        if not self.interrupted: self.interrupted = signum; return
+        if not self.interrupted:
+            self.interrupted = signum
+            if self.dist.is_main: os.write(2, f"craft: stopping after step {self.step + 1} (a second Ctrl-C stops at once)\n".encode())
+            return
         for sig in previous: signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1046,7 +1004,7 @@ def _save_interrupted(self:Trainer):
 # %% ../nbs/04_training.ipynb #216fcb6f
 @patch
 def _finish(self:Trainer, reason:str):
-    "The last evaluation, the exact one of the best weights, the status, and the loss plot."
+    "The last evaluation, the whole-split one of the best weights (up to `eval_tokens`), the status, and the loss plot."
     cfg, extra = self.cfg, {'stop_reason': reason}
     if self.step % cfg.eval_interval: self.evaluate()
     if self.target_reached_s is not None: extra['target_reached_s'] = round(self.target_reached_s, 3)
@@ -1055,9 +1013,10 @@ def _finish(self:Trainer, reason:str):
         else:
             best_model, _, _ = load_checkpoint(self.out, self.device)
             full = full_loss(best_model, self.val_tokens, self.run.model.block_size, cfg.batch_size, self.device,
-                             self.autocast)
-        self.log(full_val_loss=full, full_val_bpc=full * BITS_PER_NAT)
-        extra.update(full_val_loss=round(full, 6), full_val_bpc=round(full * BITS_PER_NAT, 6))
+                             self.autocast, cfg.eval_tokens)
+        scored = scored_tokens(len(self.val_tokens), self.run.model.block_size, cfg.eval_tokens)
+        self.log(full_val_loss=full, full_val_bpc=full * BITS_PER_NAT, full_val_tokens=scored)
+        extra.update(full_val_loss=round(full, 6), full_val_bpc=round(full * BITS_PER_NAT, 6), full_val_tokens=scored)
     extra.update(self._final_figures())   # the test split, scored once; which split the run reports; spikes
     self.set_status('finished', **extra)
     if self.dist.is_main: self._plot()
@@ -1098,18 +1057,32 @@ def _leave_group(self:Trainer):
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
+# %% ../nbs/04_training.ipynb #a3f1c0d2
+def progress_bar(cfg:TrainConfig, step:int, shown:bool, time_left:float=0.0, clock=time.perf_counter, **kwargs):
+    "A tqdm bar over the steps from `step`; with `max_time`, its total follows the steps `time_left` allows."
+    from tqdm.auto import tqdm
+    total = cfg.max_iters if cfg.max_time <= 0 else None            # with max_time: unknown until the first step
+    bar = tqdm(total=total, initial=step, disable=not shown, unit='step', dynamic_ncols=True, **kwargs)
+    if cfg.max_time <= 0 or bar.disable: return bar
+    start, update = clock(), bar.update
+    def update_total(n=1):
+        done, elapsed = bar.n + n - step, max(clock() - start, 1e-9)   # steps and seconds in this process
+        bar.total = min(cfg.max_iters, max(bar.n + n, step + round(done * time_left / elapsed)))
+        return update(n)
+    bar.update = update_total
+    return bar
+
 # %% ../nbs/04_training.ipynb #79a88f6b
 @patch
 def fit(self:Trainer) -> Path:
     "Train until a stop condition; returns the run directory. Whatever ends it, status.json says how."
-    from tqdm.auto import tqdm
     bar, self.writer, threads_before = None, None, torch.get_num_threads()
     with self._signals():   # around the failure handling too: a second Ctrl-C must not cut the status write short
         try:
             self._begin()
             if self.profile.choice.threads: torch.set_num_threads(self.profile.choice.threads)
             shown = self.dist.is_main and self.cfg.progress
-            bar = tqdm(total=self.cfg.max_iters, initial=self.step, disable=not shown, unit='step', dynamic_ncols=True)
+            bar = progress_bar(self.cfg, self.step, shown, time_left=self.cfg.max_time - self.elapsed_before)
             reason = self._train_loop(bar)
             if reason == 'interrupted': self._save_interrupted()
             else: self._finish(reason)
@@ -1346,13 +1319,16 @@ Trainer.test_tokens = None   # the held-out test split (hold_out_test), or None
 
 @patch
 def _final_figures(self:Trainer) -> dict:
-    "At the end: the test split's exact loss with the best weights (its one use), which split the run reports, and the spikes."
+    "At the end: the test split's loss with the best weights (up to `eval_tokens`) (its one use), which split the run reports, and the spikes."
     figures = {'reported_split': 'validation', 'spikes': self.spike_count}
     if self.test_tokens is None or not self.dist.is_main: return figures
     best_model, _, _ = load_checkpoint(self.out, self.device)
-    test = full_loss(best_model, self.test_tokens, self.run.model.block_size, self.cfg.batch_size, self.device, self.autocast)
-    self.log(test_loss=test, test_bpc=test * BITS_PER_NAT)
-    return {**figures, 'reported_split': 'test', 'test_loss': round(test, 6), 'test_bpc': round(test * BITS_PER_NAT, 6)}
+    T, budget = self.run.model.block_size, self.cfg.eval_tokens
+    test = full_loss(best_model, self.test_tokens, T, self.cfg.batch_size, self.device, self.autocast, budget)
+    scored = scored_tokens(len(self.test_tokens), T, budget)
+    self.log(test_loss=test, test_bpc=test * BITS_PER_NAT, test_tokens=scored)
+    return {**figures, 'reported_split': 'test', 'test_loss': round(test, 6), 'test_bpc': round(test * BITS_PER_NAT, 6),
+            'test_tokens': scored}
 
 # %% ../nbs/04_training.ipynb #6ac2eb2a
 def resume_config(run_dir, **overrides) -> RunConfig:

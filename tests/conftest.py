@@ -31,14 +31,23 @@ def served_run(tmp_path_factory):
 
 def pytest_addoption(parser):
     parser.addoption('--slow', action='store_true', help='also run the slow versions of tests (marked slow)')
+    parser.addoption('--site', action='store_true', help='run only the docs site tests (marked site): after nbdev_docs has built _docs/')
 
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: a longer version of a test, run with --slow')
+    config.addinivalue_line('markers', 'site: reads the built docs site (_docs/) in a browser, run with --site after nbdev_docs')
 
 
 def pytest_collection_modifyitems(config, items):
-    "Without --slow, tests marked slow are deselected (not skipped): their quick versions run instead."
+    """Without --slow, tests marked slow are deselected (not skipped): their quick versions run instead. The site
+    tests need the site that nbdev_docs builds with Quarto: `pytest --site` runs them (CI does, after nbdev_docs)."""
+    site = config.getoption('--site')
+    marked = lambda item: item.get_closest_marker('site') is not None
+    others = [item for item in items if marked(item) != site]
+    if others:
+        config.hook.pytest_deselected(items=others)
+        items[:] = [item for item in items if marked(item) == site]
     if config.getoption('--slow'): return
     slow = [item for item in items if 'slow' in item.keywords]
     if slow:

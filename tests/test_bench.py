@@ -270,6 +270,15 @@ def test_cpu_suite_quick(tmp_path):
     assert 0 < sampled['sampling'][0]['craft_cache']['of_ceiling']
     deployed = load_results(out / 'cpu-deploy.json')                  # int8 and ONNX Runtime (10_deploy)
     assert deployed['status'] == 'done' and deployed['onnx']['max_abs_error']['decode'] < 1e-4, deployed.get('error')
+    data = load_results(out / 'cpu-data.json')                         # corpora from the bundled one up (03b_corpus)
+    assert data['status'] == 'done', data.get('error')
+    small, simulated = data['rows']['0.5 MB'], data['rows']['0.002 GB (simulated)']
+    assert small['bytes'] >= 5 * 10**5 and simulated['bytes'] >= 2 * 10**6 and simulated['files'] > small['files']
+    for row in (small, simulated):
+        assert row['prepare']['returncode'] == 0 and row['warm']['returncode'] == 0 and row['warm']['full_val_tokens'] > 0
+        assert 0 < row['warm']['to_step_1_s'] < row['warm']['wall_s'] and row['warm']['peak_rss_mb'] > 0
+        assert row['vocab_size'] <= 128 and row['token_bytes'] == 1 and row['batch_us'] > 0      # ASCII files only
+    assert 'cold' in small and 'cold' not in simulated and small['timed']['returncode'] == 0 and small['timed']['max_time'] == 2
     tuned = load_results(out / 'cpu-finetune.json')                   # fine-tuning on Austen (09_finetune)
     assert tuned['status'] == 'done', tuned.get('error')
     assert [r['name'] for r in tuned['runs']] == ['from scratch', 'full fine-tune', 'LoRA, rank 4', 'LoRA, rank 16']

@@ -29,8 +29,8 @@ def model(served_run):
 
 class Server:
     "A server subprocess: its URL, and its stderr collected by a thread (so that the pipe never fills)."
-    def __init__(self, command:list[str], timeout:float=60):
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=ENV)
+    def __init__(self, command:list[str], timeout:float=60, env:dict|None=None):
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env or ENV)
         self.lines, self.url, found = [], None, queue.Queue()
         def read():
             for line in self.process.stderr:
@@ -110,7 +110,8 @@ def test_health_and_model(server, model):
         assert info['status'] == 'ok' and info['device'] == 'cpu' and info['dtype'] == 'float32'
         assert info['vocab_size'] == tok.vocab_size and info['vocabulary'] == ''.join(tok.chars)
         assert info['config']['block_size'] == 32 and info['max_slots'] == 16
-        assert info['limits'] == dict(max_prompt_chars=300, max_new_tokens=5000, max_samples=16, max_body_bytes=4096)
+        assert info['limits'] == dict(max_prompt_chars=300, max_new_tokens=5000, max_samples=16, max_body_bytes=4096, max_queue=128,
+                                      timeout_request_s=600.0, timeout_body_s=10.0)
         assert isinstance(info['requests_served'], int)
     before = health(server)['requests_served']
     assert post(server, prompt='KING', max_new_tokens=5).status_code == 200
@@ -204,7 +205,7 @@ BAD = [  # (request keyword arguments, status, part of the message)
     (dict(json={'max_new_tokens': 1.5}), 422, 'max_new_tokens: Input should be a valid integer'),
     (dict(json={'stream': 'yes'}), 422, 'stream: Input should be a valid boolean'),
     (dict(json={'stop': [1]}), 422, 'stop'),
-    (dict(json={'seed': -1}), 422, 'seed: Input should be greater than or equal to 0'),
+    (dict(json={'seed': -1}), 422, 'seed: must be from 0 to 2**53 - 1'),
     (dict(json={'top_p': 2}), 422, 'top_p: Input should be less than or equal to 1'),
     (dict(json={'temperature': -1}), 422, 'temperature: Input should be greater than or equal to 0'),
     (dict(json={'temperature': 1e-9}), 422, 'temperature: Value error, must be 0 (greedy) or at least 0.0001'),

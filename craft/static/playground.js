@@ -10,13 +10,16 @@ const SETTINGS = {  // slider id -> how its value reads
   repetition_penalty: (v) => (v == 1 ? 'off' : v),
   max_new_tokens: (v) => `${v} characters`,
 };
-const TOP = 10;          // alternatives asked for at each character
-let steps = [];          // what the model saw at each generated character: {token, prob, top: [{token, prob}]}
-let selected = -1, follow = true, controller = null;
+const TOP = 10;              // alternatives asked for at each character
+const MAX_SEED = 2n ** 63n;  // seeds are below 2**63; sent as a string of digits, which every JSON parser keeps exactly
+let samples = [];            // per sample: {prompt, steps: what the model saw at each generated character, box: its element}
+let selected = null, follow = true, controller = null, vocabulary = null;
+let key = sessionStorage.getItem('craft-api-key') || '';
 
 const visible = (ch) => ({ ' ': '␣', '\n': '⏎', '\t': '⇥' })[ch] ?? ch;
 const percent = (p) => (p >= 0.001 ? `${(100 * p).toFixed(1)}%` : '<0.1%');
 const count = (n) => (n >= 1e6 ? `${(n / 1e6).toFixed(1)}M` : `${(n / 1e3).toFixed(1)}K`);
+const headers = (more = {}) => (key ? { ...more, authorization: `Bearer ${key}` } : more);
 
 function status(text, error = false) {
   $('status').textContent = text;
@@ -24,14 +27,24 @@ function status(text, error = false) {
 }
 
 async function loadModel() {
-  const info = await (await fetch('/v1/model')).json();
+  const response = await fetch('/v1/model', { headers: headers() });
+  if (response.status === 401) {
+    $('key-row').hidden = false;
+    $('model').textContent = 'this server needs an API key';
+    return status(key ? 'that API key is not this server\'s: type the key it was started with' : 'type the API key this server was started with, then Use', true);
+  }
+  const info = await response.json();
   const run = info.run, loss = (x) => (x == null ? null : x.toFixed(3));
+  $('key-row').hidden = !key;
   $('model').textContent = [run.name ?? 'model', `${count(info.parameters)} parameters`, run.step != null && `step ${run.step}`,
     loss(run.train_loss) && `train loss ${loss(run.train_loss)}`, loss(run.val_loss) && `val loss ${loss(run.val_loss)}`,
     `${info.device}, ${info.dtype}`].filter(Boolean).join(' · ');
+  vocabulary = new Set(info.vocabulary);
   $('top_k').max = info.vocab_size;
   $('max_new_tokens').max = Math.min(info.limits.max_new_tokens, 2000);
   $('prompt').maxLength = info.limits.max_prompt_chars;
+  for (const option of $('num_samples').options) option.disabled = Number(option.value) > info.limits.max_samples;
+  status('');
   showSettings();
 }
 
@@ -39,11 +52,31 @@ function showSettings() {
   for (const [id, read] of Object.entries(SETTINGS)) document.querySelector(`output[for=${id}]`).textContent = read($(id).value);
 }
 
-function request(seed) {
-  // The body as JSON; the seed is spliced in as digits, since a JavaScript number cannot hold every 63-bit seed.
-  const body = { prompt: $('prompt').value, stream: true, top_probs: TOP };
+function problem(prompt, seed) {
+  // What keeps this request from running, in the page's words (null: nothing); the server checks it all again.
+  if (!/^\d*$/.test(seed) || (seed && BigInt(seed) >= MAX_SEED)) return 'the seed is a whole number below 2^63 (or leave it empty for a random one)';
+  const unknown = vocabulary ? [...new Set([...prompt].filter((ch) => !vocabulary.has(ch)))] : [];
+  if (unknown.length && !$('drop').checked) {
+    return `these characters are not in the model's alphabet: ${unknown.map(visible).join(' ')} — remove them, or tick 'drop unknown characters'`;
+  }
+  if (prompt.length === 0 || unknown.length === [...new Set(prompt)].length) {
+    return 'the prompt is empty: type some text for the model to continue (a single newline will do)';
+  }
+  return null;
+}
+
+function stopStrings() {
+  // "\n\n | THE END" -> ["\n\n", "THE END"]: strings separated by |, with \n for a newline and \t for a tab.
+  return $('stop-strings').value.split('|').map((s) => s.trim().replaceAll('\\n', '\n').replaceAll('\\t', '\t')).filter((s) => s);
+}
+
+function request(prompt, seed) {
+  const body = { prompt, stream: true, top_probs: TOP, seed, num_samples: Number($('num_samples').value),
+                 on_unknown: $('drop').checked ? 'drop' : 'error' };
   for (const id of Object.keys(SETTINGS)) body[id] = Number($(id).value);
-  return JSON.stringify(body).slice(0, -1) + `,"seed":${seed}}`;
+  const stop = stopStrings();
+  if (stop.length) body.stop = stop;
+  return JSON.stringify(body);
 }
 
 async function readEvents(response, onEvent) {
@@ -61,61 +94,88 @@ async function readEvents(response, onEvent) {
   }
 }
 
+function sampleBox(i, n, prompt) {
+  // One sample's text: a label when there are several, the prompt (greyed), and the generated characters.
+  const box = document.createElement('div'), label = document.createElement('p');
+  const shown = document.createElement('span'), generated = document.createElement('span');
+  box.className = 'sample'; label.className = 'label'; shown.className = 'prompt-text'; generated.className = 'generated';
+  label.textContent = `sample ${i + 1}`; label.hidden = n === 1;
+  shown.textContent = prompt;
+  generated.dataset.s = i;
+  box.append(label, shown, generated);
+  return box;
+}
+
+function atBottom(box) { return box.scrollHeight - box.scrollTop - box.clientHeight < 24; }
+
 function onEvent(name, data) {
   if (name === 'chunk') {
+    const sample = samples[data.sample], output = $('output');
     const spans = [...data.text].map((ch, i) => {
       const span = document.createElement('span');
       span.textContent = ch;
-      span.dataset.i = steps.length;
-      steps.push(data.probs[i]);
+      span.dataset.i = sample.steps.length;
+      sample.steps.push(data.probs[i]);
       return span;
     });
-    $('generated').append(...spans);
-    if (follow) select(steps.length - 1);
+    sample.box.querySelector('.generated').append(...spans);
+    if (follow) {                                                  // the bars and the box follow the text, till the reader looks elsewhere
+      select(data.sample, sample.steps.length - 1);
+      output.scrollTop = output.scrollHeight;
+    }
   } else if (name === 'done') {
     const t = data.timing;
     status(`${data.generated_tokens} characters in ${t.total_s.toFixed(2)} s, ${Math.round(t.tokens_per_s)} characters/s; seed ${data.seed}`);
   } else status(data.error, true);
 }
 
-async function generate() {
+async function generate(prompt = $('prompt').value) {
+  if (controller) return;                                       // one at a time (Ctrl+Enter while generating does nothing)
   const seed = $('seed').value.trim() || String(Math.floor(Math.random() * 1e6));
-  if (!/^\d{1,19}$/.test(seed)) return status('the seed is a whole number (or leave it empty for a random one)', true);
-  steps = []; selected = -1; follow = true;
-  $('prompt-text').textContent = $('prompt').value;
-  $('generated').replaceChildren();
+  const why = problem(prompt, $('seed').value.trim());
+  if (why) return status(why, true);
+  const n = Number($('num_samples').value);
+  const used = $('drop').checked ? [...prompt].filter((ch) => !vocabulary || vocabulary.has(ch)).join('') : prompt;
+  samples = Array.from({ length: n }, (_, i) => ({ prompt: used, steps: [], box: sampleBox(i, n, used) }));
+  selected = null; follow = true;
+  $('output').replaceChildren(...samples.map((s) => s.box));
   $('sees').hidden = true;
-  $('generate').disabled = true; $('stop').disabled = false;
+  $('generate').disabled = true; $('stop').disabled = false; $('copy').disabled = true; $('continue').disabled = true;
   status('generating…');
   controller = new AbortController();
   try {
-    const response = await fetch('/v1/generate', { method: 'POST', body: request(seed), signal: controller.signal,
-                                                   headers: { 'content-type': 'application/json' } });
+    const response = await fetch('/v1/generate', { method: 'POST', body: request(prompt, seed), signal: controller.signal,
+                                                   headers: headers({ 'content-type': 'application/json' }) });
+    if (response.status === 401) { $('key-row').hidden = false; throw new Error('this server needs its API key: type it above, then Use'); }
+    if (response.status === 429) throw new Error('the server is busy with other requests: try again in a moment');
     if (!response.ok) throw new Error((await response.json()).error);
     await readEvents(response, onEvent);
   } catch (e) {
-    status(e.name === 'AbortError' ? `stopped after ${steps.length} characters; seed ${seed}` : e.message, e.name !== 'AbortError');
+    const made = samples.reduce((sum, s) => sum + s.steps.length, 0);
+    status(e.name === 'AbortError' ? `stopped after ${made} characters; seed ${seed}` : e.message, e.name !== 'AbortError');
   } finally {
+    controller = null;
     $('generate').disabled = false; $('stop').disabled = true;
+    $('copy').disabled = $('continue').disabled = !samples.some((s) => s.steps.length);
   }
 }
 
-function select(i) {
-  if (i < 0 || i >= steps.length) return;
-  document.querySelector('#generated .selected')?.classList.remove('selected');
-  const span = $('generated').children[i];
-  span.classList.add('selected');
-  selected = i;
-  const text = $('prompt').value + steps.slice(0, i).map((s) => s.token).join('');
-  $('position').textContent = `character ${i + 1} of ${steps.length}`;
-  $('context').innerHTML = '';
+function select(s, i) {
+  const sample = samples[s];
+  if (!sample || i < 0 || i >= sample.steps.length) return;
+  document.querySelector('#output .selected')?.classList.remove('selected');
+  sample.box.querySelector('.generated').children[i].classList.add('selected');
+  selected = { s, i };
+  // The context is what the model had read: this sample's prompt as sent, then its own characters before this one.
+  const text = sample.prompt + sample.steps.slice(0, i).map((step) => step.token).join('');
+  $('position').textContent = `${samples.length > 1 ? `sample ${s + 1}, ` : ''}character ${i + 1} of ${sample.steps.length}`;
   const shown = document.createElement('span'), mark = document.createElement('mark');
   shown.className = 'shown';
-  shown.textContent = '…' + [...text.slice(-40)].map(visible).join('');
-  mark.textContent = visible(steps[i].token);
-  $('context').append(shown, mark);
-  drawChart(steps[i]);
-  $('sees').hidden = false; $('hint').hidden = true;
+  shown.textContent = '…' + [...text].slice(-40).map(visible).join('');
+  mark.textContent = visible(sample.steps[i].token);
+  $('context').replaceChildren(shown, mark);
+  drawChart(sample.steps[i]);
+  $('sees').hidden = false;
 }
 
 function drawChart(step) {
@@ -142,15 +202,44 @@ function drawChart(step) {
   $('chart').replaceChildren(...cells);
 }
 
-$('generated').addEventListener('click', (e) => {
-  if (e.target.dataset.i === undefined) return;
+function textUpTo(s, i) {
+  // The prompt and the characters of sample `s` up to and including character `i`.
+  return samples[s].prompt + samples[s].steps.slice(0, i + 1).map((step) => step.token).join('');
+}
+
+async function copyText() {
+  const text = samples.map((s, i) => (samples.length > 1 ? `--- sample ${i + 1} ---\n` : '') + textUpTo(i, s.steps.length - 1)).join('\n');
+  try { await navigator.clipboard.writeText(text); status(`copied ${text.length} characters`); }
+  catch { status('the browser did not let this page copy: select the text and copy it by hand', true); }
+}
+
+function continueFromHere() {
+  // The text up to the selected character (or the whole of sample 1) becomes the prompt, and generation goes on from it.
+  const { s, i } = selected ?? { s: 0, i: samples[0].steps.length - 1 };
+  $('prompt').value = textUpTo(s, i).slice(-Number($('prompt').maxLength > 0 ? $('prompt').maxLength : 4096));
+  generate();
+}
+
+$('output').addEventListener('click', (e) => {
+  if (e.target.dataset.i === undefined || e.target.parentElement.dataset.s === undefined) return;
   follow = false;
-  select(Number(e.target.dataset.i));
+  select(Number(e.target.parentElement.dataset.s), Number(e.target.dataset.i));
 });
-$('previous').addEventListener('click', () => { follow = false; select(selected - 1); });
-$('next').addEventListener('click', () => { follow = false; select(selected + 1); });
-$('generate').addEventListener('click', generate);
+$('output').addEventListener('scroll', () => { if (controller && !atBottom($('output'))) follow = false; });   // scrolled up to read
+$('previous').addEventListener('click', () => { follow = false; if (selected) select(selected.s, selected.i - 1); });
+$('next').addEventListener('click', () => { follow = false; if (selected) select(selected.s, selected.i + 1); });
+$('generate').addEventListener('click', () => generate());
 $('stop').addEventListener('click', () => controller?.abort());
+$('copy').addEventListener('click', copyText);
+$('continue').addEventListener('click', continueFromHere);
+$('key-save').addEventListener('click', () => {
+  key = $('key').value.trim();
+  sessionStorage.setItem('craft-api-key', key);
+  loadModel().catch((e) => status(`cannot reach the server: ${e.message}`, true));
+});
+document.addEventListener('keydown', (e) => {
+  if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
+});
 for (const id of Object.keys(SETTINGS)) $(id).addEventListener('input', showSettings);
 showSettings();
 loadModel().catch((e) => status(`cannot reach the server: ${e.message}`, true));
