@@ -138,6 +138,8 @@ def test_ddp_with_gloo_on_two_processes(env, tmp_path):
     assert single.returncode == 0, single.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ddp', 'single']      # one run directory per run
     ddp_rows, single_rows = metrics(tmp_path / 'ddp'), metrics(tmp_path / 'single')
+    assert [r['step'] for r in ddp_rows if 'health' in r] == [1, 4, 8]                     # health figures under DDP too
+    assert json.loads((tmp_path / 'ddp' / 'provenance.json').read_text())['sessions'][0]['processes'] == 2
     assert [r['step'] for r in ddp_rows if 'train_loss' in r] == list(range(1, 9))   # rank 0 alone logs
     assert ddp_rows[0]['val_loss'] == pytest.approx(single_rows[0]['val_loss'], abs=1e-5)  # same initial model
     ddp_val = [r['val_loss'] for r in ddp_rows if 'val_loss' in r][-1]
