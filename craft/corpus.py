@@ -9,8 +9,8 @@ __all__ = ['PIECE_BYTES', 'SEPARATOR', 'TOKENS_FORMAT', 'TOKENS_VERSION', 'PREPA
            'write_tokens', 'encode_in_memory', 'read_corpus', 'cache_paths', 'read_cache', 'prepare_tokens',
            'load_tokens', 'link_corpus', 'run_measured', 'measure_corpus', 'bench_source', 'corpus_results']
 
-# %% ../nbs/03b_corpus.ipynb #2a160f7a
-import codecs, contextlib, functools, glob, hashlib, json, operator, os, shutil, signal, stat, sys, tempfile
+# %% ../nbs/03b_corpus.ipynb #c244c1e8
+import codecs, contextlib, functools, glob, hashlib, json, operator, os, shutil, signal, stat, sys, tempfile, time
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -420,10 +420,9 @@ def _bar(total:int, what:str, progress:bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, unit='B', unit_scale=True, desc=f"craft: {what}", disable=not progress, leave=False, file=sys.stderr)
 
-# %% ../nbs/03b_corpus.ipynb #6ad3b255
+# %% ../nbs/03b_corpus.ipynb #cc93bba6
 def _remove_stale(tokens_path:Path, older_than:float=60.0):
     "Remove temporary ids files of this entry that no writer has touched for `older_than` seconds (a killed preparation's)."
-    import time
     for tmp in tokens_path.parent.glob(f".{tokens_path.name}.*.tmp"):
         with contextlib.suppress(OSError):
             if time.time() - tmp.stat().st_mtime > older_than: tmp.unlink()
