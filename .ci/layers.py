@@ -1,4 +1,4 @@
-"""The shape of the house, checked (issue #24; the map: nbs/how_craft_is_built.ipynb).
+"""The shape of the house, checked (issue #24; the page that shows it: nbs/how_craft_is_built.ipynb).
 
 1. Layers: a notebook's module imports only from modules whose notebooks sort before its own
    (`00_errors` < `03_model` < `03a_machine` < `04_training` ...), lazy imports inside functions included.
@@ -17,13 +17,14 @@ RUN_FILES = ('best.safetensors', 'latest.safetensors', 'status.json', 'metrics.j
              'tokenizer.json', 'state.pt', 'provenance.json', 'adapters.safetensors', 'base.safetensors')
 
 def notebook_modules():
-    "Each exported module's notebook, in the order of the notebooks' names: {module: (rank, notebook)}."
+    "Each exported module's notebook, in the order of the notebooks' names: {module: (rank, notebook, summary)}."
     found = {}
     for rank, nb in enumerate(sorted((ROOT/'nbs').glob('*.ipynb'))):
-        cells = json.loads(nb.read_text())['cells']
-        for cell in cells:
-            m = re.search(r'^#\|\s*default_exp\s+(\S+)', ''.join(cell['source']), re.M)
-            if m: found[m.group(1)] = (rank, nb.name); break
+        sources = [''.join(c['source']) for c in json.loads(nb.read_text())['cells']]
+        summary = next((m.group(1) for s in sources[:2] if (m := re.search(r'^> (.+)$', s, re.M))), '')
+        for source in sources:
+            m = re.search(r'^#\|\s*default_exp\s+(\S+)', source, re.M)
+            if m: found[m.group(1)] = (rank, nb.name, summary); break
     return found
 
 def craft_imports(path):
@@ -41,21 +42,29 @@ def craft_imports(path):
             for alias in node.names:
                 if alias.name.startswith('craft.'): yield node.lineno, alias.name.split('.')[1], None
 
-def breaches(verbose=False):
-    mods, out = notebook_modules(), []
-    for mod, (rank, nb) in sorted(mods.items(), key=lambda kv: kv[1]):
+def layer_rows():
+    "One row per module, in layer order: its notebook, what it owns (the notebook's summary), lines and the modules it uses."
+    rows = []
+    for mod, (rank, nb, summary) in sorted(notebook_modules().items(), key=lambda kv: kv[1]):
         path = ROOT/'craft'/f'{mod}.py'
         if not path.exists(): continue
-        lines = len(path.read_text().splitlines())
+        imports = list(craft_imports(path))
+        rows.append(dict(notebook=nb.removesuffix('.ipynb'), module=mod, owns=summary, lines=len(path.read_text().splitlines()),
+                         uses=sorted({used for _, used, _ in imports} - {mod}), imports=imports))
+    return rows
+
+def breaches(verbose=False):
+    "Every way the package breaks the shape of the house, one line each."
+    mods, out = notebook_modules(), []
+    for row in layer_rows():
+        mod, nb, lines = row['module'], row['notebook'], row['lines']
         if lines > MAX_LINES: out.append(f'craft/{mod}.py has {lines} lines (at most {MAX_LINES}): split it by concern')
-        uses = set()
-        for line, used, name in craft_imports(path):
-            uses.add(used)
-            if used in mods and mods[used][0] > rank:
+        for line, used, name in row['imports']:
+            if used in mods and mods[used][0] > mods[mod][0]:
                 out.append(f'craft/{mod}.py:{line} ({nb}) imports {used} from a later notebook ({mods[used][1]})')
             if name and name.startswith('_') and used != mod:
                 out.append(f'craft/{mod}.py:{line} imports the private name {name} from {used}: make it public or move it')
-        if verbose: print(f'{nb:28} craft.{mod:12} {lines:5} lines  uses {", ".join(sorted(uses - {mod})) or "-"}')
+        if verbose: print(f'{nb:28} craft.{mod:12} {lines:5} lines  uses {", ".join(row["uses"]) or "-"}')
     for fname in RUN_FILES:
         owners = sorted(p.stem for p in (ROOT/'craft').glob('*.py') if p.name != '_modidx.py' and fname in p.read_text())
         if len(owners) > 1: out.append(f"the run-directory file name '{fname}' is written in {len(owners)} modules: {', '.join(owners)}")
