@@ -248,6 +248,7 @@ def write_results(results:dict, path) -> Path:
     atomic_write_text(path, json.dumps(_finite(results), indent=1, allow_nan=False, default=str) + '\n')
     return Path(path)
 
+# %% ../nbs/03c_measure.ipynb #e1de2bb0
 def load_results(path) -> dict:
     "Read a results file written by `craft bench`, checking its format and version."
     path = Path(path)
