@@ -36,7 +36,7 @@ if '__file__' in globals() and (__name__ == '__main__' or Path(sys.argv[0]).stem
     for _signal in (signal.SIGINT, signal.SIGTERM): signal.signal(_signal, _interrupted_at_startup)
 
 # %% ../nbs/90_cli.ipynb #2a144537
-import argparse, contextlib, inspect, sys, types, typing
+import argparse, contextlib, inspect, sys, textwrap, types, typing
 from dataclasses import fields
 from fastcore.docments import docments
 from .errors import CraftError
@@ -258,9 +258,9 @@ def export_parser(sub) -> argparse.ArgumentParser:
 # %% ../nbs/90_cli.ipynb #5f46110e
 def suite_parser() -> argparse.ArgumentParser:
     "The parser of `craft bench --suite NAME`."
-    p = Parser(prog='craft bench', description="Run a suite of measurements in one process, one JSON file per part, "
-               "each written as its part ends: gpu (every GPU claim, in 8 minutes) or cpu (nanoGPT's CPU recipe against craft).",
-               epilog=parts_help())
+    about = textwrap.fill("Run a suite of measurements in one process, one JSON file per part, each written as its part "
+                          "ends: gpu (every GPU claim, in 8 minutes) or cpu (nanoGPT's CPU recipe against craft).", 79)
+    p = Parser(prog='craft bench', description=about, epilog=parts_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_function_options(p, bench_suite)
     p.set_defaults(func=lambda args: bench_suite(**_kwargs(args)) and 0, command='bench')
     return p

@@ -536,8 +536,9 @@ _PLANS = {('gpu', False): GPU_SUITE, ('gpu', True): GPU_SUITE_QUICK,   # (suite,
 
 def parts_help() -> str:
     "Each suite's parts and what each measures, for `craft bench --suite NAME --help`."
-    listed = lambda parts: '; '.join(f"{name}: {p.about}" for name, p in parts.items())
-    return ' '.join(f"Parts of the {suite} suite: {listed(parts)}." for suite, parts in SUITES.items())
+    width = max(len(name) for parts in SUITES.values() for name in parts)
+    listed = lambda parts: ''.join(f"\n  {name:{width}}  {p.about}" for name, p in parts.items())
+    return '\n'.join(f"the parts of --suite {suite} (--part NAME):{listed(parts)}" for suite, parts in SUITES.items())
 
 # %% ../nbs/11_suite.ipynb #e40bad45
 def _check_folder(out:str) -> Path:
