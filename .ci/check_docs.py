@@ -3,7 +3,8 @@ every API entry appears once, no signature says `__main__.`, and the results pag
 import collections, json, re, sys
 from pathlib import Path
 
-RESULTS = {'06_benchmarks.ipynb': ('image/png', 'table')}   # pages that must show a plot and a table of results
+RESULTS = {'06_benchmarks.ipynb': ('image/png', 'table'),   # pages that must show a plot and a table of results
+           '11_suite.ipynb': ('image/png', 'table')}
 ENTRY = re.compile(r'^#{3,4} (\S+)', re.M)                  # the heading show_doc gives an API entry
 
 

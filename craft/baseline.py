@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
 from .errors import CraftError
-from .files import atomic_write_text
 from .model import GPT, GPTConfig, PRESETS, memory_budget, pick_device
 from .training import load_tokens, split_tokens, learning_rate, full_loss, process_age, read_run_config
+from .measure import write_results
 
 # %% ../nbs/06_baseline.ipynb #48fd586d
 class BaselineAttention(nn.Module):
@@ -225,7 +225,7 @@ def train_baseline(run_dir) -> Path:
     device = pick_device(run.train.device)
     result = {'device': str(device), **BaselineTrainer(run, device).fit()}
     path = Path(run_dir) / 'baseline.json'
-    atomic_write_text(path, json.dumps(result, indent=1))
+    write_results(result, path)
     return path
 
 # %% ../nbs/06_baseline.ipynb #77ccd374

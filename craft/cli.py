@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['RUNS_SUBCOMMANDS', 'MEMORY_FIXES', 'Parser', 'add_option', 'add_function_options', 'train_parser', 'train_command',
-           'sample_prompt', 'print_sample', 'build_parser', 'compare_parser', 'parse_args', 'main', 'runs_subparser',
-           'export_parser', 'suite_parser', 'exit_status']
+           'sample_prompt', 'print_sample', 'bench_or_ladder', 'build_parser', 'compare_parser', 'parse_args', 'main',
+           'runs_subparser', 'export_parser', 'suite_parser', 'exit_status']
 
 # %% ../nbs/90_cli.ipynb #c5fdeb68
 import os
@@ -36,7 +36,7 @@ if '__file__' in globals() and (__name__ == '__main__' or Path(sys.argv[0]).stem
     for _signal in (signal.SIGINT, signal.SIGTERM): signal.signal(_signal, _interrupted_at_startup)
 
 # %% ../nbs/90_cli.ipynb #2a144537
-import argparse, contextlib, inspect, sys, types, typing
+import argparse, contextlib, inspect, sys, textwrap, types, typing
 from dataclasses import fields
 from fastcore.docments import docments
 from .errors import CraftError
@@ -47,7 +47,8 @@ from .model import load_checkpoint, pick_device, oom_message
 from .training import TrainConfig, TRAIN_PRESETS, train, read_status, read_run_config, write_sample
 from .sampling import sample_command, generate
 from .runs import runs_command, compare_command, show_command, plot_command
-from .bench import bench_command, bench_suite
+from .bench import bench_command
+from .suite import bench_suite, ladder_command, parts_help
 from .finetune import finetune, fine_tunes
 
 # %% ../nbs/90_cli.ipynb #fb85643d
@@ -147,6 +148,12 @@ def print_sample(run_dir):
     write_sample(run_dir, text)
     print(f"\n--- a sample from {run_dir} ---\n{text}\n---", flush=True)
 
+# %% ../nbs/90_cli.ipynb #eb778a54
+def bench_or_ladder(ladder:str='none', **settings) -> dict:
+    "`craft bench`: climb the recipe ladder `ladder` into `--out`, or, with none, benchmark against the baseline."
+    if ladder == 'none': return bench_command(**settings)
+    return ladder_command(ladder, settings.get('device', 'auto'), settings.get('out', 'bench.json'), settings.get('quiet', False))
+
 # %% ../nbs/90_cli.ipynb #9449fc92
 def build_parser(command:str|None=None) -> argparse.ArgumentParser:
     "The `craft` parser with one subcommand per command; `serve`'s options, and the web stack behind them, load only when `command` is 'serve'."
@@ -162,7 +169,8 @@ def build_parser(command:str|None=None) -> argparse.ArgumentParser:
                            epilog="craft bench --suite gpu|cpu [--out DIR] runs a suite of measurements instead, "
                                   "one JSON file per part: see craft bench --suite gpu --help.")
     add_function_options(bench, bench_command)
-    bench.set_defaults(func=lambda args: bench_command(**_kwargs(args)) and 0)
+    add_function_options(bench, ladder_command, skip=('device', 'out', 'quiet'))    # --ladder: 11_suite
+    bench.set_defaults(func=lambda args: bench_or_ladder(**_kwargs(args)) and 0)
     serve = sub.add_parser('serve', help='serve a model over HTTP, with continuous batching and streaming',
                            description="Serve a run directory or checkpoint as an HTTP API (POST /v1/generate, GET /health, GET /v1/model, /docs).")
     if command == 'serve':
@@ -250,8 +258,9 @@ def export_parser(sub) -> argparse.ArgumentParser:
 # %% ../nbs/90_cli.ipynb #5f46110e
 def suite_parser() -> argparse.ArgumentParser:
     "The parser of `craft bench --suite NAME`."
-    p = Parser(prog='craft bench', description="Run a suite of measurements in one process, one JSON file per part, "
-               "each written as its part ends: gpu (every GPU claim, in 8 minutes) or cpu (nanoGPT's CPU recipe against craft).")
+    about = textwrap.fill("Run a suite of measurements in one process, one JSON file per part, each written as its part "
+                          "ends: gpu (every GPU claim, in 8 minutes) or cpu (nanoGPT's CPU recipe against craft).", 79)
+    p = Parser(prog='craft bench', description=about, epilog=parts_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_function_options(p, bench_suite)
     p.set_defaults(func=lambda args: bench_suite(**_kwargs(args)) and 0, command='bench')
     return p

@@ -9,7 +9,7 @@ __all__ = ['EXPORT_INSTALL', 'ONNX_FORMAT', 'ONNX_VERSION', 'EXPORT_FORMATS', 'v
            'export_command', 'deploy_results', 'bench_deploy', 'deploy_summary']
 
 # %% ../nbs/10_deploy.ipynb #3281b29a
-import argparse, contextlib, copy, importlib.util, inspect, io, json, logging, os, sys, tempfile, time, warnings
+import argparse, contextlib, copy, importlib.util, inspect, io, json, logging, os, statistics, sys, tempfile, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig, Int8Linear, checkpoint_file, load_checkpoint, quantize_weights
 from .training import full_loss, load_tokens, read_run_config, split_tokens, train
 from .sampling import stream
-from .bench import _check_out, results_header, write_results
+from .measure import check_out, results_header, write_results
 
 # %% ../nbs/10_deploy.ipynb #a4954ed2
 def validation_loss(model:GPT, run_dir) -> float:
@@ -259,7 +259,7 @@ def export_command(run:str,                 # run directory or .safetensors chec
     if format not in EXPORT_FORMATS:
         raise CraftError(f"unknown format {format!r}; craft exports: {', '.join(EXPORT_FORMATS)}")
     checkpoint_file(run)                                                   # a missing run fails before anything slow
-    path = _check_out(out, example='model.onnx')                          # a file, not a device, not in /dev
+    path = check_out(out, example='model.onnx')                          # a file, not a device, not in /dev
     _require_export()
     model, tokenizer, config = load_checkpoint(run, 'cpu')
     start = time.perf_counter()
@@ -274,8 +274,6 @@ def export_command(run:str,                 # run directory or .safetensors chec
     return path
 
 # %% ../nbs/10_deploy.ipynb #71bd46b9
-def _median(values:list[float]) -> float: return sorted(values)[len(values) // 2]
-
 def _nbytes(t:torch.Tensor) -> int:
     "Bytes of `t`, or of the tensors inside a tensor subclass (such as torchao's int8 weights)."
     if hasattr(t, '__tensor_flatten__'): return sum(_nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
@@ -293,7 +291,7 @@ def _sampling_speed(model:GPT, tokenizer:CharTokenizer, tokens:int, repeats:int)
         s = stream(model, tokenizer, '\n', max_new_tokens=tokens, temperature=1.0, seed=0)
         for _ in s: pass
         speeds.append(s.tokens_per_s)
-    return _median(speeds)
+    return statistics.median(speeds)
 
 # %% ../nbs/10_deploy.ipynb #14c0685d
 def _onnx_speed(path, tokens:int, repeats:int, threads:int) -> float:
@@ -303,7 +301,7 @@ def _onnx_speed(path, tokens:int, repeats:int, threads:int) -> float:
     for _ in range(repeats):
         start = time.perf_counter(); generate_onnx(runtime, '\n', tokens, temperature=1.0, seed=0)
         seconds.append(time.perf_counter() - start)
-    return tokens / _median(seconds)
+    return tokens / statistics.median(seconds)
 
 # %% ../nbs/10_deploy.ipynb #84dd6519
 def _torchao_int8(model:GPT) -> GPT|None:
@@ -378,7 +376,7 @@ def bench_deploy(out:str='nbs/bench/cpu-deploy.json',  # JSON file to write the 
                  threads:int=0,                         # CPU threads, PyTorch and ONNX Runtime; 0 = PyTorch's default
                 ) -> dict:
     "Measure int8 weights and the ONNX export on this CPU (speeds, ONNX Runtime's agreement, the loss); write JSON."
-    path = _check_out(out)
+    path = check_out(out)
     if threads: torch.set_num_threads(threads)
     settings = dict(run=run, train_seconds=train_seconds, preset=preset, tokens=tokens, repeats=repeats)
     results = {**results_header('cpu', suite='cpu', part='deploy', settings={'deploy': settings}),

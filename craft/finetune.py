@@ -25,6 +25,7 @@ from .model import GPT, GPTConfig, load_checkpoint, checkpoint_file, read_checkp
 from .training import (Trainer, RunConfig, MODEL_FIELDS, LORA_TARGETS, resolve_config, resume_config,
                             read_config_file, read_run_config, load_tokens, split_tokens, full_loss, atomic_write_text,
                             read_metrics, read_status, train)
+from .measure import results_header, write_results, check_out
 
 # %% ../nbs/09_finetune.ipynb #0552ece1
 def austen_path() -> Path:
@@ -415,9 +416,8 @@ def finetune_results(seconds:float=75.0, parent=None, parent_seconds:float=100.0
 # %% ../nbs/09_finetune.ipynb #65b0a873
 def finetune_bench(out='nbs/bench/cpu-finetune.json', **settings) -> dict:
     "`finetune_results(**settings)` with this machine's description, written to `out` as JSON."
-    from craft.bench import results_header
+    path = check_out(str(out))                                             # checked before anything is measured
     result = {**results_header('cpu', suite='cpu', part='finetune', settings={'finetune': settings}),
               **finetune_results(**settings)}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(result, indent=1, default=str) + '\n')   # str: a `parent` path
+    write_results(result, path)                                            # a `parent` path is written as text
     return result

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DTYPES', 'Setting', 'cpu_cores', 'thread_counts', 'fixed_threads', 'candidates', 'threads_of', 'time_call', 'measure',
            'Profile', 'cpu_name', 'profile_key', 'other_runnable', 'machine_load', 'cached_profiles', 'cache_profile',
-           'machine_profile', 'step_seconds', 'wait_policy_figures', 'record_wait_policy']
+           'machine_profile', 'step_seconds', 'wait_policy_figures']
 
 # %% ../nbs/03a_machine.ipynb #8cfdb77b
 import contextlib, hashlib, json, os, platform, subprocess, sys, time
@@ -233,12 +233,3 @@ def wait_policy_figures(seconds:float=8.0, policies=('default', 'PASSIVE', 'ACTI
         finally:
             for h in hogs: h.kill(); h.wait()
     return rows
-
-# %% ../nbs/03a_machine.ipynb #cebb7bec
-def record_wait_policy(path, **kwargs) -> dict:
-    "Measure `wait_policy_figures` and write them, with the machine, to the JSON file `path`."
-    import craft
-    result = {'format': 'craft.machine', 'version': 1, 'cpu': cpu_name(), 'cores': cpu_cores(), 'torch': torch.__version__,
-              'craft': craft.__version__, 'date': time.strftime('%Y-%m-%d'), 'wait_policy': wait_policy_figures(**kwargs)}
-    atomic_write_text(Path(path), json.dumps(result, indent=1) + '\n')
-    return result

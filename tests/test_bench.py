@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from craft.baseline import BaselineGPT, baseline_from_craft
-from craft.bench import bench_command, load_results
+from craft.bench import bench_command
+from craft.measure import load_results
 from craft.errors import CraftError
 from craft.model import GPT, GPTConfig
 
@@ -77,7 +78,6 @@ def test_quick_bench_prints_summary(quick):
     (dict(loss_preset='speedrun'), "invalid --loss-preset 'speedrun'"),
     (dict(preset=['speedrun']), 'preset speedrun uses parts the baseline does not implement'),
     (dict(loss_preset='cpu'), 'give --target-loss'),
-    (dict(ladder='moon'), "unknown --ladder 'moon'"),
 ])
 def test_bad_input_fails_before_measuring(tmp_path, kwargs, message):
     with pytest.raises(CraftError, match=message.replace('(', r'\(')):
@@ -183,7 +183,7 @@ def test_suite_help_documents_every_option():
     r = craft_bench('--suite', 'gpu', '--help', timeout=120)
     assert r.returncode == 0, r.stderr
     import inspect
-    from craft.bench import bench_suite
+    from craft.suite import bench_suite
     for name, p in inspect.signature(bench_suite).parameters.items():
         flag = '--' + name.replace('_', '-')
         assert flag in r.stdout, flag
@@ -286,3 +286,9 @@ def test_cpu_suite_quick(tmp_path):
     assert cli['new_tokens'] == 50 and cli['craft_sample']['tokens'] == 50 and cli['craft_sample']['device'] == 'cpu'
     assert cli['ratio'] == pytest.approx(cli['craft_sample']['tokens_per_s'] / cli['baseline_no_cache']['tokens_per_s'], rel=0.01)
     assert 0 < cli['craft_sample']['of_ceiling']
+
+
+def test_unknown_ladder_fails_before_measuring(tmp_path):
+    r = craft_bench('--device', 'cpu', '--ladder', 'moon', '--out', str(tmp_path / 'l.json'), timeout=120)
+    assert r.returncode == 1 and "unknown --ladder 'moon'" in r.stderr, r.stderr
+    assert not (tmp_path / 'l.json').exists()
