@@ -1,9 +1,7 @@
 "`craft sample` through the command line, in subprocesses (`python -m craft.cli sample ...`)."
 import os, subprocess, sys
 
-import numpy as np
 import pytest
-import torch
 
 from craft.model import GPT, GPTConfig, save_checkpoint
 from craft.tokenizer import CharTokenizer, load_text, shakespeare_path

@@ -1,5 +1,5 @@
 "Black-box tests of `craft train`: run directories, resume, DDP under torchrun, and every bad input."
-import hashlib, json, os, shutil, signal, subprocess, sys, time, zipfile
+import json, os, shutil, signal, subprocess, sys, time, zipfile
 from pathlib import Path
 import pytest
 from conftest import TINY, assert_one_line_error, craft, metrics, snapshot   # fixtures: env, tiny_run, tiny_run_copy

@@ -1,6 +1,6 @@
 "`craft serve` on loopback: the real server in a subprocess, every endpoint, bad input, 64 concurrent clients, disconnects, shutdown with requests in flight, and a schemathesis fuzz."
 from __future__ import annotations
-import asyncio, json, os, queue, re, shutil, signal, subprocess, sys, threading, time
+import asyncio, json, re, shutil, signal, subprocess, sys, threading, time
 from pathlib import Path
 
 import pytest
