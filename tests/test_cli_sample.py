@@ -1,31 +1,15 @@
 "`craft sample` through the command line, in subprocesses (`python -m craft.cli sample ...`)."
 import os, subprocess, sys
 
-import numpy as np
 import pytest
-import torch
 
 from craft.model import GPT, GPTConfig, save_checkpoint
 from craft.tokenizer import CharTokenizer, load_text, shakespeare_path
 
 @pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-    "A run directory with a tiny model trained for a moment (the CLI only needs a valid checkpoint)."
-    text = load_text(shakespeare_path())
-    tok = CharTokenizer.from_text(text)
-    data = torch.from_numpy(tok.encode(text[:100_000]).astype(np.int64))
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset('tiny', vocab_size=tok.vocab_size))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(50):
-        starts = torch.randint(len(data) - 33, (16,))
-        x = torch.stack([data[s:s + 32] for s in starts]); y = torch.stack([data[s + 1:s + 33] for s in starts])
-        _, loss = model(x, y)
-        opt.zero_grad(); loss.backward(); opt.step()
-    path = tmp_path_factory.mktemp('runs') / 'tiny'
-    path.mkdir()
-    save_checkpoint(path / 'best.safetensors', model.eval(), tok)
-    return path
+def run_dir(tiny_run):
+    "The tiny run (the CLI only needs a valid checkpoint)."
+    return tiny_run
 
 
 def craft_sample(*args):

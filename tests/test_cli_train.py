@@ -1,48 +1,8 @@
 "Black-box tests of `craft train`: run directories, resume, DDP under torchrun, and every bad input."
-import hashlib, json, os, shutil, signal, subprocess, sys, time, zipfile
+import json, os, shutil, signal, subprocess, sys, time, zipfile
 from pathlib import Path
 import pytest
-
-TINY = ['--preset', 'tiny', '--device', 'cpu', '--no-progress']
-
-
-@pytest.fixture(scope='session')
-def env(tmp_path_factory):
-    "Environment for the subprocesses: a private token cache, no GPU, a non-interactive plot backend."
-    return {**os.environ, 'CRAFT_CACHE_DIR': str(tmp_path_factory.mktemp('cache')), 'CUDA_VISIBLE_DEVICES': '',
-            'MPLBACKEND': 'Agg', 'PYTHONUNBUFFERED': '1'}
-
-
-def craft(env, *args, timeout=180, **kw):
-    return subprocess.run([sys.executable, '-m', 'craft.cli', *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=timeout, **kw)
-
-
-def assert_one_line_error(result, *fragments):
-    "A user error: non-zero exit, exactly one line on stderr, no traceback, and the line says what is wrong."
-    assert result.returncode != 0, result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert 'Traceback' not in result.stderr
-    for fragment in fragments: assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-def snapshot(run_dir):
-    "Hashes of every file of a run directory, to show that a failed command changed nothing."
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(run_dir).iterdir()) if p.is_file()}
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / 'metrics.jsonl').read_text().splitlines()]
-
-
-@pytest.fixture(scope='session')
-def tiny_run(env, tmp_path_factory):
-    out = tmp_path_factory.mktemp('runs') / 'tiny'
-    result = craft(env, 'train', *TINY, '--max-iters', 30, '--eval-interval', 10, '--out', out)
-    assert result.returncode == 0, result.stderr
-    return out
+from conftest import TINY, assert_one_line_error, craft, metrics, snapshot   # fixtures: env, tiny_run, tiny_run_copy
 
 
 def test_help_documents_every_flag_with_its_default(env):
@@ -96,10 +56,10 @@ def test_resume_continues_exactly(env, tmp_path, optimizer):
     assert losses(tmp_path / 'halves') == losses(tmp_path / 'straight')
 
 
-def test_resume_refuses_another_optimizer(env, tiny_run):
-    before = snapshot(tiny_run)
-    assert_one_line_error(craft(env, 'train', '--resume', tiny_run, '--max-iters', 40, '--optimizer', 'muon'), 'cannot resume', 'adamw')
-    assert snapshot(tiny_run) == before
+def test_resume_refuses_another_optimizer(env, tiny_run_copy):
+    before = snapshot(tiny_run_copy)
+    assert_one_line_error(craft(env, 'train', '--resume', tiny_run_copy, '--max-iters', 40, '--optimizer', 'muon'), 'cannot resume', 'adamw')
+    assert snapshot(tiny_run_copy) == before
 
 
 def test_a_target_loss_stops_the_run_at_the_first_evaluation_that_reaches_it(env, tmp_path):
@@ -190,17 +150,17 @@ def test_bad_config_file(env, tmp_path):
     assert_one_line_error(craft(env, 'train', *TINY, '--config', tmp_path / 'c.yaml'), 'unknown setting(s): n_layers')
 
 
-def test_a_new_run_never_mixes_into_an_old_one(env, tiny_run, tmp_path):
-    before = snapshot(tiny_run)
-    assert_one_line_error(craft(env, 'train', *TINY, '--out', tiny_run), 'already holds a run', '--resume')
-    assert_one_line_error(craft(env, 'train', '--resume', tiny_run, '--preset', 'nanogpt'), 'drop --preset')
-    assert_one_line_error(craft(env, 'train', '--resume', tiny_run, '--max-iters', 30), 'already at step 30')
-    assert snapshot(tiny_run) == before
+def test_a_new_run_never_mixes_into_an_old_one(env, tiny_run_copy, tmp_path):
+    before = snapshot(tiny_run_copy)
+    assert_one_line_error(craft(env, 'train', *TINY, '--out', tiny_run_copy), 'already holds a run', '--resume')
+    assert_one_line_error(craft(env, 'train', '--resume', tiny_run_copy, '--preset', 'nanogpt'), 'drop --preset')
+    assert_one_line_error(craft(env, 'train', '--resume', tiny_run_copy, '--max-iters', 30), 'already at step 30')
+    assert snapshot(tiny_run_copy) == before
     # a run's own config.json reproduces it, in a new directory
-    result = craft(env, 'train', '--config', tiny_run / 'config.json', '--no-progress', '--out', tmp_path / 'again')
+    result = craft(env, 'train', '--config', tiny_run_copy / 'config.json', '--no-progress', '--out', tmp_path / 'again')
     assert result.returncode == 0, result.stderr
     assert metrics(tmp_path / 'again') == [dict(r, elapsed_s=r2['elapsed_s'], **({'tokens_per_sec': r2['tokens_per_sec']} if 'tokens_per_sec' in r else {}))
-                                           for r, r2 in zip(metrics(tiny_run), metrics(tmp_path / 'again'))]
+                                           for r, r2 in zip(metrics(tiny_run_copy), metrics(tmp_path / 'again'))]
 
 
 def test_resume_from_something_that_is_not_a_run(env, tmp_path):

@@ -4,7 +4,7 @@ import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import numpy as np
 import pytest
-from test_cli_train import TINY, assert_one_line_error, craft, env, metrics  # fixtures: env
+from conftest import TINY, assert_one_line_error, craft, metrics   # fixtures: env
 
 SHORT = [*TINY, '--threads', 1, '--max-iters', 4, '--eval-interval', 2, '--eval-iters', 1, '--sample-chars', 0]
 PROSE = 'It was the best of times, it was the worst of times, it was the age of wisdom.\n' * 40

@@ -2,7 +2,7 @@
 import json, os, random, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
-from test_cli_train import TINY, assert_one_line_error, craft, env, metrics  # env: the session's environment fixture
+from conftest import TINY, assert_one_line_error, craft, metrics   # fixtures: env (the session's environment)
 
 # a checkpoint at every step, so that a kill lands in a checkpoint write as often as not
 EVERY_STEP = [*TINY, '--threads', 1, '--eval-interval', 1, '--eval-iters', 1, '--log-interval', 1, '--sample-chars', 0,

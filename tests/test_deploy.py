@@ -10,16 +10,15 @@ from craft.model import GPT, GPTConfig, Int8Linear, load_checkpoint, quantize_we
 from craft.sampling import generate, sampler_app
 from craft.training import train
 from craft.deploy import OnnxModel, onnx_errors, onnx_names, validation_loss
-from test_serving import httpx, serve
-
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}   # tiny models: one thread is fastest, and robust to busy cores
+from conftest import ENV, built_once, httpx, serve
 
 
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
     "A run directory with a tiny model trained for a few seconds, with a context of 64 (so that 50 decode steps fit)."
-    return train('tiny', out=tmp_path_factory.mktemp('deploy') / 'tiny', block_size=64, max_iters=300, batch_size=32, lr=1e-2,
-                 min_lr=1e-3, eval_interval=300, progress=False, sample_chars=0, device='cpu')
+    build = lambda folder: train('tiny', out=folder / 'tiny', block_size=64, max_iters=300, batch_size=32, lr=1e-2,
+                                 min_lr=1e-3, eval_interval=300, progress=False, sample_chars=0, device='cpu')
+    return built_once(tmp_path_factory, 'deploy', build) / 'tiny'   # trained once per test run: the tests only read it
 
 
 def craft(*args, timeout=300, env=ENV):

@@ -4,7 +4,7 @@ import errno, json, os, re, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
-from test_cli_train import TINY, assert_one_line_error, craft, env, metrics, snapshot, tiny_run  # fixtures: env, tiny_run
+from conftest import TINY, assert_one_line_error, craft, metrics, snapshot   # fixtures: env, tiny_run, tiny_run_copy
 
 SHORT = [*TINY, '--threads', 1, '--max-iters', 4, '--eval-interval', 2, '--eval-iters', 1, '--sample-chars', 0]
 
@@ -94,12 +94,12 @@ def test_resume_reads_the_recorded_corpus_from_anywhere_and_refuses_a_changed_on
     assert json.loads((run / 'config.json').read_text())['corpus']['path'] == str((data / 'moved.txt').resolve())
 
 
-def test_config_with_resume_is_refused(env, tiny_run, tmp_path):
+def test_config_with_resume_is_refused(env, tiny_run_copy, tmp_path):
     (tmp_path / 'c.yaml').write_text('lr: 0.5\n')
-    before = snapshot(tiny_run)
-    assert_one_line_error(craft(env, 'train', '--resume', tiny_run, '--config', tmp_path / 'c.yaml', '--max-iters', 40),
+    before = snapshot(tiny_run_copy)
+    assert_one_line_error(craft(env, 'train', '--resume', tiny_run_copy, '--config', tmp_path / 'c.yaml', '--max-iters', 40),
                           'cannot change a resumed run', 'drop --config')
-    assert snapshot(tiny_run) == before
+    assert snapshot(tiny_run_copy) == before
 
 
 # --- everything is checked before the first step; a finished run stays finished ---

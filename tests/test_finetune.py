@@ -1,8 +1,8 @@
 "Black-box tests of fine-tuning: `craft train --init-from`, in full and with LoRA; resume, the run directory, and every bad input."
-import json, os, subprocess, sys
+import json, os, shutil, subprocess, sys
 from pathlib import Path
 import pytest
-from test_cli_train import craft, assert_one_line_error, metrics   # the same helpers as the other `craft train` tests
+from conftest import craft, assert_one_line_error, metrics   # the same helpers as the other `craft train` tests
 
 TINY = ['--preset', 'tiny', '--device', 'cpu', '--no-progress', '--dtype', 'float32']
 
@@ -20,12 +20,9 @@ def austen():
 
 
 @pytest.fixture(scope='session')
-def parent(env, tmp_path_factory):
-    "A tiny model trained briefly on the bundled Shakespeare: the run every fine-tune here starts from."
-    out = tmp_path_factory.mktemp('runs') / 'parent'
-    result = craft(env, 'train', *TINY, '--max-iters', 30, '--eval-interval', 15, '--sample-chars', 0, '--out', out)
-    assert result.returncode == 0, result.stderr
-    return out
+def parent(tiny_run, tmp_path_factory):
+    "The tiny run (a tiny model trained briefly on the bundled Shakespeare), copied: the run every fine-tune here starts from."
+    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp('runs') / 'parent'))
 
 
 @pytest.fixture(scope='session')

@@ -11,7 +11,7 @@ try: from prometheus_client.parser import text_string_to_metric_families
 except ImportError: text_string_to_metric_families = None
 
 from craft.sampling import generate
-from test_serving import ENV, Server, health, httpx, model, serve
+from conftest import ENV, Server, health, httpx, serve   # fixtures: served_run, model
 
 
 @pytest.fixture(autouse=True)

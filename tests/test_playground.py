@@ -10,7 +10,7 @@ except ImportError: sync_playwright = None
 
 from craft.model import load_checkpoint
 from craft.sampling import generate
-from test_serving import ENV, Server
+from conftest import ENV, Server   # fixtures: served_run
 from browser import chromium_executable
 
 # Headless, and no traffic of the browser's own: the only requests are the page's.

@@ -15,36 +15,14 @@ from craft.tokenizer import CharTokenizer, load_text, shakespeare_path
 PROMPT = 'ROMEO:\nIs the day so young?'   # 26 characters; the tiny preset's window is 32
 
 
-def train_tiny(steps=250, seed=0):
-    "A tiny GPT trained for a few seconds on Tiny Shakespeare, and its tokenizer."
-    text = load_text(shakespeare_path())
-    tok = CharTokenizer.from_text(text)
-    data = torch.from_numpy(tok.encode(text).astype(np.int64))
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_preset('tiny', vocab_size=tok.vocab_size))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    T = model.config.block_size
-    for _ in range(steps):
-        starts = torch.randint(len(data) - T - 1, (32,))
-        x = torch.stack([data[s:s + T] for s in starts])
-        y = torch.stack([data[s + 1:s + T + 1] for s in starts])
-        _, loss = model(x, y)
-        opt.zero_grad(); loss.backward(); opt.step()
-    return model.eval(), tok
+@pytest.fixture(scope='session')
+def trained(model):
+    "The served model (a tiny GPT trained for a few seconds on Tiny Shakespeare, float32 on the CPU), and its tokenizer."
+    return model
 
 
 @pytest.fixture(scope='session')
-def trained():
-    return train_tiny()
-
-
-@pytest.fixture(scope='session')
-def run_dir(trained, tmp_path_factory):
-    model, tok = trained
-    path = tmp_path_factory.mktemp('runs') / 'tiny'
-    path.mkdir()
-    save_checkpoint(path / 'best.safetensors', model, tok)
-    return path
+def run_dir(served_run): return served_run
 
 
 @pytest.fixture(scope='session')

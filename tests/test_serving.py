@@ -1,62 +1,20 @@
 "`craft serve` on loopback: the real server in a subprocess, every endpoint, bad input, 64 concurrent clients, disconnects, shutdown with requests in flight, and a schemathesis fuzz."
 from __future__ import annotations
-import asyncio, json, os, queue, re, shutil, signal, subprocess, sys, threading, time
+import asyncio, json, re, shutil, signal, subprocess, sys, threading, time
 from pathlib import Path
 
 import pytest
 import torch
 
-try: import httpx2 as httpx
-except ImportError: httpx = None
-
 from craft.model import load_checkpoint
 from craft.sampling import generate
-
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}   # tiny models: one thread is fastest, and robust to busy cores
+from conftest import ENV, Server, health, httpx, serve   # fixtures: served_run, model
 
 
 @pytest.fixture(autouse=True)
 def dev_dependencies():
     "These tests need httpx2, a dev requirement: without it they fail, saying so."
     if httpx is None: pytest.fail("tests/test_serving.py needs httpx2, a dev requirement of craft: pip install -e '.[dev]'", pytrace=False)
-
-
-@pytest.fixture(scope='session')
-def model(served_run):
-    "The served model, in float32 on the CPU as the servers run it."
-    return load_checkpoint(served_run, 'cpu')[:2]
-
-
-class Server:
-    "A server subprocess: its URL, and its stderr collected by a thread (so that the pipe never fills)."
-    def __init__(self, command:list[str], timeout:float=60, env:dict|None=None):
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env or ENV)
-        self.lines, self.url, found = [], None, queue.Queue()
-        def read():
-            for line in self.process.stderr:
-                self.lines.append(line)
-                if m := re.search(r'craft serve: (http://\S+)', line): found.put(m.group(1))
-            found.put(None)
-        threading.Thread(target=read, daemon=True).start()
-        try: self.url = found.get(timeout=timeout)
-        except queue.Empty: pass
-        if self.url is None:
-            self.stop()
-            pytest.fail(f"the server did not start:\n{''.join(self.lines)}")
-
-    def stop(self):
-        self.process.terminate()
-        try: self.process.wait(10)
-        except subprocess.TimeoutExpired: self.process.kill(); self.process.wait(10)
-
-    @property
-    def log(self) -> str: return ''.join(self.lines)
-
-
-def serve(served_run, **limits) -> Server:
-    "`serve_command` in a subprocess, on a free port of 127.0.0.1 (the default host)."
-    args = ', '.join(f"{k}={v!r}" for k, v in dict(port=0, device='cpu', dtype='float32', log_level='warning', **limits).items())
-    return Server([sys.executable, '-c', f"from craft.serving import serve_command; serve_command({str(served_run)!r}, {args})"])
 
 
 @pytest.fixture(scope='module')
@@ -66,12 +24,6 @@ def server(served_run):
     yield s
     s.stop()
     assert 'Traceback' not in s.log, s.log
-
-
-def health(server) -> dict:
-    r = httpx.get(f'{server.url}/health', timeout=10)
-    assert r.status_code == 200
-    return r.json()
 
 
 def post(server, timeout=30, **body) -> httpx.Response:

@@ -5,7 +5,7 @@ Nothing here touches the machine's own /dev: device nodes are made for the test 
 import contextlib, json, os, signal, stat, subprocess, sys, time
 from pathlib import Path
 import pytest
-from test_cli_train import TINY, assert_one_line_error, craft, env, snapshot, tiny_run  # fixtures: env, tiny_run
+from conftest import TINY, assert_one_line_error, craft, snapshot   # fixtures: env, tiny_run
 
 MEMORY_CAP = 6 * 2**30   # bytes of address space for a command that must refuse before it allocates (prlimit --as)
 
