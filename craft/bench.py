@@ -30,10 +30,13 @@ import torch
 from .errors import CraftError
 from .tokenizer import CharTokenizer
 from .files import atomic_write_text, check_output_file, check_output_folder, describe_os_error, read_json_file
-from .model import GPT, GPTConfig, PRESETS, DTYPE_BYTES, flops_per_token, matmul_params, memory_budget
-from .model import pick_device, save_checkpoint
-from .training import TRAIN_PRESETS, Trainer, resolve_config, load_tokens, estimate_loss
-from .training import read_status, read_metrics
+from .model import GPT, GPTConfig, PRESETS, flops_per_token, matmul_params
+from .machine import DTYPE_BYTES, memory_budget, pick_device
+from .rundir import CONFIG_FILE, read_metrics, read_status, save_checkpoint, train_figures
+from .corpus import load_tokens
+from .config import TRAIN_PRESETS, resolve_config
+from .steps import estimate_loss
+from .training import Trainer
 from .sampling import stream, decoding_profile
 from .machine import candidates
 from .baseline import BaselineGPT, BaselineTrainer, baseline_from_craft, baseline_memory, beyond_baseline
@@ -1201,7 +1204,7 @@ def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = resolve_config(preset, device=str(device), out=str(out), progress=False, **settings)
-    atomic_write_text(out / 'config.json', json.dumps(run.to_dict(), indent=1))
+    atomic_write_text(out / CONFIG_FILE, json.dumps(run.to_dict(), indent=1))
     code = 'import sys; from craft.baseline import train_baseline; train_baseline(sys.argv[1])'
     seconds, _ = _run_process([sys.executable, '-c', code, str(out)], f"the baseline's run of {preset} with {settings}")
     return {'wall_s': _sig(seconds), **json.loads((out / 'baseline.json').read_text(encoding='utf-8'))}
@@ -1281,7 +1284,7 @@ def _suite_cpu_finetune(part:dict, save:Callable, ctx:dict):
 def _suite_cpu_data(part:dict, save:Callable, ctx:dict):
     "Corpora from 1 MB to 10 GB: preparation MB/s, peak memory, cold and warm start-up, tokens/s (`03b_corpus`)."
     from .corpus import corpus_results
-    part.update(corpus_results(**ctx['plan']['data']))
+    part.update(corpus_results(train_figures, **ctx['plan']['data']))
 
 # %% ../nbs/06_benchmarks.ipynb #fdc16800
 def flood_test(url:str, clients:int, new_tokens:int=100, timeout:float=300.0) -> dict:

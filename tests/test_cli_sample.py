@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from craft.model import GPT, GPTConfig, save_checkpoint
+from craft.model import GPT, GPTConfig
+from craft.rundir import save_checkpoint
 from craft.tokenizer import CharTokenizer, load_text, shakespeare_path
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,7 @@ import torch
 try: import httpx2 as httpx
 except ImportError: httpx = None
 
-from craft.model import load_checkpoint
+from craft.rundir import load_checkpoint
 from craft.sampling import generate
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}   # tiny models: one thread is fastest, and robust to busy cores
