@@ -112,8 +112,8 @@ def checkpoint_file(path) -> Path:
     if path.is_file(): return path
     for name in WEIGHT_FILES:
         if _readable(path / name) and (path / name).is_file(): return path / name
-    raise CraftError(f"{path} is not a craft run directory (no best or latest weights, "
-                     f"{' or '.join(WEIGHT_FILES)}); train one with `craft train --out {path}`")
+    raise CraftError(f"{path} is not a craft run directory (no {BEST_FILE} or "
+                     f"{LATEST_FILE}); train one with `craft train --out {path}`")
 
 # %% ../nbs/03d_rundir.ipynb #b21aafa3
 def read_checkpoint_header(path) -> dict:

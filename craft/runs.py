@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import CraftError
 from .files import atomic_write, check_output_file, run_lock_held
 from .config import MODEL_FIELDS, TRAIN_FIELDS, RunConfig
-from .rundir import METRICS_FILE, STATUS_FILE, MARK_FILES, check_run_dir, is_run_dir, read_run_config, read_status
+from .rundir import BEST_FILE, METRICS_FILE, STATUS_FILE, MARK_FILES, check_run_dir, is_run_dir, read_run_config, read_metrics, read_status
 from .steps import BITS_PER_NAT
 from .rundir import metrics_and_damage, read_provenance
 from .health import plot_health
@@ -387,7 +387,7 @@ def _headline(row:dict) -> str:
     bpc = row['full_val_bpc'] if row['full_val_bpc'] is not None else row['val_bpc']
     if bpc is None: return 'none yet'
     return (f"validation {bpc:.4f} bpc{' (the whole split)' if row['full_val_bpc'] is not None else ''}: the split that also "
-            "chose the best weights, so slightly optimistic (--test-fraction holds out a test split)")
+            f"chose {BEST_FILE}, so slightly optimistic (--test-fraction holds out a test split)")
 
 def _pairs(values:dict, width:int=100) -> list[str]:
     "`key=value` pairs wrapped into lines of about `width` characters."

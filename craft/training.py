@@ -387,6 +387,124 @@ def _record_status(self:Trainer, status:str, **extra):
         with contextlib.suppress(OSError):
             write_status(self.out, {'status': status, 'step': self.step, **extra}, atomic=False)
 
+# %% ../nbs/04_training.ipynb #f78d51dc
+Trainer.pending_health = None   # the per-layer figures of the last step, until the loop logs them
+
+@patch
+def _health_due(self:Trainer) -> bool:
+    "Whether this step records the per-layer figures: the first step, and each one that ends at an evaluation."
+    return self.cfg.health and (self.step == 0 or (self.step + 1) % self.cfg.eval_interval == 0)
+
+@patch
+@contextlib.contextmanager
+def _health_watch(self:Trainer, x:torch.Tensor):
+    "Around clipping and the update, on the steps `_health_due` picks: per-layer figures into `pending_health`."
+    if not self._health_due(): yield; return
+    layers = health_layers(self.raw_model)
+    scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0   # float16: the gradients are still scaled here
+    figures = activation_stats(self.raw_model, layers, x, self.autocast)
+    figures['weight_norm'] = [joint_norm(ps) for _, ps in layers.values()]
+    figures['grad_norm'] = [joint_norm([p.grad for p in ps if p.grad is not None]) / scale for _, ps in layers.values()]
+    before = [[p.detach().clone() for p in ps] for _, ps in layers.values()]
+    yield
+    figures['update_ratio'] = [joint_norm([p.detach() - b for p, b in zip(ps, old)]) / max(w, 1e-12)
+                               for (_, ps), old, w in zip(layers.values(), before, figures['weight_norm'])]
+    self.pending_health = {'layers': list(layers), **{k: [round_sig(v) for v in vs] for k, vs in figures.items()}}
+
+# %% ../nbs/04_training.ipynb #10a0b64c
+@patch
+def _count_norm(self:Trainer, norm:float):
+    "Keep one step's gradient norm for the next metrics line: the last, the largest, how many were clipped."
+    clipped = 0 < self.cfg.grad_clip < norm
+    seen = self.__dict__.setdefault('norms', {'grad_norm': None, 'clipped': False, 'grad_norm_max': 0.0, 'clipped_steps': 0})
+    seen.update(grad_norm=round_sig(norm), clipped=clipped, clipped_steps=seen['clipped_steps'] + clipped)
+    if math.isfinite(norm): seen['grad_norm_max'] = round_sig(max(seen['grad_norm_max'], norm))
+
+@patch
+def _step_figures(self:Trainer) -> dict:
+    "The gradient figures for this metrics line (the steps since the last one), then start again."
+    return self.__dict__.pop('norms', None) or {}
+
+# %% ../nbs/04_training.ipynb #b3b3ec37
+Trainer.spikes = Trainer.pending_spike = None   # the run's SpikeDetector (made at the first step), and a spike to log
+Trainer.spike_count = 0
+Trainer.unread = None   # on a GPU: the last step's loss and gradient norm, read at the next step
+
+@patch
+def _clip_gradients(self:Trainer) -> torch.Tensor|None:
+    "Unscale the gradients and clip them to norm `grad_clip`; returns their norm before clipping (None if neither clipping nor health asks)."
+    cfg = self.cfg
+    if not (cfg.grad_clip > 0 or cfg.health): return None
+    for optimizer in self.optimizers: self.scaler.unscale_(optimizer)
+    return nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+
+# %% ../nbs/04_training.ipynb #8490a43e
+@patch
+def _reads_late(self:Trainer) -> bool:
+    "Whether to read each step's loss one step late: on a GPU, unless a spike must drop its own update (skip)."
+    return self.device.type == 'cuda' and self.cfg.on_spike != 'skip'
+
+@patch
+def _take_update(self:Trainer, loss:torch.Tensor, grad_norm:torch.Tensor|None) -> bool:
+    "Keep the step's gradient norm and watch its loss for a spike; False to drop the update (on_spike skip or stop)."
+    if not self.cfg.health: return True
+    values = torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)])
+    if self.dist.enabled: torch.distributed.all_reduce(values); values /= self.dist.world_size   # the same decision everywhere
+    step = (values, self.step + 1, self.lr)                      # the step's figures, and its number as the metrics file counts
+    if self._reads_late(): step, self.unread = self.unread, step   # the GPU need not wait for this step: read the last one
+    if step is None: return True
+    loss_value, norm = step[0].tolist()
+    self._count_norm(norm)
+    if self.spikes is None: self.spikes = SpikeDetector(self.cfg.spike_sigma)
+    limit, level, std = self.spikes.threshold, self.spikes.level, self.spikes.std
+    if not self.spikes.update(loss_value): return True
+    self.pending_spike = dict(step=step[1], event='spike', spike_loss=round_sig(loss_value), threshold=round_sig(limit), level=round_sig(level),
+                              noise_std=round_sig(std), grad_norm=round_sig(norm), lr=round_sig(step[2]), recent_losses=list(self.spikes.recent),
+                              action=self.cfg.on_spike)
+    return self.cfg.on_spike == 'warn' or self._reads_late()
+
+# %% ../nbs/04_training.ipynb #5a2a2038
+@patch
+def _log_health(self:Trainer):
+    "Log the step's per-layer figures and loss spike, if it had them; warn of a spike, or stop the run (on_spike stop)."
+    if self.pending_health is not None: self.log(health=self.pending_health); self.pending_health = None
+    if self.pending_spike is None: return
+    spike, self.pending_spike = self.pending_spike, None
+    self.spike_count += 1
+    self.log(**spike)
+    what = (f"loss spike at step {spike['step']}: {spike['spike_loss']:.4f}, above {spike['threshold']:.4f} "
+            f"(its level {spike['level']:.4f} + {self.cfg.spike_sigma:g} x noise {spike['noise_std']:.4f})")
+    if spike['action'] == 'stop':
+        kept = ("nothing was saved yet" if self.committed_step is None
+                else f"the last good checkpoint (step {self.committed_step}) in {self.out} is kept")
+        raise CraftError(f"{what}: stopped (--on-spike stop); {kept}. Lower --lr (or raise --warmup-iters), "
+                         f"then resume with: craft train --resume {self.out}")
+    if self.dist.is_main:
+        from tqdm.auto import tqdm
+        tqdm.write(f"craft: warning: {what}; {'update skipped' if spike['action'] == 'skip' else 'training goes on'}", file=sys.stderr)
+
+# %% ../nbs/04_training.ipynb #80e4a220
+@patch
+def _write_provenance(self:Trainer):
+    "Add this process's session to the run's provenance: a new run has one, each resume adds one."
+    add_provenance(self.out, {**provenance(self.device, self.run.corpus), 'from_step': self.step, 'processes': self.dist.world_size})
+
+# %% ../nbs/04_training.ipynb #d646895d
+Trainer.test_tokens = None   # the held-out test split (hold_out_test), or None
+
+@patch
+def _final_figures(self:Trainer) -> dict:
+    "At the end: the test split's loss with the best weights (up to `eval_tokens`) (its one use), which split the run reports, and the spikes."
+    figures = {'reported_split': 'validation', 'spikes': self.spike_count}
+    if self.test_tokens is None or not self.dist.is_main: return figures
+    best_model, _, _ = load_checkpoint(self.out, self.device)
+    T, budget = self.run.model.block_size, self.cfg.eval_tokens
+    test = full_loss(best_model, self.test_tokens, T, self.cfg.batch_size, self.device, self.autocast, budget)
+    scored = scored_tokens(len(self.test_tokens), T, budget)
+    self.log(test_loss=test, test_bpc=test * BITS_PER_NAT, test_tokens=scored)
+    return {**figures, 'reported_split': 'test', 'test_loss': round(test, 6), 'test_bpc': round(test * BITS_PER_NAT, 6),
+            'test_tokens': scored}
+
 # %% ../nbs/04_training.ipynb #715ce3da
 @patch
 def train_step(self:Trainer) -> torch.Tensor:
@@ -517,6 +635,15 @@ def _save_interrupted(self:Trainer):
         print(f"interrupted ({name}) at step {self.step}; resume with: craft train --resume {self.out}",
               file=sys.stderr)
 
+# %% ../nbs/04_training.ipynb #70c3d352
+@patch
+def _plot(self:Trainer):
+    "Save the loss plot; a finished run is finished even if the plot cannot be written (a warning says why)."
+    try:
+        with atomic_write(self.out / PLOT_FILE, 'wb') as f:
+            plot_metrics(self.out).figure.savefig(f, format='png', dpi=120, bbox_inches='tight')
+    except OSError as e: print(f"craft: warning: no loss plot ({describe_os_error(e)})", file=sys.stderr)
+
 # %% ../nbs/04_training.ipynb #216fcb6f
 @patch
 def _finish(self:Trainer, reason:str):
@@ -536,15 +663,6 @@ def _finish(self:Trainer, reason:str):
     extra.update(self._final_figures())   # the test split, scored once; which split the run reports; spikes
     self.set_status('finished', **extra)
     if self.dist.is_main: self._plot()
-
-# %% ../nbs/04_training.ipynb #70c3d352
-@patch
-def _plot(self:Trainer):
-    "Save the loss plot; a finished run is finished even if the plot cannot be written (a warning says why)."
-    try:
-        with atomic_write(self.out / PLOT_FILE, 'wb') as f:
-            plot_metrics(self.out).figure.savefig(f, format='png', dpi=120, bbox_inches='tight')
-    except OSError as e: print(f"craft: warning: no loss plot ({describe_os_error(e)})", file=sys.stderr)
 
 # %% ../nbs/04_training.ipynb #b639ab39
 @patch
@@ -613,124 +731,6 @@ def fit(self:Trainer) -> Path:
             if bar is not None: bar.close()
             if self.writer is not None: self.writer.close()
             self.close()
-
-# %% ../nbs/04_training.ipynb #f78d51dc
-Trainer.pending_health = None   # the per-layer figures of the last step, until the loop logs them
-
-@patch
-def _health_due(self:Trainer) -> bool:
-    "Whether this step records the per-layer figures: the first step, and each one that ends at an evaluation."
-    return self.cfg.health and (self.step == 0 or (self.step + 1) % self.cfg.eval_interval == 0)
-
-@patch
-@contextlib.contextmanager
-def _health_watch(self:Trainer, x:torch.Tensor):
-    "Around clipping and the update, on the steps `_health_due` picks: per-layer figures into `pending_health`."
-    if not self._health_due(): yield; return
-    layers = health_layers(self.raw_model)
-    scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0   # float16: the gradients are still scaled here
-    figures = activation_stats(self.raw_model, layers, x, self.autocast)
-    figures['weight_norm'] = [joint_norm(ps) for _, ps in layers.values()]
-    figures['grad_norm'] = [joint_norm([p.grad for p in ps if p.grad is not None]) / scale for _, ps in layers.values()]
-    before = [[p.detach().clone() for p in ps] for _, ps in layers.values()]
-    yield
-    figures['update_ratio'] = [joint_norm([p.detach() - b for p, b in zip(ps, old)]) / max(w, 1e-12)
-                               for (_, ps), old, w in zip(layers.values(), before, figures['weight_norm'])]
-    self.pending_health = {'layers': list(layers), **{k: [round_sig(v) for v in vs] for k, vs in figures.items()}}
-
-# %% ../nbs/04_training.ipynb #b3b3ec37
-Trainer.spikes = Trainer.pending_spike = None   # the run's SpikeDetector (made at the first step), and a spike to log
-Trainer.spike_count = 0
-Trainer.unread = None   # on a GPU: the last step's loss and gradient norm, read at the next step
-
-@patch
-def _clip_gradients(self:Trainer) -> torch.Tensor|None:
-    "Unscale the gradients and clip them to norm `grad_clip`; returns their norm before clipping (None if neither clipping nor health asks)."
-    cfg = self.cfg
-    if not (cfg.grad_clip > 0 or cfg.health): return None
-    for optimizer in self.optimizers: self.scaler.unscale_(optimizer)
-    return nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-
-# %% ../nbs/04_training.ipynb #8490a43e
-@patch
-def _reads_late(self:Trainer) -> bool:
-    "Whether to read each step's loss one step late: on a GPU, unless a spike must drop its own update (skip)."
-    return self.device.type == 'cuda' and self.cfg.on_spike != 'skip'
-
-@patch
-def _take_update(self:Trainer, loss:torch.Tensor, grad_norm:torch.Tensor|None) -> bool:
-    "Keep the step's gradient norm and watch its loss for a spike; False to drop the update (on_spike skip or stop)."
-    if not self.cfg.health: return True
-    values = torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)])
-    if self.dist.enabled: torch.distributed.all_reduce(values); values /= self.dist.world_size   # the same decision everywhere
-    step = (values, self.step + 1, self.lr)                      # the step's figures, and its number as the metrics file counts
-    if self._reads_late(): step, self.unread = self.unread, step   # the GPU need not wait for this step: read the last one
-    if step is None: return True
-    loss_value, norm = step[0].tolist()
-    self._count_norm(norm)
-    if self.spikes is None: self.spikes = SpikeDetector(self.cfg.spike_sigma)
-    limit, level, std = self.spikes.threshold, self.spikes.level, self.spikes.std
-    if not self.spikes.update(loss_value): return True
-    self.pending_spike = dict(step=step[1], event='spike', spike_loss=round_sig(loss_value), threshold=round_sig(limit), level=round_sig(level),
-                              noise_std=round_sig(std), grad_norm=round_sig(norm), lr=round_sig(step[2]), recent_losses=list(self.spikes.recent),
-                              action=self.cfg.on_spike)
-    return self.cfg.on_spike == 'warn' or self._reads_late()
-
-# %% ../nbs/04_training.ipynb #10a0b64c
-@patch
-def _count_norm(self:Trainer, norm:float):
-    "Keep one step's gradient norm for the next metrics line: the last, the largest, how many were clipped."
-    clipped = 0 < self.cfg.grad_clip < norm
-    seen = self.__dict__.setdefault('norms', {'grad_norm': None, 'clipped': False, 'grad_norm_max': 0.0, 'clipped_steps': 0})
-    seen.update(grad_norm=round_sig(norm), clipped=clipped, clipped_steps=seen['clipped_steps'] + clipped)
-    if math.isfinite(norm): seen['grad_norm_max'] = round_sig(max(seen['grad_norm_max'], norm))
-
-@patch
-def _step_figures(self:Trainer) -> dict:
-    "The gradient figures for this metrics line (the steps since the last one), then start again."
-    return self.__dict__.pop('norms', None) or {}
-
-# %% ../nbs/04_training.ipynb #5a2a2038
-@patch
-def _log_health(self:Trainer):
-    "Log the step's per-layer figures and loss spike, if it had them; warn of a spike, or stop the run (on_spike stop)."
-    if self.pending_health is not None: self.log(health=self.pending_health); self.pending_health = None
-    if self.pending_spike is None: return
-    spike, self.pending_spike = self.pending_spike, None
-    self.spike_count += 1
-    self.log(**spike)
-    what = (f"loss spike at step {spike['step']}: {spike['spike_loss']:.4f}, above {spike['threshold']:.4f} "
-            f"(its level {spike['level']:.4f} + {self.cfg.spike_sigma:g} x noise {spike['noise_std']:.4f})")
-    if spike['action'] == 'stop':
-        kept = ("nothing was saved yet" if self.committed_step is None
-                else f"the last good checkpoint (step {self.committed_step}) in {self.out} is kept")
-        raise CraftError(f"{what}: stopped (--on-spike stop); {kept}. Lower --lr (or raise --warmup-iters), "
-                         f"then resume with: craft train --resume {self.out}")
-    if self.dist.is_main:
-        from tqdm.auto import tqdm
-        tqdm.write(f"craft: warning: {what}; {'update skipped' if spike['action'] == 'skip' else 'training goes on'}", file=sys.stderr)
-
-# %% ../nbs/04_training.ipynb #80e4a220
-@patch
-def _write_provenance(self:Trainer):
-    "Add this process's session to the run's provenance: a new run has one, each resume adds one."
-    add_provenance(self.out, {**provenance(self.device, self.run.corpus), 'from_step': self.step, 'processes': self.dist.world_size})
-
-# %% ../nbs/04_training.ipynb #d646895d
-Trainer.test_tokens = None   # the held-out test split (hold_out_test), or None
-
-@patch
-def _final_figures(self:Trainer) -> dict:
-    "At the end: the test split's loss with the best weights (up to `eval_tokens`) (its one use), which split the run reports, and the spikes."
-    figures = {'reported_split': 'validation', 'spikes': self.spike_count}
-    if self.test_tokens is None or not self.dist.is_main: return figures
-    best_model, _, _ = load_checkpoint(self.out, self.device)
-    T, budget = self.run.model.block_size, self.cfg.eval_tokens
-    test = full_loss(best_model, self.test_tokens, T, self.cfg.batch_size, self.device, self.autocast, budget)
-    scored = scored_tokens(len(self.test_tokens), T, budget)
-    self.log(test_loss=test, test_bpc=test * BITS_PER_NAT, test_tokens=scored)
-    return {**figures, 'reported_split': 'test', 'test_loss': round(test, 6), 'test_bpc': round(test * BITS_PER_NAT, 6),
-            'test_tokens': scored}
 
 # %% ../nbs/04_training.ipynb #6ac2eb2a
 def resume_config(run_dir, **overrides) -> RunConfig:
