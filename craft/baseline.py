@@ -15,8 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
 from .errors import CraftError
-from .model import GPT, GPTConfig, PRESETS, memory_budget, pick_device
-from .training import load_tokens, split_tokens, learning_rate, full_loss, process_age, read_run_config
+from .model import GPT, GPTConfig, PRESETS
+from .machine import memory_budget, pick_device
+from .corpus import load_tokens
+from .rundir import read_run_config
+from .steps import split_tokens, learning_rate, full_loss
+from .training import process_age
 from .measure import write_results
 
 # %% ../nbs/06_baseline.ipynb #48fd586d
@@ -220,7 +224,7 @@ def fit(self:BaselineTrainer, log=lambda msg: None) -> dict:
 
 # %% ../nbs/06_baseline.ipynb #20baafa7
 def train_baseline(run_dir) -> Path:
-    "Train the baseline on the `config.json` in `run_dir` (as `craft train` writes it); write `baseline.json` there."
+    "Train the baseline on the run config in `run_dir` (as `craft train` writes it); write `baseline.json` there."
     run = read_run_config(run_dir)
     device = pick_device(run.train.device)
     result = {'device': str(device), **BaselineTrainer(run, device).fit()}

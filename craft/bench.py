@@ -16,8 +16,12 @@ from typing import Callable
 import torch
 from .errors import CraftError, check
 from .tokenizer import CharTokenizer
-from .model import GPT, GPTConfig, PRESETS, DTYPE_BYTES, flops_per_token, memory_budget, pick_device
-from .training import TRAIN_PRESETS, Trainer, resolve_config, load_tokens, estimate_loss
+from .model import GPT, GPTConfig, PRESETS, flops_per_token
+from .machine import DTYPE_BYTES, memory_budget, pick_device
+from .corpus import load_tokens
+from .config import TRAIN_PRESETS, resolve_config
+from .steps import estimate_loss
+from .training import Trainer
 from .sampling import stream, decoding_profile
 from .machine import Setting, threads_of
 from .baseline import BaselineTrainer, baseline_from_craft, baseline_memory, beyond_baseline

@@ -43,8 +43,11 @@ from .errors import CraftError
 from .files import describe_os_error
 from .model import GPTConfig, PRESETS
 import os
-from .model import load_checkpoint, pick_device, oom_message
-from .training import TrainConfig, TRAIN_PRESETS, train, read_status, read_run_config, write_sample
+from .machine import pick_device, oom_message
+from .rundir import load_checkpoint
+from .config import TrainConfig, TRAIN_PRESETS
+from .rundir import read_status, read_run_config, write_sample
+from .training import train
 from .sampling import sample_command, generate
 from .runs import runs_command, compare_command, show_command, plot_command
 from .bench import bench_command

@@ -514,16 +514,6 @@ def run_measured(cmd:list, env:dict, timeout:float=3600) -> dict:
             'peak_rss_mb': round(peak / 1e6, 1), 'stdout': ''.join(out)[-2000:], 'stderr_tail': ''.join(err)[-300:]}
 
 # %% ../nbs/03b_corpus.ipynb #5d35e8e2
-def _train_figures(run_dir:Path) -> dict:
-    "From a finished run's files: start-up to the first step, median training tokens/s, steps, the final loss."
-    status = json.loads((run_dir / 'status.json').read_text())
-    rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
-    first_eval = next(r['elapsed_s'] for r in rows if 'val_loss' in r)                  # the step-0 evaluation
-    speeds = sorted(r['tokens_per_sec'] for r in rows if 'tokens_per_sec' in r)
-    return {'to_step_1_s': round(status['startup_s'] + first_eval, 2), 'startup_s': status['startup_s'],
-            'tokens_per_s': speeds[len(speeds) // 2] if speeds else None, 'steps': status['step'],
-            'full_val_loss': status.get('full_val_loss'), 'full_val_tokens': status.get('full_val_tokens')}
-
 def _train_command(data, out:Path, seconds:float) -> list:
     return [sys.executable, '-m', 'craft.cli', 'train', '--preset', 'cpu', '--device', 'cpu', '--data', str(data),
             '--max-time', str(seconds), '--out', str(out), '--sample-chars', '0', '--no-progress']
@@ -550,8 +540,8 @@ def _forget_corpora(cache:Path):
     "Empty the token cache and the remembered fingerprints of `cache` (the machine profiles stay: they are not the corpus's)."
     for sub in ('tokens', 'corpora'): shutil.rmtree(cache / sub, ignore_errors=True)
 
-def measure_corpus(data, cache:Path, runs:Path, train_s:float, cold:bool=True) -> dict:
-    "Preparation, then a cold and a warm `craft train` (each in its own process), on the corpus `data`, in the cache `cache`."
+def measure_corpus(data, cache:Path, runs:Path, train_s:float, figures, cold:bool=True) -> dict:
+    "Preparation, then a cold and a warm `craft train` (each in its own process), on the corpus `data`, in the cache `cache`; `figures(run_dir)` reads a finished run (`train_figures`, `03d_rundir`)."
     env = {**os.environ, 'CRAFT_CACHE_DIR': str(cache)}
     size = sum(st.st_size for st in stat_files(data)[1])
     _forget_corpora(cache)
@@ -565,7 +555,7 @@ def measure_corpus(data, cache:Path, runs:Path, train_s:float, cold:bool=True) -
     for name in ('cold', 'warm') if cold else ('warm',):
         if name == 'cold': _forget_corpora(cache)
         run = run_measured(_train_command(data, runs / name, train_s), env)
-        out[name] = {**run, **(_train_figures(runs / name) if run['returncode'] == 0 else {})}
+        out[name] = {**run, **(figures(runs / name) if run['returncode'] == 0 else {})}
     return out
 
 # %% ../nbs/03b_corpus.ipynb #0d66ba5b
@@ -576,9 +566,9 @@ def bench_source(source=None) -> str:
     import sysconfig
     return os.path.abspath(source or os.environ.get('CRAFT_BENCH_CORPUS') or sysconfig.get_paths()['stdlib'])
 
-def corpus_results(source=None, sizes:dict=CORPUS_SIZES, simulated:int=10**10, train_s:float=30.0, timed_s:float=60.0,
+def corpus_results(figures, source=None, sizes:dict=CORPUS_SIZES, simulated:int=10**10, train_s:float=30.0, timed_s:float=60.0,
                    workdir=None) -> dict:
-    "Preparation MB/s, peak memory, start-up and tokens/s from 1 MB to `simulated` bytes; a `timed_s` run on the largest size."
+    "Preparation MB/s, peak memory, start-up and tokens/s from 1 MB to `simulated` bytes; a `timed_s` run on the largest size. `figures` reads a run."
     source = bench_source(source)
     with tempfile.TemporaryDirectory(dir=workdir, prefix='craft-corpora-') as tmp:
         tmp, rows = Path(tmp), {}
@@ -586,7 +576,7 @@ def corpus_results(source=None, sizes:dict=CORPUS_SIZES, simulated:int=10**10, t
         plan = [*((k, v, True) for k, v in sizes.items()), (f"{simulated / 1e9:g} GB (simulated)", simulated, False)]
         for i, (label, n_bytes, cold) in enumerate(plan):
             data = tmp / f"corpus{i}"; link_corpus(source, n_bytes, data)
-            rows[label] = {'files': len(stat_files(data)[0]), **measure_corpus(data, cache, tmp / f"runs{i}", train_s, cold)}
+            rows[label] = {'files': len(stat_files(data)[0]), **measure_corpus(data, cache, tmp / f"runs{i}", train_s, figures, cold)}
             if label == list(sizes)[-1]:                     # --max-time timed_s, warm: when does the process end?
                 env = {**os.environ, 'CRAFT_CACHE_DIR': str(cache)}
                 rows[label]['timed'] = {'max_time': timed_s, **run_measured(_train_command(data, tmp / 'timed', timed_s), env)}

@@ -17,8 +17,13 @@ import torch.nn as nn
 from .errors import CraftError
 from .files import atomic_path, atomic_write_text, describe_os_error
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
-from .model import GPT, GPTConfig, Int8Linear, checkpoint_file, load_checkpoint, quantize_weights
-from .training import full_loss, load_tokens, read_run_config, split_tokens, train
+from .model import GPT, GPTConfig
+from .int8 import Int8Linear, quantize_weights
+from .rundir import checkpoint_file, load_checkpoint
+from .corpus import load_tokens
+from .rundir import read_run_config, read_tokenizer
+from .steps import full_loss, split_tokens
+from .training import train
 from .sampling import stream
 from .measure import check_out, results_header, write_results
 
@@ -26,7 +31,7 @@ from .measure import check_out, results_header, write_results
 def validation_loss(model:GPT, run_dir) -> float:
     "The exact loss of `model` (nats per character) over the whole validation split of the corpus `run_dir` trained on."
     run = read_run_config(run_dir)
-    tokens, _ = load_tokens(run.train.data, CharTokenizer.load(Path(run_dir) / 'tokenizer.json'))
+    tokens, _ = load_tokens(run.train.data, read_tokenizer(run_dir))
     _, val = split_tokens(tokens, run.train.val_fraction, model.config.block_size)
     return full_loss(model, val, model.config.block_size, device=model.tok_emb.weight.device)
 

@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['FINETUNE_FORMAT', 'austen_path', 'grow_tokenizer', 'grow_vocab', 'LoRALinear', 'lora_matrices', 'add_lora',
            'trainable_params', 'NewRows', 'RowsEmbedding', 'RowsHead', 'train_new_rows', 'merge_adapters',
-           'parent_checkpoint', 'finetune_config', 'FinetuneTrainer', 'read_lineage', 'trainable_state',
-           'save_adapters', 'load_lora', 'finetune_resume_config', 'finetune', 'fine_tunes', 'bench_row', 'craft_train',
-           'finetune_results', 'finetune_bench']
+           'parent_checkpoint', 'finetune_config', 'FinetuneTrainer', 'read_lineage', 'trainable_state', 'load_lora',
+           'finetune_resume_config', 'finetune', 'fine_tunes', 'bench_row', 'craft_train', 'finetune_results',
+           'finetune_bench']
 
 # %% ../nbs/09_finetune.ipynb #036fc485
 import copy, json, math, sys
@@ -17,14 +17,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from safetensors.torch import save_file, load_file
+from safetensors.torch import load_file
 from .errors import CraftError
-from .files import atomic_path, atomic_write_text, read_json_file
+from .files import atomic_write_text, read_json_file
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
-from .model import GPT, GPTConfig, load_checkpoint, checkpoint_file, read_checkpoint_header, save_checkpoint
-from .training import (Trainer, RunConfig, MODEL_FIELDS, LORA_TARGETS, resolve_config, resume_config,
-                            read_config_file, read_run_config, load_tokens, split_tokens, full_loss, atomic_write_text,
-                            read_metrics, read_status, train)
+from .model import GPT, GPTConfig
+from .rundir import load_checkpoint, checkpoint_file, read_checkpoint_header, save_checkpoint, save_adapters, load_adapters
+from .rundir import ADAPTERS_FILE, BASE_FILE, BEST_FILE, LINEAGE_FILE, STATE_FILE, WEIGHT_FILES, has_weights
+from .corpus import load_tokens
+from .config import RunConfig, MODEL_FIELDS, LORA_TARGETS, resolve_config, read_config_file
+from .rundir import read_run_config, read_metrics, read_status
+from .steps import split_tokens, full_loss
+from .training import Trainer, resume_config, train
 from .measure import results_header, write_results, check_out
 
 # %% ../nbs/09_finetune.ipynb #0552ece1
@@ -171,8 +175,8 @@ def parent_checkpoint(init_from) -> Path:
     path = Path(init_from)
     if not path.exists():
         raise CraftError(f"--init-from {path}: no such run directory; pass a run craft train wrote (see craft runs)")
-    if path.is_dir() and not any((path / name).is_file() for name in ('best.safetensors', 'latest.safetensors')):
-        raise CraftError(f"--init-from {path} is not a craft run (no best.safetensors or latest.safetensors); "
+    if path.is_dir() and not has_weights(path):
+        raise CraftError(f"--init-from {path} is not a craft run (no {' or '.join(WEIGHT_FILES)}); "
                          "pass a run that craft train wrote")
     file = checkpoint_file(path)
     read_checkpoint_header(file)                                   # a foreign or damaged file: one clear error, now
@@ -189,7 +193,7 @@ def finetune_config(init_from, preset:str|None=None, config_file=None, **overrid
         said = ', '.join(f"{k}={v!r} (the run: {getattr(parent, k)!r})" for k, v in clash.items())
         raise CraftError(f"--init-from {init_from}: a fine-tune keeps its parent's shape, and {said} contradicts it; "
                          "drop those flags")
-    if overrides.get('lora_rank') == 0:                                    # a flag; in a run's config.json, 0 is "no LoRA"
+    if overrides.get('lora_rank') == 0:                                    # a flag; in a run's config file, 0 is "no LoRA"
         raise CraftError("lora_rank=0 must be at least 1; leave --lora-rank out to fine-tune every weight")
     preset = preset or settings.pop('preset', None)                       # a config file may name one too
     train_config = resolve_config(preset, **{**settings, 'init_from': str(init_from)}).train
@@ -222,7 +226,7 @@ def _make_model(self:FinetuneTrainer) -> GPT:
     "The parent's model grown to the new vocabulary (resuming LoRA: the frozen base); with `lora_rank`, adapters on it."
     cfg = self.cfg
     if not self.resuming: base = grow_vocab(load_checkpoint(self.parent_file)[0], self.run.model).train()
-    elif not cfg.lora_rank: return GPT(self.run.model)                     # latest.safetensors fills it
+    elif not cfg.lora_rank: return GPT(self.run.model)                     # the latest weights fill it
     else: base = self._frozen_base()
     if not cfg.lora_rank: return base
     add_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
@@ -231,13 +235,13 @@ def _make_model(self:FinetuneTrainer) -> GPT:
 
 @patch
 def _frozen_base(self:FinetuneTrainer) -> GPT:
-    "Resuming a LoRA run: the weights its adapters adapt, from base.safetensors."
-    file = self.out / 'base.safetensors'
+    "Resuming a LoRA run: the weights its adapters adapt, from the base weights file."
+    file = self.out / BASE_FILE
     if not file.is_file():
-        raise CraftError(f"cannot resume {self.out}: no base.safetensors, the frozen weights its LoRA adapters adapt")
+        raise CraftError(f"cannot resume {self.out}: no {BASE_FILE}, the frozen weights its LoRA adapters adapt")
     base, _, config = load_checkpoint(file)
     if config != self.run.model:
-        raise CraftError(f"cannot resume {self.out}: base.safetensors does not fit the run's model config")
+        raise CraftError(f"cannot resume {self.out}: {BASE_FILE} does not fit the run's model config")
     self.parent_vocab_size = read_lineage(self.out)['vocab']['parent_size']
     return base.train()
 
@@ -260,7 +264,7 @@ def lineage(self:FinetuneTrainer) -> dict:
 # %% ../nbs/09_finetune.ipynb #87f13d07
 def read_lineage(run_dir) -> dict:
     "A fine-tuned run's finetune.json: its parent, the vocabulary it added, what trains."
-    path = Path(run_dir) / 'finetune.json'
+    path = Path(run_dir) / LINEAGE_FILE
     try: d = read_json_file(path)                                           # a regular file, of sound JSON
     except (OSError, CraftError) as e:
         raise CraftError(f"{path}: missing or unreadable ({type(e).__name__}); is {run_dir} a fine-tune?") from None
@@ -273,13 +277,6 @@ def trainable_state(model:nn.Module) -> dict[str, torch.Tensor]:
     "The tensors of `model` that train, by name (shared ones once): LoRA's A and B, new rows."
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
-def save_adapters(path, model:nn.Module, metadata:dict|None=None) -> Path:
-    "Atomically write `model`'s trainable tensors to the small safetensors file `path`."
-    path, tensors = Path(path), {name: t.contiguous() for name, t in trainable_state(model).items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={'format': 'craft.adapters', 'metadata': json.dumps(metadata or {})})
-    return path
-
 # %% ../nbs/09_finetune.ipynb #886cbb2f
 @patch
 def _checkpoint_model(self:FinetuneTrainer) -> GPT:
@@ -288,19 +285,19 @@ def _checkpoint_model(self:FinetuneTrainer) -> GPT:
 
 @patch
 def _write_run_files(self:FinetuneTrainer):
-    "The run's files, and when it begins, finetune.json and (LoRA) base.safetensors."
+    "The run's files, and when it begins, its lineage and (LoRA) the base weights."
     Trainer._write_run_files(self)
     if self.resuming: return
-    atomic_write_text(self.out / 'finetune.json', json.dumps(self.lineage(), indent=1, ensure_ascii=False))
+    atomic_write_text(self.out / LINEAGE_FILE, json.dumps(self.lineage(), indent=1, ensure_ascii=False))
     if self.cfg.lora_rank:
-        save_checkpoint(self.out / 'base.safetensors', merge_adapters(self.raw_model), self.tokenizer, {'step': 0})
+        save_checkpoint(self.out / BASE_FILE, merge_adapters(self.raw_model), self.tokenizer, {'step': 0})
 
 @patch
 def save(self:FinetuneTrainer, best:bool=False):
-    "Save as `Trainer.save` does; with LoRA, the best adapters also go to adapters.safetensors."
+    "Save as `Trainer.save` does; with LoRA, the best adapters also go to their own file."
     Trainer.save(self, best)
     if best and self.cfg.lora_rank and self.dist.is_main:
-        save_adapters(self.out / 'adapters.safetensors', self.raw_model, {'step': self.step})
+        save_adapters(self.out / ADAPTERS_FILE, trainable_state(self.raw_model), {'step': self.step})
 
 # %% ../nbs/09_finetune.ipynb #3682e332
 @patch
@@ -312,28 +309,27 @@ def _training_state(self:FinetuneTrainer) -> dict:
 
 @patch
 def _restore_weights(self:FinetuneTrainer, state:dict):
-    "Full fine-tune: latest.safetensors, as `Trainer`. LoRA: the adapters and new rows from `state`, on the base."
+    "Full fine-tune: the latest weights, as `Trainer`. LoRA: the adapters and new rows from `state`, on the base."
     if not self.cfg.lora_rank: return Trainer._restore_weights(self, state)
     params, saved = trainable_state(self.raw_model), state.get('adapters') or {}
     if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
-        raise CraftError(f"cannot resume {self.out}: the adapters in state.pt do not fit the run's LoRA settings; "
+        raise CraftError(f"cannot resume {self.out}: the adapters in {STATE_FILE} do not fit the run's LoRA settings; "
                          "start a new run")
     with torch.no_grad():
         for name, p in params.items(): p.copy_(saved[name])
 
 # %% ../nbs/09_finetune.ipynb #30e3d6fe
 def load_lora(run_dir, device='cpu') -> GPT:
-    "The LoRA model of a fine-tuned run: base.safetensors with its best adapters (adapters.safetensors), unmerged."
+    "The LoRA model of a fine-tuned run: its base weights with its best adapters, unmerged."
     run_dir, lineage = Path(run_dir), read_lineage(run_dir)
     if not lineage['lora']:
         raise CraftError(f"{run_dir} fine-tuned every weight: it has no adapters; load it with load_checkpoint")
-    model, _, _ = load_checkpoint(run_dir / 'base.safetensors', device)
+    model, _, _ = load_checkpoint(run_dir / BASE_FILE, device)
     add_lora(model, lineage['lora']['rank'], lineage['lora']['alpha'], read_run_config(run_dir).train.lora_targets)
     n_new = lineage['vocab']['size'] - lineage['vocab']['parent_size']
     if n_new: train_new_rows(model, n_new)
-    file, trainable = run_dir / 'adapters.safetensors', {n for n, p in model.named_parameters() if p.requires_grad}
-    try: tensors = load_file(str(file), device=str(device))
-    except Exception as e: raise CraftError(f"{file}: missing or damaged ({type(e).__name__})") from None
+    file, trainable = run_dir / ADAPTERS_FILE, {n for n, p in model.named_parameters() if p.requires_grad}
+    tensors = load_adapters(file, device)                                 # safely: a safetensors file with craft's header
     if set(tensors) != trainable: raise CraftError(f"{file}: these adapters are not this run's (other tensor names)")
     model.load_state_dict(tensors, strict=False)                          # the adapters and new rows; the base is in
     return model.eval()
@@ -377,11 +373,11 @@ def bench_row(name:str, run_dir, forgetting_text:str) -> dict:
     lineage = read_lineage(run_dir) if read_run_config(run_dir).train.init_from else None
     try: forgetting = full_loss(model, tok.encode(forgetting_text), config.block_size)
     except CraftError: forgetting = None                                  # characters it never had
-    adapters = run_dir / 'adapters.safetensors'
+    adapters = run_dir / ADAPTERS_FILE
     return dict(name=name, steps=status.get('step'), full_val_loss=status.get('full_val_loss'),
                 curve=[[r['elapsed_s'], r['val_loss']] for r in read_metrics(run_dir) if 'val_loss' in r],
                 trainable_params=lineage['trainable_params'] if lineage else model.num_params(False),
-                params=model.num_params(False), checkpoint_bytes=(run_dir / 'best.safetensors').stat().st_size,
+                params=model.num_params(False), checkpoint_bytes=(run_dir / BEST_FILE).stat().st_size,
                 adapter_bytes=adapters.stat().st_size if adapters.is_file() else None, shakespeare_val_loss=forgetting)
 
 # %% ../nbs/09_finetune.ipynb #84d39a87

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from .errors import CraftError
 from .files import atomic_write_text, check_output_file, describe_os_error, read_json_file
-from .model import GPTConfig, DTYPE_BYTES, flops_per_token, matmul_params, memory_budget
+from .model import GPTConfig, flops_per_token, matmul_params
+from .machine import DTYPE_BYTES, memory_budget
 from .machine import candidates, cpu_cores, cpu_name, wait_policy_figures
 
 # %% ../nbs/03c_measure.ipynb #f782c7cf

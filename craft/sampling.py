@@ -24,8 +24,10 @@ from .block import Block
 from .errors import CraftError, check_setting
 from .files import read_small_file
 from .tokenizer import CharTokenizer, load_text
-from .model import GPT, GPTConfig, Int8Linear, cap_logits, load_checkpoint, pick_device
-from .model import DTYPE_BYTES, check_memory, read_checkpoint_header, sampling_memory
+from .model import GPT, GPTConfig, cap_logits
+from .machine import DTYPE_BYTES, check_memory, pick_device, sampling_memory
+from .int8 import Int8Linear
+from .rundir import load_checkpoint, read_checkpoint_header
 from .machine import Profile, Setting, candidates, machine_profile, threads_of
 
 # %% ../nbs/05_sampling.ipynb #b7d797a7

@@ -35,9 +35,9 @@ from starlette.exceptions import HTTPException
 from .errors import CraftError
 from .tokenizer import CharTokenizer
 from .attention import KVCache
-from .model import GPT, GPTConfig, checkpoint_file, load_checkpoint, pick_device, read_checkpoint_header
-from .machine import Setting, threads_of
-from .training import read_metrics
+from .model import GPT, GPTConfig
+from .rundir import checkpoint_file, load_checkpoint, read_checkpoint_header, read_metrics
+from .machine import Setting, pick_device, threads_of
 from .sampling import (GenerationConfig, RowText, SAMPLING_FIELDS, presence_mask, apply_repetition_penalty, next_token_probs,
                             decode_step, load_for_sampling, tokens_kept)
 

@@ -13,6 +13,7 @@ __all__ = ['SPEEDRUN_RUNGS', 'LADDERS', 'GPU_SUITE', 'GPU_SUITE_QUICK', 'NANOGPT
 import contextlib, ctypes, json, math, re, signal, statistics, subprocess, sys, tempfile, threading, time, traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from http.client import HTTPConnection
 from pathlib import Path
 from queue import Queue, Empty
@@ -21,8 +22,10 @@ import numpy as np
 import torch
 from .errors import CraftError, check
 from .files import atomic_write_text, check_output_folder
-from .model import PRESETS, DTYPE_BYTES, pick_device, save_checkpoint
-from .training import resolve_config, read_status, read_metrics
+from .model import PRESETS
+from .machine import DTYPE_BYTES, pick_device
+from .rundir import CONFIG_FILE, read_status, read_metrics, save_checkpoint, train_figures
+from .config import resolve_config
 from .machine import Setting, threads_of
 from .measure import round_sig, summarize, ratio_of, time_calls, load_average, release_memory, device_name
 from .measure import bench_ceilings, flop_rate, generation_floor, results_header, write_results, load_results, check_out
@@ -401,7 +404,7 @@ def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = resolve_config(preset, device=str(device), out=str(out), progress=False, **settings)
-    atomic_write_text(out / 'config.json', json.dumps(run.to_dict(), indent=1))
+    atomic_write_text(out / CONFIG_FILE, json.dumps(run.to_dict(), indent=1))
     code = 'import sys; from craft.baseline import train_baseline; train_baseline(sys.argv[1])'
     seconds, _ = _run_process([sys.executable, '-c', code, str(out)], f"the baseline's run of {preset} with {settings}")
     return {'wall_s': round_sig(seconds), **json.loads((out / 'baseline.json').read_text(encoding='utf-8'))}
@@ -527,7 +530,7 @@ SUITES = {  # suite: {part: Part}, in the order the parts run
             'finetune': Part(finetune_results, "from scratch, full fine-tune and LoRA on Austen, as long each (09_finetune)",
                              dict(preset='cpu', seconds=75.0, parent_seconds=100.0),
                              dict(preset='tiny', seconds=3.0, parent_seconds=5.0)),
-            'data': Part(corpus_results, "corpora from 1 MB to 10 GB: preparation, memory, start-up, tokens/s (03b_corpus)",
+            'data': Part(partial(corpus_results, train_figures), "corpora from 1 MB to 10 GB: preparation, memory, start-up, tokens/s (03b_corpus)",
                          dict(train_s=20.0, simulated=10**10),
                          dict(sizes={'0.5 MB': 5 * 10**5}, simulated=2 * 10**6, train_s=2.0, timed_s=2.0)),
             'server': Part(_suite_cpu_server, "craft serve flooded by many clients: told 429, first token p50, p99 (07_serving)")}}

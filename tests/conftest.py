@@ -118,7 +118,7 @@ def served_run(tmp_path_factory):
 @pytest.fixture(scope='session')
 def model(served_run):
     "The served model, in float32 on the CPU as the servers run it."
-    from craft.model import load_checkpoint
+    from craft.rundir import load_checkpoint
     return load_checkpoint(served_run, 'cpu')[:2]
 
 

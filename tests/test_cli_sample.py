@@ -3,7 +3,8 @@ import os, subprocess, sys
 
 import pytest
 
-from craft.model import GPT, GPTConfig, save_checkpoint
+from craft.model import GPT, GPTConfig
+from craft.rundir import save_checkpoint
 from craft.tokenizer import CharTokenizer, load_text, shakespeare_path
 
 @pytest.fixture(scope='module')

@@ -32,7 +32,7 @@ def test_a_run_writes_its_directory(tiny_run):
 
 def test_checkpoints_round_trip_through_the_loader(tiny_run):
     import torch
-    from craft.model import load_checkpoint
+    from craft.rundir import load_checkpoint
     from craft.tokenizer import CharTokenizer
     model, tokenizer, config = load_checkpoint(tiny_run)
     assert tokenizer == CharTokenizer.load(tiny_run / 'tokenizer.json')
@@ -213,7 +213,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(env, tmp_path):
                    '--max-iters', 200, '--eval-interval', 100, '--out', run)
     assert_one_line_error(result, 'training diverged', 'the last good checkpoint')
     assert json.loads((run / 'status.json').read_text())['status'] == 'failed'
-    from craft.model import load_checkpoint
+    from craft.rundir import load_checkpoint
     import torch
     model, _, _ = load_checkpoint(run)
     assert all(torch.isfinite(p).all() for p in model.parameters())

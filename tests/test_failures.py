@@ -270,7 +270,7 @@ def test_damaged_weights_do_not_stop_a_resume(env, tiny_run, tmp_path):
     (run / 'latest.safetensors').write_bytes(b'\x00' * 64)
     result = craft(env, 'train', '--resume', run, '--max-iters', 32, '--no-progress', '--sample-chars', 0)
     assert result.returncode == 0, result.stderr
-    from craft.model import load_checkpoint
+    from craft.rundir import load_checkpoint
     load_checkpoint(run / 'latest.safetensors')
 
 

@@ -36,7 +36,7 @@ def lora_run(env, parent, tmp_path_factory):
 
 def test_a_lora_fine_tune_writes_its_run(lora_run, parent):
     import torch
-    from craft.model import load_checkpoint
+    from craft.rundir import load_checkpoint
     from craft.finetune import read_lineage, load_lora
     names = {p.name for p in lora_run.iterdir()}
     assert {'config.json', 'tokenizer.json', 'best.safetensors', 'latest.safetensors', 'state.pt', 'finetune.json',
@@ -70,7 +70,7 @@ def test_craft_runs_shows_the_parent(env, parent, lora_run):
 def test_step_zero_keeps_the_old_characters_logits(parent):
     "Built but not trained, a fine-tune (full or LoRA) gives the old characters the parent's logits, and the same greedy text."
     import torch
-    from craft.model import load_checkpoint
+    from craft.rundir import load_checkpoint
     from craft.sampling import generate
     from craft.finetune import FinetuneTrainer, finetune_config, merge_adapters
     old, old_tok, _ = load_checkpoint(parent)

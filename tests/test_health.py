@@ -5,7 +5,8 @@ import pytest
 import torch
 import craft.training as training_module   # the module whose learning_rate the spike tests patch
 from craft.errors import CraftError
-from craft.training import train, read_metrics, read_status, read_training_state
+from craft.rundir import read_metrics, read_status, read_training_state
+from craft.training import train
 
 LAYERS = ['embedding', 'block0.attn', 'block0.mlp', 'block1.attn', 'block1.mlp', 'head']
 SPIKY = dict(max_iters=60, eval_interval=10, eval_iters=2, log_interval=1, device='cpu', progress=False, full_eval=False, sample_chars=0)

@@ -8,7 +8,7 @@ import pytest
 try: from playwright.sync_api import expect, sync_playwright
 except ImportError: sync_playwright = None
 
-from craft.model import load_checkpoint
+from craft.rundir import load_checkpoint
 from craft.sampling import generate
 from conftest import ENV, Server   # fixtures: served_run
 from browser import chromium_executable

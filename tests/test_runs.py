@@ -6,7 +6,8 @@ import pytest
 from craft.errors import CraftError
 from craft.runs import (collect_runs, runs_table, sort_rows, show_runs, compare_runs, config_diff, runs_command,
                         compare_command, STALE_AFTER_S)
-from craft.training import train, read_metrics, read_status
+from craft.rundir import read_metrics, read_status
+from craft.training import train
 
 NAMES = ['base', 'broken', 'empty', 'fast', 'garbled', 'odd', 'stopped']
 SHORT = dict(max_iters=20, eval_interval=10, eval_iters=2, log_interval=5, device='cpu', progress=False, full_eval=False,

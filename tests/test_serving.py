@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from craft.model import load_checkpoint
+from craft.rundir import load_checkpoint
 from craft.sampling import generate
 from conftest import ENV, Server, health, httpx, serve   # fixtures: served_run, model
 
