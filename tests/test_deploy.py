@@ -7,7 +7,8 @@ import torch
 
 from craft.errors import CraftError
 from craft.model import GPT, GPTConfig, Int8Linear, load_checkpoint, quantize_weights
-from craft.sampling import generate, sampler_app
+from craft.sampling import generate
+from craft.widget import sampler_app
 from craft.training import train
 from craft.deploy import OnnxModel, onnx_errors, onnx_names, validation_loss
 from test_serving import httpx, serve
