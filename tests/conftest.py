@@ -151,7 +151,7 @@ class Server:
 def serve(served_run, **limits) -> Server:
     "`serve_command` in a subprocess, on a free port of 127.0.0.1 (the default host)."
     args = ', '.join(f"{k}={v!r}" for k, v in dict(port=0, device='cpu', dtype='float32', log_level='warning', **limits).items())
-    return Server([sys.executable, '-c', f"from craft.serving import serve_command; serve_command({str(served_run)!r}, {args})"])
+    return Server([sys.executable, '-c', f"from craft.server import serve_command; serve_command({str(served_run)!r}, {args})"])
 
 
 def health(server) -> dict:

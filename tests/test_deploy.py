@@ -9,7 +9,8 @@ from craft.errors import CraftError
 from craft.model import GPT, GPTConfig
 from craft.int8 import Int8Linear, quantize_weights
 from craft.rundir import load_checkpoint
-from craft.sampling import generate, sampler_app
+from craft.sampling import generate
+from craft.widget import sampler_app
 from craft.training import train
 from craft.deploy import OnnxModel, onnx_errors, onnx_names, validation_loss
 from conftest import ENV, built_once, httpx, serve

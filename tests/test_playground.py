@@ -9,7 +9,7 @@ try: from playwright.sync_api import expect, sync_playwright
 except ImportError: sync_playwright = None
 
 from craft.rundir import load_checkpoint
-from craft.sampling import generate
+from craft.sampling import CONTROLS, generate
 from conftest import ENV, Server   # fixtures: served_run
 from browser import chromium_executable
 
@@ -65,6 +65,9 @@ class Page:
         print(f"screenshot: {path}")
 
 
+LENGTH = next(c.default for c in CONTROLS if c.name == 'max_new_tokens')   # the page's length, from the table of settings
+
+
 def generated(page, sample:int=0) -> str: return page.locator('#output .generated').nth(sample).text_content()
 
 
@@ -83,11 +86,11 @@ def test_playground(browser, server, served_run, artifacts):
     expect(page.locator('#output .generated span').first).to_be_attached()         # streamed text arrives
     expect(page.locator('#status')).to_contain_text('characters/s; seed 7', timeout=30_000)
     model, tok, _ = load_checkpoint(served_run, 'cpu')
-    assert generated(page) == generate(model, tok, 'KING', max_new_tokens=300, seed=7, temperature=0.7)[0]
+    assert generated(page) == generate(model, tok, 'KING', max_new_tokens=LENGTH, seed=7, temperature=0.7)[0]
     assert page.locator('#output .prompt-text').text_content() == 'KING'
 
     page.locator('#output .generated span').nth(9).click()                         # what the model saw at the 10th character
-    expect(page.locator('#position')).to_have_text('character 10 of 300')
+    expect(page.locator('#position')).to_have_text(f'character 10 of {LENGTH}')
     chosen = generated(page)[9]
     bars = page.locator('#chart .bar')
     assert 1 <= bars.count() <= 11 and page.locator('#chart .chosen').count() == 1
@@ -97,7 +100,7 @@ def test_playground(browser, server, served_run, artifacts):
     assert percents[:-1] == sorted(percents[:-1], reverse=True)             # the likeliest first (the drawn one may come last)
     assert 0 < sum(percents) <= 100.5
     page.click('#next')
-    expect(page.locator('#position')).to_have_text('character 11 of 300')
+    expect(page.locator('#position')).to_have_text(f'character 11 of {LENGTH}')
     p.screenshot(artifacts / 'playground.png')
 
     page.fill('#prompt', 'Señor')                                          # outside the vocabulary: the page's own words
@@ -249,7 +252,7 @@ def test_playground_with_an_api_key(browser, served_run):
         page.click('#key-save')
         expect(page.locator('#model')).to_contain_text('parameters')
         generate_and_wait(page)
-        assert len(generated(page)) == 300
+        assert len(generated(page)) == LENGTH
     finally: s.stop()
     assert 'Traceback' not in s.log, s.log
 
@@ -259,7 +262,7 @@ def jupyterlab(served_run, tmp_path_factory):
     "JupyterLab on a free port of 127.0.0.1, with its settings in a temporary folder and a notebook that shows `sampler_app`."
     import nbformat
     root = tmp_path_factory.mktemp('jupyterlab')
-    code = (f"import torch; torch.set_num_threads(1)\nfrom craft.sampling import sampler_app\n"
+    code = (f"import torch; torch.set_num_threads(1)\nfrom craft.widget import sampler_app\n"
             f"sampler_app({str(served_run)!r}, device='cpu', dtype='float32', prompt='KING', max_new_tokens=120, seed=5)")
     kernel = {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}}
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)], metadata=kernel), root / 'sampler.ipynb')
@@ -307,7 +310,7 @@ def run_the_sampler(page):
     generate_button = page.get_by_role('button', name='Generate')
     expect(generate_button).to_be_visible(timeout=60_000)
     labels = page.locator('.widget-slider .widget-label')
-    expect(labels).to_have_count(6)
+    expect(labels).to_have_count(sum(1 for c in CONTROLS if c.slider))   # one slider per row of the table that has one
     try: page.wait_for_function("[...document.querySelectorAll('.widget-slider .widget-label')].every(l => l.scrollWidth <= l.clientWidth)",
                                 timeout=10_000)                                      # once laid out, no label is cut short
     except Exception: pytest.fail(f"labels cut short: {labels.evaluate_all('ls => ls.filter(l => l.scrollWidth > l.clientWidth).map(l => l.textContent)')}")

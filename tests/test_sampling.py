@@ -9,8 +9,9 @@ from craft.errors import CraftError
 from craft.model import GPT, GPTConfig
 from craft.rundir import save_checkpoint
 from craft.sampling import (Decoder, GenerationConfig, RowText, apply_min_p, apply_repetition_penalty, apply_temperature,
-                            apply_top_k, apply_top_p, generate, next_tokens, presence_mask, sample_command, sampler_app,
+                            apply_top_k, apply_top_p, generate, next_tokens, presence_mask, sample_command,
                             sampling_settings, stream)
+from craft.widget import sampler_app
 from craft.tokenizer import CharTokenizer, load_text, shakespeare_path
 
 PROMPT = 'ROMEO:\nIs the day so young?'   # 26 characters; the tiny preset's window is 32

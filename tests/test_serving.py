@@ -160,7 +160,7 @@ BAD = [  # (request keyword arguments, status, part of the message)
     (dict(json={'seed': -1}), 422, 'seed: must be from 0 to 2**53 - 1'),
     (dict(json={'top_p': 2}), 422, 'top_p: Input should be less than or equal to 1'),
     (dict(json={'temperature': -1}), 422, 'temperature: Input should be greater than or equal to 0'),
-    (dict(json={'temperature': 1e-9}), 422, 'temperature: Value error, must be 0 (greedy) or at least 0.0001'),
+    (dict(json={'temperature': 1e-9}), 422, 'temperature: Value error, must be 0 (greedy) or >= 1e-4'),
     (dict(json={'num_samples': 0}), 422, 'num_samples: Input should be greater than or equal to 1'),
     (dict(json={'num_samples': 17}), 422, 'num_samples: Input should be less than or equal to 16'),
     (dict(json={'prompt': 'Señor ¿qué?'}), 422, "prompt: text has 3 character(s) not in the tokenizer's vocabulary: 'ñ' (U+00F1) at index 2, '¿' (U+00BF) at index 6, 'é' (U+00E9) at index 9"),

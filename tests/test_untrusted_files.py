@@ -251,7 +251,7 @@ def test_ctrl_c_says_stopping_at_once(env, tmp_path):
 
 def test_head_health(tiny_run):
     from fastapi.testclient import TestClient
-    from craft.serving import create_app
+    from craft.server import create_app
     with TestClient(create_app(tiny_run, device='cpu', dtype='float32', max_slots=2)) as client:
         assert client.head('/health').status_code == 200
         assert client.get('/health').json()['max_slots'] == 2

@@ -2,14 +2,7 @@
 // Events), and shows for any generated character what the model saw: the probabilities it was drawn from.
 'use strict';
 const $ = (id) => document.getElementById(id);
-const SETTINGS = {  // slider id -> how its value reads
-  temperature: (v) => (v == 0 ? '0 (greedy)' : v),
-  top_k: (v) => (v == 0 ? 'off' : v),
-  top_p: (v) => (v == 1 ? 'off' : v),
-  min_p: (v) => (v == 0 ? 'off' : v),
-  repetition_penalty: (v) => (v == 1 ? 'off' : v),
-  max_new_tokens: (v) => `${v} characters`,
-};
+let controls = [];           // the sliders, as GET /v1/settings describes them: name, label, doc, min, max, step, value, marks
 const TOP = 10;              // alternatives asked for at each character
 const MAX_SEED = 2n ** 63n;  // seeds are below 2**63; sent as a string of digits, which every JSON parser keeps exactly
 let samples = [];            // per sample: {prompt, steps: what the model saw at each generated character, box: its element}
@@ -40,16 +33,34 @@ async function loadModel() {
     loss(run.train_loss) && `train loss ${loss(run.train_loss)}`, loss(run.val_loss) && `val loss ${loss(run.val_loss)}`,
     `${info.device}, ${info.dtype}`].filter(Boolean).join(' · ');
   vocabulary = new Set(info.vocabulary);
-  $('top_k').max = info.vocab_size;
-  $('max_new_tokens').max = Math.min(info.limits.max_new_tokens, 2000);
+  if (!controls.length) {                                         // once: a new API key keeps the sliders as they are
+    controls = await (await fetch('/v1/settings', { headers: headers() })).json();
+    buildSliders();
+  }
   $('prompt').maxLength = info.limits.max_prompt_chars;
   for (const option of $('num_samples').options) option.disabled = Number(option.value) > info.limits.max_samples;
   status('');
   showSettings();
 }
 
+function buildSliders() {
+  // One labelled slider per control, from the server's table: nothing about a control is written in this page.
+  $('sliders').replaceChildren(...controls.map((c) => {
+    const div = document.createElement('div'), label = document.createElement('label');
+    const output = document.createElement('output'), input = document.createElement('input');
+    div.className = 'slider'; div.title = c.doc;
+    label.htmlFor = c.name; label.textContent = c.label;
+    output.htmlFor = c.name;
+    Object.assign(input, { type: 'range', id: c.name, min: c.min, max: c.max, step: c.step, value: c.value });
+    input.addEventListener('input', showSettings);
+    div.append(label, output, input);
+    return div;
+  }));
+}
+
 function showSettings() {
-  for (const [id, read] of Object.entries(SETTINGS)) document.querySelector(`output[for=${id}]`).textContent = read($(id).value);
+  // Each slider's value as it reads: its meaning where it has one ('off', '0 (greedy)').
+  for (const c of controls) document.querySelector(`output[for=${c.name}]`).textContent = c.marks[String(Number($(c.name).value))] ?? $(c.name).value;
 }
 
 function problem(prompt, seed) {
@@ -73,7 +84,7 @@ function stopStrings() {
 function request(prompt, seed) {
   const body = { prompt, stream: true, top_probs: TOP, seed, num_samples: Number($('num_samples').value),
                  on_unknown: $('drop').checked ? 'drop' : 'error' };
-  for (const id of Object.keys(SETTINGS)) body[id] = Number($(id).value);
+  for (const c of controls) body[c.name] = Number($(c.name).value);
   const stop = stopStrings();
   if (stop.length) body.stop = stop;
   return JSON.stringify(body);
@@ -240,6 +251,4 @@ $('key-save').addEventListener('click', () => {
 document.addEventListener('keydown', (e) => {
   if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
 });
-for (const id of Object.keys(SETTINGS)) $(id).addEventListener('input', showSettings);
-showSettings();
 loadModel().catch((e) => status(`cannot reach the server: ${e.message}`, true));
