@@ -571,6 +571,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '.', 'git_ur
                                 'craft.sampling.apply_temperature': ('sampling.html#apply_temperature', 'craft/sampling.py'),
                                 'craft.sampling.apply_top_k': ('sampling.html#apply_top_k', 'craft/sampling.py'),
                                 'craft.sampling.apply_top_p': ('sampling.html#apply_top_p', 'craft/sampling.py'),
+                                'craft.sampling.apply_typical_p': ('sampling.html#apply_typical_p', 'craft/sampling.py'),
                                 'craft.sampling.attention_maps': ('sampling.html#attention_maps', 'craft/sampling.py'),
                                 'craft.sampling.bound': ('sampling.html#bound', 'craft/sampling.py'),
                                 'craft.sampling.check_sampling_memory': ('sampling.html#check_sampling_memory', 'craft/sampling.py'),

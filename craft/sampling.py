@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['CONTROLS', 'SAMPLING_CONTROLS', 'SAMPLING_FIELDS', 'GenerationConfig', 'apply_temperature', 'apply_top_k',
-           'apply_top_p', 'apply_min_p', 'presence_mask', 'apply_repetition_penalty', 'Control', 'next_token_probs',
-           'reads_context', 'next_tokens', 'sampling_settings', 'decode_step', 'bound', 'lean_decoder', 'tokens_kept',
-           'Decoder', 'RowText', 'TextStream', 'stream', 'generate', 'decoding_profile', 'load_for_sampling',
-           'check_sampling_memory', 'sample_command', 'attention_maps', 'shown_char', 'plot_attention']
+           'apply_top_p', 'apply_min_p', 'apply_typical_p', 'presence_mask', 'apply_repetition_penalty', 'Control',
+           'next_token_probs', 'reads_context', 'next_tokens', 'sampling_settings', 'decode_step', 'bound',
+           'lean_decoder', 'tokens_kept', 'Decoder', 'RowText', 'TextStream', 'stream', 'generate', 'decoding_profile',
+           'load_for_sampling', 'check_sampling_memory', 'sample_command', 'attention_maps', 'shown_char',
+           'plot_attention']
 
 # %% ../nbs/05_sampling.ipynb #cabbcba1
 import copy, functools, inspect, math, secrets, sys, threading, time, typing, weakref
@@ -77,6 +78,21 @@ def apply_min_p(logits:torch.Tensor, min_p) -> torch.Tensor:
     if not torch.is_tensor(min_p) and min_p <= 0: return logits
     threshold = logits.amax(-1, keepdim=True) + _column(min_p, logits).log()   # (B, 1); log 0 = -inf keeps all
     return logits.masked_fill(logits < threshold, float('-inf'))
+
+# %% ../nbs/05_sampling.ipynb #016c5395
+def apply_typical_p(logits:torch.Tensor, typical_p) -> torch.Tensor:
+    ("Logits `(B, V)` keeping, per row, the characters whose surprise is closest to the entropy until their "
+     "probability reaches `typical_p` (a number or `(B,)`; 1 = all), as Hugging Face's `TypicalLogitsWarper`.")
+    if not torch.is_tensor(typical_p) and typical_p >= 1: return logits
+    mass = _column(typical_p, logits)                                       # (B, 1)
+    logp = logits.float().log_softmax(-1)                                  # (B, V)
+    entropy = -(logp.exp() * logp).nansum(-1, keepdim=True)                # (B, 1); a removed character adds nothing
+    order = (-logp - entropy).abs().argsort(-1)                            # (B, V), the most typical first
+    probs = logp.gather(-1, order).exp()                                   # (B, V) in that order
+    drop_sorted = (probs.cumsum(-1) - probs >= mass) & (mass < 1)          # (B, V): the mass before reached typical_p
+    drop_sorted[:, 0] = False                                              # the most typical stays, as in HF (a tiny typical_p)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)   # (B, V), back in vocabulary order
+    return logits.masked_fill(drop, float('-inf'))
 
 # %% ../nbs/05_sampling.ipynb #a335ad1e
 def presence_mask(ids:torch.Tensor, vocab_size:int) -> torch.Tensor:
@@ -176,6 +192,8 @@ CONTROLS = (   # every generation setting, once; the transforms run in this orde
             '[1e-6, 1]', transform=apply_top_p, off=1.0, slider=(0.01, 1, 0.01), label='top-p'),
     Control('min_p', float, 0.0, "drop characters less likely than min_p times the most likely one; 0 = none",
             '[0, 1)', transform=apply_min_p, off=0.0, slider=(0, 0.5, 0.01), label='min-p'),
+    Control('typical_p', float, 1.0, "locally typical: the characters whose surprise is nearest the entropy, up to this probability; 1 = all",
+            '(0, 1]', transform=apply_typical_p, off=1.0, slider=(0.01, 1, 0.01), label='typical-p'),
     Control('stop', list[str]|None, None, "a string that ends a sample; the stop string itself is not output"),
     Control('num_samples', int, 1, "independent samples, generated together as one batch", '[1, inf)'),
     Control('seed', int|None, None, "random seed: the same seed gives the same text; None = a fresh one", '[0, 2**63)'),
