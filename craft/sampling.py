@@ -92,6 +92,7 @@ def apply_typical_p(logits:torch.Tensor, typical_p) -> torch.Tensor:
     order = (-logp - entropy).abs().argsort(-1)                            # (B, V), the most typical first
     probs = logp.gather(-1, order).exp()                                   # (B, V) in that order
     drop_sorted = (probs.cumsum(-1) - probs >= mass) & (mass < 1)          # (B, V): the mass before reached typical_p
+    drop_sorted[:, 0] = False                                              # the most typical stays, as in HF (a tiny typical_p)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)   # (B, V), back in vocabulary order
     return logits.masked_fill(drop, float('-inf'))
 
