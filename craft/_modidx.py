@@ -576,6 +576,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '.', 'git_ur
                                 'craft.sampling.decode_step': ('sampling.html#decode_step', 'craft/sampling.py'),
                                 'craft.sampling.decoding_profile': ('sampling.html#decoding_profile', 'craft/sampling.py'),
                                 'craft.sampling.generate': ('sampling.html#generate', 'craft/sampling.py'),
+                                'craft.sampling.keep_in_order': ('sampling.html#keep_in_order', 'craft/sampling.py'),
                                 'craft.sampling.lean_decoder': ('sampling.html#lean_decoder', 'craft/sampling.py'),
                                 'craft.sampling.load_for_sampling': ('sampling.html#load_for_sampling', 'craft/sampling.py'),
                                 'craft.sampling.next_token_probs': ('sampling.html#next_token_probs', 'craft/sampling.py'),

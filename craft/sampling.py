@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['CONTROLS', 'SAMPLING_CONTROLS', 'SAMPLING_FIELDS', 'GenerationConfig', 'apply_temperature', 'apply_top_k',
-           'apply_top_p', 'apply_min_p', 'apply_typical_p', 'presence_mask', 'apply_repetition_penalty', 'Control',
-           'next_token_probs', 'reads_context', 'next_tokens', 'sampling_settings', 'decode_step', 'bound',
-           'lean_decoder', 'tokens_kept', 'Decoder', 'RowText', 'TextStream', 'stream', 'generate', 'decoding_profile',
-           'load_for_sampling', 'check_sampling_memory', 'sample_command', 'attention_maps', 'shown_char',
-           'plot_attention']
+           'keep_in_order', 'apply_top_p', 'apply_min_p', 'apply_typical_p', 'presence_mask',
+           'apply_repetition_penalty', 'Control', 'next_token_probs', 'reads_context', 'next_tokens',
+           'sampling_settings', 'decode_step', 'bound', 'lean_decoder', 'tokens_kept', 'Decoder', 'RowText',
+           'TextStream', 'stream', 'generate', 'decoding_profile', 'load_for_sampling', 'check_sampling_memory',
+           'sample_command', 'attention_maps', 'shown_char', 'plot_attention']
 
 # %% ../nbs/05_sampling.ipynb #cabbcba1
 import copy, functools, inspect, math, secrets, sys, threading, time, typing, weakref
@@ -61,17 +61,21 @@ def apply_top_k(logits:torch.Tensor, top_k) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float('-inf'))
 
 # %% ../nbs/05_sampling.ipynb #755268e7
+def keep_in_order(logits:torch.Tensor, order:torch.Tensor, mass:torch.Tensor) -> torch.Tensor:
+    ("Logits `(B, V)` keeping the tokens in `order` `(B, V)` until their probability reaches `mass` `(B, 1)` "
+     "(1 = all); the first in order always stays. Top-p and typical-p differ only in the order.")
+    probs = logits.float().softmax(-1).gather(-1, order)                 # (B, V) in that order
+    drop_sorted = (probs.cumsum(-1) - probs >= mass) & (mass < 1)        # (B, V): the mass before already reached it
+    drop_sorted[:, 0] = False                                            # the first stays, however small the mass
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted) # (B, V), back in vocabulary order
+    return logits.masked_fill(drop, float('-inf'))
+
 def apply_top_p(logits:torch.Tensor, top_p) -> torch.Tensor:
     ("Logits `(B, V)` keeping, per row, the most likely tokens until their "
      "probability reaches `top_p` (a number or `(B,)`; 1 = all).")
     if not torch.is_tensor(top_p) and top_p >= 1: return logits
-    p = _column(top_p, logits)                                           # (B, 1)
-    sorted_logits, order = logits.sort(-1, descending=True)              # (B, V) each
-    probs = sorted_logits.softmax(-1)                                    # (B, V), most likely first
-    mass_before = probs.cumsum(-1) - probs                               # (B, V) probability of the more likely tokens
-    drop_sorted = (mass_before >= p) & (p < 1)                           # (B, V), in sorted order
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted) # (B, V), back in vocabulary order
-    return logits.masked_fill(drop, float('-inf'))
+    order = logits.argsort(-1, descending=True)                          # (B, V), the most likely first
+    return keep_in_order(logits, order, _column(top_p, logits))
 
 # %% ../nbs/05_sampling.ipynb #1647dd2f
 def apply_min_p(logits:torch.Tensor, min_p) -> torch.Tensor:
@@ -86,15 +90,10 @@ def apply_typical_p(logits:torch.Tensor, typical_p) -> torch.Tensor:
     ("Logits `(B, V)` keeping, per row, the characters whose surprise is closest to the entropy until their "
      "probability reaches `typical_p` (a number or `(B,)`; 1 = all), as Hugging Face's `TypicalLogitsWarper`.")
     if not torch.is_tensor(typical_p) and typical_p >= 1: return logits
-    mass = _column(typical_p, logits)                                       # (B, 1)
     logp = logits.float().log_softmax(-1)                                  # (B, V)
     entropy = -(logp.exp() * logp).nansum(-1, keepdim=True)                # (B, 1); a removed character adds nothing
     order = (-logp - entropy).abs().argsort(-1)                            # (B, V), the most typical first
-    probs = logp.gather(-1, order).exp()                                   # (B, V) in that order
-    drop_sorted = (probs.cumsum(-1) - probs >= mass) & (mass < 1)          # (B, V): the mass before reached typical_p
-    drop_sorted[:, 0] = False                                              # the most typical stays, as in HF (a tiny typical_p)
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)   # (B, V), back in vocabulary order
-    return logits.masked_fill(drop, float('-inf'))
+    return keep_in_order(logits, order, _column(typical_p, logits))       # the most typical stays, as in HF
 
 # %% ../nbs/05_sampling.ipynb #a335ad1e
 def presence_mask(ids:torch.Tensor, vocab_size:int) -> torch.Tensor:
