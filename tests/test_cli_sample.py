@@ -3,9 +3,6 @@ import os, subprocess, sys
 
 import pytest
 
-from craft.model import GPT, GPTConfig
-from craft.rundir import save_checkpoint
-from craft.tokenizer import CharTokenizer, load_text, shakespeare_path
 
 @pytest.fixture(scope='module')
 def run_dir(tiny_run):

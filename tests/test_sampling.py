@@ -7,7 +7,6 @@ import torch
 
 from craft.errors import CraftError
 from craft.model import GPT, GPTConfig
-from craft.rundir import save_checkpoint
 from craft.sampling import (Decoder, GenerationConfig, RowText, apply_min_p, apply_repetition_penalty, apply_temperature,
                             apply_top_k, apply_top_p, generate, next_tokens, presence_mask, sample_command,
                             sampling_settings, stream)

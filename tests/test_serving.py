@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from craft.rundir import load_checkpoint
 from craft.sampling import generate
 from conftest import ENV, Server, health, httpx, serve   # fixtures: served_run, model
 
