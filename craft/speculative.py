@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['verify', 'expected_speedup', 'Window', 'token_probs', 'seen_rows', 'SpeculativeStream']
 
-# %% ../nbs/05b_speculative.ipynb #81ab5c4e
+# %% ../nbs/05b_speculative.ipynb #999751e0
 import math, secrets, threading, time
 from typing import Iterator
 import numpy as np
@@ -17,7 +17,7 @@ from .model import GPT
 from .sampling import (GenerationConfig, TextStream, lean_decoder, next_token_probs, presence_mask, reads_context,
                             sampling_settings, tokens_kept)
 
-# %% ../nbs/05b_speculative.ipynb #d46d2741
+# %% ../nbs/05b_speculative.ipynb #37b48553
 def verify(p:torch.Tensor, q:torch.Tensor, drafts:torch.Tensor, generator:torch.Generator|None=None):
     ("The accepted count `(B,)` of each row's `drafts` `(B, k)` and the character that follows them `(B,)`: "
      "the residual's draw at the first rejection, else a draw from the target's last distribution.")
@@ -34,14 +34,14 @@ def verify(p:torch.Tensor, q:torch.Tensor, drafts:torch.Tensor, generator:torch.
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)   # p == q to the last bit: p
     return n, torch.multinomial(residual, 1, generator=generator)[:, 0]
 
-# %% ../nbs/05b_speculative.ipynb #876e5dbb
+# %% ../nbs/05b_speculative.ipynb #8884422c
 def expected_speedup(alpha:float, k:int, draft_cost:float=0.03, verify_cost:float=2.0) -> float:
     ("The speed-up over plain decoding with `k` guesses kept with probability `alpha`, a draft step costing "
      "`draft_cost` of a target step and the pass over k+1 characters `verify_cost` of one.")
     chars = k + 1 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
     return chars / (k * draft_cost + verify_cost)
 
-# %% ../nbs/05b_speculative.ipynb #cea33da3
+# %% ../nbs/05b_speculative.ipynb #8819db34
 class Window:
     "One model's KV cache over a growing sequence of ids: `feed` what is new, `rewind` what was not kept."
     def __init__(self, model:GPT, prompt_len:int, window_keep:float=GenerationConfig.window_keep):
@@ -63,7 +63,7 @@ class Window:
         if n < self.base: raise ValueError(f"cannot rewind to {n}: the window starts at {self.base}")
         self.done = min(self.done, n)
 
-# %% ../nbs/05b_speculative.ipynb #56604d5b
+# %% ../nbs/05b_speculative.ipynb #e2878c47
 @patch
 @torch.inference_mode()
 def feed(self:Window, ids:torch.Tensor, upto:int) -> torch.Tensor:
@@ -82,7 +82,7 @@ def feed(self:Window, ids:torch.Tensor, upto:int) -> torch.Tensor:
     self.done = upto
     return torch.cat(rows)                                           # (n, V)
 
-# %% ../nbs/05b_speculative.ipynb #b64cf965
+# %% ../nbs/05b_speculative.ipynb #2b33e8bc
 def token_probs(logits:torch.Tensor, settings:dict, seen:torch.Tensor|None=None) -> torch.Tensor:
     ("Distributions `(n, V)` to draw from at `n` positions: `settings` (`sampling_settings`) on logits `(n, V)`, "
      "`seen` `(n, V)` for the repetition penalty; one-hot at temperature 0.")
@@ -96,7 +96,7 @@ def seen_rows(seen:torch.Tensor|None, guesses:torch.Tensor, n:int) -> torch.Tens
     added = torch.nn.functional.one_hot(guesses[:n - 1], seen.size(-1)).cumsum(0) > 0   # (n-1, V)
     return torch.cat([seen, seen | added])                                             # (n, V)
 
-# %% ../nbs/05b_speculative.ipynb #a6c59266
+# %% ../nbs/05b_speculative.ipynb #335e13e4
 class SpeculativeStream(TextStream):
     ("A `TextStream` of one sample that drafts `k` characters per round with `draft` and keeps what `model` accepts; "
      "afterwards `drafted`, `accepted` and `rounds` say how it went.")
@@ -115,7 +115,7 @@ class SpeculativeStream(TextStream):
         self.draft, self.k = draft, k
         self.drafted = self.accepted = self.rounds = 0
 
-# %% ../nbs/05b_speculative.ipynb #802f8de3
+# %% ../nbs/05b_speculative.ipynb #26ea8869
 @patch
 def _guess(self:SpeculativeStream, ids, L:int, k:int, draft:Window, gen, seen, settings):
     "`k` guesses after `ids[:L]` from the draft, `(k,)`, and their distributions `(k, V)`."
@@ -139,7 +139,7 @@ def _round(self:SpeculativeStream, ids, L:int, target:Window, draft:Window, gen,
     self.drafted, self.accepted, self.rounds = self.drafted + k, self.accepted + n, self.rounds + 1
     return guesses[:n].tolist() + [int(nxt)]
 
-# %% ../nbs/05b_speculative.ipynb #a3efe45d
+# %% ../nbs/05b_speculative.ipynb #5c936680
 @patch
 @torch.inference_mode()
 def _chars(self:SpeculativeStream) -> Iterator[str]:
@@ -160,7 +160,7 @@ def _chars(self:SpeculativeStream) -> Iterator[str]:
         L, made = L + len(new), made + len(new)
         yield self.tokenizer.decode(np.array(new))
 
-# %% ../nbs/05b_speculative.ipynb #686be55d
+# %% ../nbs/05b_speculative.ipynb #7f198481
 @patch
 def __iter__(self:SpeculativeStream) -> Iterator[tuple[int, str]]:
     if self._started: raise RuntimeError("a TextStream runs once; make a new one to generate again")

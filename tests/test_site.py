@@ -22,7 +22,11 @@ FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--
 EXPECTED = {
     'sampling.html':   dict(figures={'plot_transform(': 6, 'fig = plot_attention(model': 1}, text=['print(generate(']),
     'training.html':   dict(figures={'plot_metrics(run_dir)': 1}),
-    'benchmarks.html': dict(figures={'fig = plot_results(cpu_results)': 1}, tables=['show = lambda table, before=']),
+    'benchmarks.html': dict(figures={'fig = plot_results(cpu_results)': 1}, tables=['cpu_results = load_results(']),
+    'suite.html':      dict(figures={'cpu_suite, to_run = load_suite(': 1, 'for name, ladder in ladders.items()': 1},
+                            tables=['show = lambda table, before=']),
+    'speculative.html': dict(figures={'for k in (1, 2, 4, 6, 8)': 1}),
+    'how_craft_is_built.html': dict(tables=['rows = layers.layer_rows()']),
     'finetune.html':   dict(figures={"for run in result['runs']": 1}, tables=['def _row(r']),
     'deploy.html':     dict(tables=["deploy_file = bench / 'cpu-deploy.json'"]),
     'index.html':      dict(),
