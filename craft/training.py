@@ -110,7 +110,7 @@ def _build_model(self:Trainer):
     torch.manual_seed(cfg.seed)
     self.raw_model = self._make_model().to(self.device)
     if self.dist.enabled: torch.manual_seed(cfg.seed + self.dist.rank)   # one init (DDP broadcasts rank 0's), dropout per rank
-    self.optimizers = make_optimizers(self.raw_model, cfg, self.device)
+    self.optimizers = make_optimizers(self.raw_model, cfg, self.device, self.dtype)
     self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
 @patch
