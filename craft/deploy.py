@@ -6,7 +6,7 @@
 __all__ = ['EXPORT_INSTALL', 'ONNX_FORMAT', 'ONNX_VERSION', 'EXPORT_FORMATS', 'validation_loss', 'int_range', 'quantize',
            'dequantize', 'round_weights', 'OnnxStep', 'onnx_names', 'export_onnx', 'OnnxModel', 'encode_text',
            'decode_ids', 'pick_token', 'generate_onnx', 'onnx_sample_main', 'example_program', 'onnx_errors',
-           'export_command', 'deploy_results', 'bench_deploy', 'deploy_summary']
+           'export_command', 'onnx_tokens_per_s', 'deploy_results', 'bench_deploy', 'deploy_summary']
 
 # %% ../nbs/10_deploy.ipynb #3281b29a
 import argparse, contextlib, copy, importlib.util, inspect, io, json, logging, os, statistics, sys, tempfile, time, warnings
@@ -307,6 +307,15 @@ def _onnx_speed(path, tokens:int, repeats:int, threads:int) -> float:
         start = time.perf_counter(); generate_onnx(runtime, '\n', tokens, temperature=1.0, seed=0)
         seconds.append(time.perf_counter() - start)
     return tokens / statistics.median(seconds)
+
+# %% ../nbs/10_deploy.ipynb #ef8063cd
+def onnx_tokens_per_s(run, tokens:int=500, repeats:int=3, threads:int=0) -> float:
+    "Batch-1 tokens/s of ONNX Runtime sampling `run`'s model (exported to a temporary file), on `threads` (0: torch's)."
+    _require_export()
+    model, tokenizer, _ = load_checkpoint(run, 'cpu')
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model.eval(), tokenizer, Path(tmp) / 'model.onnx')
+        return _onnx_speed(path, tokens, repeats, threads or torch.get_num_threads())
 
 # %% ../nbs/10_deploy.ipynb #84dd6519
 def _torchao_int8(model:GPT) -> GPT|None:

@@ -6,9 +6,9 @@
 __all__ = ['CONTROLS', 'SAMPLING_CONTROLS', 'SAMPLING_FIELDS', 'GenerationConfig', 'apply_temperature', 'apply_top_k',
            'keep_in_order', 'apply_top_p', 'apply_min_p', 'apply_typical_p', 'presence_mask',
            'apply_repetition_penalty', 'Control', 'next_token_probs', 'reads_context', 'next_tokens',
-           'sampling_settings', 'decode_step', 'bound', 'lean_decoder', 'tokens_kept', 'Decoder', 'RowText',
-           'TextStream', 'stream', 'generate', 'decoding_profile', 'load_for_sampling', 'check_sampling_memory',
-           'sample_command', 'attention_maps', 'shown_char', 'plot_attention']
+           'sampling_settings', 'decode_step', 'bound', 'block_plan', 'lean_decoder', 'tokens_kept', 'Decoder',
+           'RowText', 'TextStream', 'stream', 'generate', 'decoding_profile', 'load_for_sampling',
+           'check_sampling_memory', 'sample_command', 'attention_maps', 'shown_char', 'plot_attention']
 
 # %% ../nbs/05_sampling.ipynb #cabbcba1
 import copy, functools, inspect, math, secrets, sys, threading, time, typing, weakref
@@ -286,7 +286,7 @@ def bound(module:nn.Module) -> Callable:
     return module
 
 # %% ../nbs/05_sampling.ipynb #4bcf09c2
-def _block_plan(block:Block) -> tuple:
+def block_plan(block:Block) -> tuple:
     "A block's parts in the order `lean_decoder`'s step runs them, each bound once."
     attn, mlp = block.attn, block.mlp
     return (bound(block.norm1), bound(attn.qkv), attn.position_qk, bound(attn.proj), bound(block.norm2),
@@ -297,7 +297,7 @@ def lean_decoder(model:GPT, caches:list[KVCache]) -> Callable:
     ("`step(tokens, pos)`: next-token logits `(B, V)` for one token per row `(B,)`, every row at the int "
      "position `pos`, through `caches`. The model is in eval mode.")
     H, cap = model.config.n_head, model.config.logit_softcap
-    blocks = [(*_block_plan(block), cache) for block, cache in zip(model.blocks, caches)]
+    blocks = [(*block_plan(block), cache) for block, cache in zip(model.blocks, caches)]
     pos_table = None if model.pos_emb is None else model.pos_emb.weight         # (block_size, C)
     norm_f, head = bound(model.norm_f), bound(model.head)
     def step(tokens:torch.Tensor, pos:int) -> torch.Tensor:

@@ -6,8 +6,8 @@
 __all__ = ['SPEEDRUN_RUNGS', 'LADDERS', 'GPU_SUITE', 'GPU_SUITE_QUICK', 'NANOGPT_CPU', 'CPU_SUITE', 'CPU_SUITE_QUICK', 'SUITES',
            'ladder_settings', 'train_recipe', 'bench_ladder', 'ladder_table', 'plot_curves', 'plot_ladder',
            'ladder_command', 'PartTimeout', 'time_limit', 'run_part', 'served', 'load_test', 'baseline_recipe',
-           'cli_sample_speed', 'Part', 'flood_test', 'server_table', 'parts_help', 'bench_suite', 'load_suite',
-           'on_gpu', 'recipes_table', 'serving_table', 'plot_serving', 'nanogpt_table', 'cli_table']
+           'cli_sample_speed', 'Part', 'flood_test', 'server_table', 'speculative_table', 'parts_help', 'bench_suite',
+           'load_suite', 'on_gpu', 'recipes_table', 'serving_table', 'plot_serving', 'nanogpt_table', 'cli_table']
 
 # %% ../nbs/11_suite.ipynb #1af43129
 import contextlib, ctypes, json, math, re, signal, statistics, subprocess, sys, tempfile, threading, time, traceback
@@ -35,7 +35,8 @@ from .bench import format_table, fmt_num, fmt_times, fmt_percent, fmt_ms
 from .bench import COLORS, plot_axes
 from .corpus import corpus_results
 from .finetune import finetune_results
-from .deploy import deploy_results
+from .deploy import deploy_results, onnx_tokens_per_s
+from .speculative import speculative_results
 
 # %% ../nbs/11_suite.ipynb #c7126516
 SPEEDRUN_RUNGS = [
@@ -391,12 +392,15 @@ NANOGPT_CPU = dict(  # nanoGPT's documented CPU recipe for shakespeare_char: its
 
 CPU_SUITE = dict(nanogpt=NANOGPT_CPU, finish_s=6.0, presets=['cpu', 'nanogpt'], new_tokens=64, repeats=5,
                  cli_preset='nanogpt', cli_tokens=500, cli_repeats=3,
-                 server=dict(preset='cpu', clients=[1, 16, 64, 256], tokens=100, max_slots=64, max_queue=128))   # 07_serving
+                 server=dict(preset='cpu', clients=[1, 16, 64, 256], tokens=100, max_slots=64, max_queue=128),   # 07_serving
+                 speculative=dict(target_seconds=300.0, draft_seconds=60.0, ks=[1, 2, 3, 4, 6, 8], temperatures=[0.0, 0.8, 1.0],
+                                  tokens=500, repeats=3))                                                   # 05b_speculative
 _SHORT = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=2)
 CPU_SUITE_QUICK = {**CPU_SUITE, 'nanogpt': {**NANOGPT_CPU, **_SHORT}, 'finish_s': 4.0, 'presets': ['tiny'],
                    'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50,
                    'cli_repeats': 1,
-                   'server': dict(preset='tiny', clients=[1, 4, 16], tokens=10, max_slots=4, max_queue=4)}
+                   'server': dict(preset='tiny', clients=[1, 4, 16], tokens=10, max_slots=4, max_queue=4),
+                   'speculative': dict(target_seconds=3.0, draft_seconds=2.0, ks=[1, 2], temperatures=[0.0, 1.0], tokens=20, repeats=1)}
 
 # %% ../nbs/11_suite.ipynb #f1540a6c
 def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
@@ -516,6 +520,26 @@ def server_table(part:dict) -> tuple[list[str], list[list[str]]]:
              fmt_ms(l['first_token_p99_s'])] for l in part['server']['loads']]
     return headers, rows
 
+# %% ../nbs/11_suite.ipynb #4b0ea7c5
+def _suite_speculative(part:dict, save:Callable, ctx:dict):
+    "Speculative decoding's acceptance and speeds (`speculative_results`), then ONNX Runtime on the same target."
+    plan = ctx['plan']['speculative']
+    part.update(speculative_results(**plan, out=ctx['tmp'] / 'speculative')); save()
+    threads = int(part['setting'].split(' x ')[1].split()[0]) if ' x ' in part['setting'] else 0
+    part['onnx_tokens_per_s'] = onnx = onnx_tokens_per_s(part['target'], plan['tokens'], plan['repeats'], threads)
+    best = max(part['draft_tokens_per_s'], key=part['draft_tokens_per_s'].get)
+    part['vs_onnx'] = {'plain': round_sig(part['plain_tokens_per_s'] / onnx), 'best_k': best,
+                       'draft': round_sig(part['draft_tokens_per_s'][best] / onnx)}
+
+# %% ../nbs/11_suite.ipynb #8f717d1c
+def speculative_table(part:dict) -> tuple[list[str], list[list[str]]]:
+    "One row per way of sampling at temperature 0.8: tokens/s, against plain craft and against ONNX Runtime, the acceptance."
+    headers, onnx, plain = ['batch 1, temperature 0.8', 'tokens/s', 'vs craft', 'vs ONNX Runtime', 'guesses kept'], part['onnx_tokens_per_s'], part['plain_tokens_per_s']
+    row = lambda name, speed, kept='': [name, fmt_num(speed), f"{speed / plain:.2f}x", f"{speed / onnx:.2f}x", kept]
+    rows = [row('ONNX Runtime', onnx), row('craft', plain)]
+    rows += [row(f"craft, draft k = {k}", s, fmt_percent(part['draft_acceptance'][k])) for k, s in part['draft_tokens_per_s'].items()]
+    return headers, rows
+
 # %% ../nbs/11_suite.ipynb #0c90b95f
 SUITES = {  # suite: {part: Part}, in the order the parts run
     'gpu': {'training': Part(_suite_training, "the ceilings; training tokens/s, MFU and memory, craft and the baseline"),
@@ -533,7 +557,8 @@ SUITES = {  # suite: {part: Part}, in the order the parts run
             'data': Part(partial(corpus_results, train_figures), "corpora from 1 MB to 10 GB: preparation, memory, start-up, tokens/s (03b_corpus)",
                          dict(train_s=20.0, simulated=10**10),
                          dict(sizes={'0.5 MB': 5 * 10**5}, simulated=2 * 10**6, train_s=2.0, timed_s=2.0)),
-            'server': Part(_suite_cpu_server, "craft serve flooded by many clients: told 429, first token p50, p99 (07_serving)")}}
+            'server': Part(_suite_cpu_server, "craft serve flooded by many clients: told 429, first token p50, p99 (07_serving)"),
+            'speculative': Part(_suite_speculative, "speculative decoding: acceptance at T 0/0.8/1, tokens/s with a draft against craft and ONNX Runtime (05b)")}}
 _PLANS = {('gpu', False): GPU_SUITE, ('gpu', True): GPU_SUITE_QUICK,   # (suite, quick): plan
           ('cpu', False): CPU_SUITE, ('cpu', True): CPU_SUITE_QUICK}
 
