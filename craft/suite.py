@@ -6,8 +6,9 @@
 __all__ = ['SPEEDRUN_RUNGS', 'LADDERS', 'GPU_SUITE', 'GPU_SUITE_QUICK', 'NANOGPT_CPU', 'CPU_SUITE', 'CPU_SUITE_QUICK', 'SUITES',
            'ladder_settings', 'train_recipe', 'bench_ladder', 'ladder_table', 'plot_curves', 'plot_ladder',
            'ladder_command', 'PartTimeout', 'time_limit', 'run_part', 'served', 'load_test', 'baseline_recipe',
-           'cli_sample_speed', 'Part', 'flood_test', 'server_table', 'speculative_table', 'parts_help', 'bench_suite',
-           'load_suite', 'on_gpu', 'recipes_table', 'serving_table', 'plot_serving', 'nanogpt_table', 'cli_table']
+           'long_table', 'cli_sample_speed', 'Part', 'flood_test', 'server_table', 'speculative_table', 'parts_help',
+           'bench_suite', 'load_suite', 'on_gpu', 'recipes_table', 'serving_table', 'plot_serving', 'nanogpt_table',
+           'cli_table']
 
 # %% ../nbs/11_suite.ipynb #1af43129
 import contextlib, ctypes, json, math, re, signal, statistics, subprocess, sys, tempfile, threading, time, traceback
@@ -26,7 +27,7 @@ from .model import PRESETS
 from .machine import DTYPE_BYTES, pick_device
 from .rundir import CONFIG_FILE, read_status, read_metrics, save_checkpoint, train_figures
 from .config import resolve_config
-from .machine import Setting, threads_of
+from .machine import Setting, candidates, threads_of
 from .measure import round_sig, summarize, ratio_of, time_calls, load_average, release_memory, device_name
 from .measure import bench_ceilings, flop_rate, generation_floor, results_header, write_results, load_results, check_out
 from .baseline import baseline_from_craft
@@ -394,13 +395,15 @@ CPU_SUITE = dict(nanogpt=NANOGPT_CPU, finish_s=6.0, presets=['cpu', 'nanogpt'], 
                  cli_preset='nanogpt', cli_tokens=500, cli_repeats=3,
                  server=dict(preset='cpu', clients=[1, 16, 64, 256], tokens=100, max_slots=64, max_queue=128),   # 07_serving
                  speculative=dict(target_seconds=300.0, draft_seconds=60.0, ks=[1, 2, 3, 4, 6, 8], temperatures=[0.0, 0.8, 1.0],
-                                  tokens=500, repeats=3))                                                   # 05b_speculative
+                                  tokens=500, repeats=3),                                                   # 05b_speculative
+                 long=dict(preset='cpu', budgets=[60.0, 120.0, 300.0, 600.0], target=1.47))   # the curve of the CPU recipe
 _SHORT = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=2)
 CPU_SUITE_QUICK = {**CPU_SUITE, 'nanogpt': {**NANOGPT_CPU, **_SHORT}, 'finish_s': 4.0, 'presets': ['tiny'],
                    'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50,
                    'cli_repeats': 1,
                    'server': dict(preset='tiny', clients=[1, 4, 16], tokens=10, max_slots=4, max_queue=4),
-                   'speculative': dict(target_seconds=3.0, draft_seconds=2.0, ks=[1, 2], temperatures=[0.0, 1.0], tokens=20, repeats=1)}
+                   'speculative': dict(target_seconds=3.0, draft_seconds=2.0, ks=[1, 2], temperatures=[0.0, 1.0], tokens=20, repeats=1),
+                   'long': dict(preset='tiny', budgets=[2.0, 4.0], target=3.3)}
 
 # %% ../nbs/11_suite.ipynb #f1540a6c
 def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
@@ -425,6 +428,33 @@ def _suite_nanogpt(part:dict, save:Callable, ctx:dict):
     craft = train_recipe(None, {'max_time': max_time}, ctx['tmp'] / 'craft', device)
     part['craft'] = craft = {'max_time': round_sig(max_time), **craft}
     part['craft_minus_nanogpt'] = {k: round_sig(craft[k] - nano[k]) for k in ('full_val_loss', 'wall_s')}
+
+# %% ../nbs/11_suite.ipynb #26bdbf5d
+def _suite_long(part:dict, save:Callable, ctx:dict):
+    "The plan's preset trained for each budget, then with each setting the profile did not choose, each in a fresh process."
+    plan, device = ctx['plan']['long'], ctx['device']
+    part.update(preset=plan['preset'], target=plan['target'], runs=[], forced=[])
+    for seconds in plan['budgets']:
+        ctx['log'](f"long: craft train --preset {plan['preset']} --max-time {seconds:g}")
+        run = train_recipe(plan['preset'], {'max_time': seconds}, ctx['tmp'] / f"long-{seconds:g}", device)
+        part['runs'].append({'max_time': seconds, 'profile': read_status(ctx['tmp'] / f"long-{seconds:g}").get('profile', {}).get('choice'), **run}); save()
+    chosen = part['runs'][0]['profile']
+    for setting in candidates(pick_device(str(device))):
+        if chosen is None or (setting.dtype, setting.threads) == (chosen['dtype'], chosen['threads']): continue
+        settings = {'max_time': plan['budgets'][0], 'dtype': setting.dtype, 'threads': setting.threads}
+        ctx['log'](f"long: {plan['budgets'][0]:g} s forced to {setting}")
+        part['forced'].append({'setting': str(setting), **train_recipe(plan['preset'], settings, ctx['tmp'] / f"forced-{setting.dtype}-{setting.threads}", device)}); save()
+    part['met'] = part['runs'][-1]['full_val_loss'] <= plan['target']
+
+# %% ../nbs/11_suite.ipynb #0f422a9f
+def long_table(part:dict) -> tuple[list[str], list[list[str]]]:
+    "One row per run of the `long` part: its budget, setting, steps, whole-split validation loss, and the wall time from process start."
+    headers = ['craft train --max-time', 'setting', 'steps', 'validation loss', 'wall time from start']
+    rows = [[f"{r['max_time']:g} s", str(Setting(**r['profile'])) if r.get('profile') else 'fixed', str(r['steps']),
+             f"{r['full_val_loss']:.4f}", f"{r['wall_s']:.0f} s"] for r in part['runs']]
+    rows += [[f"{part['runs'][0]['max_time']:g} s", f"{f['setting']} (forced)", str(f['steps']), f"{f['full_val_loss']:.4f}",
+              f"{f['wall_s']:.0f} s"] for f in part['forced']]
+    return headers, rows
 
 # %% ../nbs/11_suite.ipynb #e5479981
 _SPEED = re.compile(r'(\d+) tokens in ([\d.]+) s: \d+ tokens/s \(seed \d+, (\w+), (\w+)(?: x (\d+) threads?)?\)')
@@ -547,6 +577,7 @@ SUITES = {  # suite: {part: Part}, in the order the parts run
             'serving': Part(_suite_serving, "craft serve's tokens/s with more and more clients at once"),
             'recipes': Part(_suite_recipes, "the presets' training runs to the target loss, timed from process start")},
     'cpu': {'nanogpt': Part(_suite_nanogpt, "nanoGPT's CPU recipe on the baseline against craft train's default"),
+            'long': Part(_suite_long, "the CPU recipe for 1, 2, 5 and 10 minutes, and with each setting the profile did not choose"),
             'sampling': Part(_suite_cpu_sampling, "batch-1 sampling against the ceiling; craft sample against the baseline"),
             'deploy': Part(deploy_results, "int8 weights and ONNX Runtime against float32 PyTorch (10_deploy)",
                            dict(preset='nanogpt', tokens=500, repeats=3, train_seconds=100.0),
