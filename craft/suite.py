@@ -396,14 +396,14 @@ CPU_SUITE = dict(nanogpt=NANOGPT_CPU, finish_s=6.0, presets=['cpu', 'nanogpt'], 
                  server=dict(preset='cpu', clients=[1, 16, 64, 256], tokens=100, max_slots=64, max_queue=128),   # 07_serving
                  speculative=dict(target_seconds=300.0, draft_seconds=60.0, ks=[1, 2, 3, 4, 6, 8], temperatures=[0.0, 0.8, 1.0],
                                   tokens=500, repeats=3),                                                   # 05b_speculative
-                 long=dict(preset='cpu', budgets=[60.0, 120.0, 300.0, 600.0], target=1.47))   # the curve of the CPU recipe
+                 long=dict(preset='cpu', budgets=[60.0, 120.0, 300.0, 600.0], target=1.47, forced=True))   # the curve of the CPU recipe
 _SHORT = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=2)
 CPU_SUITE_QUICK = {**CPU_SUITE, 'nanogpt': {**NANOGPT_CPU, **_SHORT}, 'finish_s': 4.0, 'presets': ['tiny'],
                    'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50,
                    'cli_repeats': 1,
                    'server': dict(preset='tiny', clients=[1, 4, 16], tokens=10, max_slots=4, max_queue=4),
                    'speculative': dict(target_seconds=3.0, draft_seconds=2.0, ks=[1, 2], temperatures=[0.0, 1.0], tokens=20, repeats=1),
-                   'long': dict(preset='tiny', budgets=[2.0, 4.0], target=3.3)}
+                   'long': dict(preset='tiny', budgets=[2.0], target=3.3, forced=False)}
 
 # %% ../nbs/11_suite.ipynb #f1540a6c
 def baseline_recipe(preset:str, settings:dict, out, device:str='auto') -> dict:
@@ -439,7 +439,7 @@ def _suite_long(part:dict, save:Callable, ctx:dict):
         run = train_recipe(plan['preset'], {'max_time': seconds}, ctx['tmp'] / f"long-{seconds:g}", device)
         part['runs'].append({'max_time': seconds, 'profile': read_status(ctx['tmp'] / f"long-{seconds:g}").get('profile', {}).get('choice'), **run}); save()
     chosen = part['runs'][0]['profile']
-    for setting in candidates(pick_device(str(device))):
+    for setting in candidates(pick_device(str(device))) if plan['forced'] else []:
         if chosen is None or (setting.dtype, setting.threads) == (chosen['dtype'], chosen['threads']): continue
         settings = {'max_time': plan['budgets'][0], 'dtype': setting.dtype, 'threads': setting.threads}
         ctx['log'](f"long: {plan['budgets'][0]:g} s forced to {setting}")

@@ -254,7 +254,7 @@ def test_suite_cut_short_keeps_what_it_measured(tmp_path):
 
 
 def test_cpu_suite_quick(tmp_path):
-    "nanoGPT's CPU recipe (shortened) against craft train's default, sampling against the ceiling, int8/ONNX, fine-tuning."
+    "nanoGPT's CPU recipe (shortened) against craft train's default, the recipe's budgets, sampling against the ceiling, int8/ONNX, fine-tuning, speculative decoding."
     out = tmp_path / 'out'
     r = craft_bench('--suite', 'cpu', '--device', 'cpu', '--quick', '--out', str(out))
     assert r.returncode == 0, r.stderr
@@ -286,6 +286,14 @@ def test_cpu_suite_quick(tmp_path):
     assert cli['new_tokens'] == 50 and cli['craft_sample']['tokens'] == 50 and cli['craft_sample']['device'] == 'cpu'
     assert cli['ratio'] == pytest.approx(cli['craft_sample']['tokens_per_s'] / cli['baseline_no_cache']['tokens_per_s'], rel=0.01)
     assert 0 < cli['craft_sample']['of_ceiling']
+    long = load_results(out / 'cpu-long.json')                         # the recipe for each budget (11_suite)
+    assert long['status'] == 'done', long.get('error')
+    assert [r['max_time'] for r in long['runs']] == [2.0] and long['runs'][0]['stop_reason'] in ('max_time', 'max_iters')
+    assert long['met'] == (long['runs'][0]['full_val_loss'] <= long['target'])
+    spec = load_results(out / 'cpu-speculative.json')                 # speculative decoding against ONNX Runtime (05b)
+    assert spec['status'] == 'done', spec.get('error')
+    assert sorted(spec['draft_tokens_per_s']) == ['1', '2'] and spec['onnx_tokens_per_s'] > 0
+    assert all(0 <= a <= 1 for a in spec['acceptance'].values()) and spec['vs_onnx']['best_k'] in (1, 2)
 
 
 def test_unknown_ladder_fails_before_measuring(tmp_path):
