@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from .errors import CraftError
 from .tokenizer import CharTokenizer
 from .attention import KVCache
-from .model import GPT, cap_logits
+from .model import GPT, GPTConfig, cap_logits
 from .machine import threads_of, time_call
 from .training import train
 from .sampling import (GenerationConfig, TextStream, block_plan, bound, lean_decoder, next_token_probs, presence_mask,
@@ -249,7 +249,8 @@ def _trained(run, preset:str, seconds:float, out:Path, **settings) -> Path:
 def speculative_results(run=None, draft=None, target_seconds:float=300.0, draft_seconds:float=60.0, ks=(1, 2, 3, 4),
                         temperatures=(0.0, 0.8, 1.0), tokens:int=500, repeats:int=3, out=None) -> dict:
     ("Acceptance at each temperature (k=4), batch-1 tokens/s at 0.8 without and with the draft for each k, on `run` "
-     "(None: the cpu preset trained `target_seconds`) and `draft` (None: the draft preset, `draft_seconds`).")
+     "(None: the cpu preset trained `target_seconds`) and `draft` (None: the draft preset, `draft_seconds`); what a pass "
+     "costs, there and at the nanogpt shape, and the speed-up the formula predicts there.")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out or tmp)
         run = _trained(run, 'cpu', target_seconds, folder / 'target')
@@ -262,8 +263,11 @@ def speculative_results(run=None, draft=None, target_seconds:float=300.0, draft_
             plain, _ = _speed(lambda n: stream(model, tokenizer, '\n', config(0.8, n)), tokens, repeats)
             speeds = {k: _speed(spec(0.8, k), tokens, repeats) for k in ks}
             accept = {t: _speed(spec(t, 4), tokens, 1)[1].acceptance for t in temperatures}
-            costs = pass_costs(model, small)
+            costs = pass_costs(model, small, ns=[k + 1 for k in ks])
+            big = GPT(GPTConfig.from_preset('nanogpt', vocab_size=model.config.vocab_size)).to(small.tok_emb.weight.dtype).eval()
+            big_costs = pass_costs(big, small, ns=[k + 1 for k in ks])               # random weights: costs only
     return {'target': str(run), 'draft': str(draft), 'setting': str(profile.choice), 'plain_tokens_per_s': plain,
             'draft_tokens_per_s': {k: s for k, (s, _) in speeds.items()},
             'draft_acceptance': {k: s.acceptance for k, (_, s) in speeds.items()},
-            'acceptance': accept, 'costs': costs}
+            'acceptance': accept, 'costs': costs, 'nanogpt_costs': big_costs,
+            'nanogpt_predicted': {k: expected_speedup(accept.get(0.8, 0.0), k, big_costs['draft'], big_costs['pass'][k + 1]) for k in ks}}
