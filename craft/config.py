@@ -7,10 +7,9 @@ __all__ = ['DTYPES', 'OPTIMIZERS', 'SPIKE_ACTIONS', 'LORA_TARGETS', 'TRAIN_PRESE
            'TRAIN_FIELDS', 'TrainConfig', 'RunConfig', 'read_config_file', 'resolve_config']
 
 # %% ../nbs/03d_config.ipynb #6d0604dd
-import os, sys
+import os
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
-import torch
 from fastcore.basics import patch
 from .errors import CraftError
 from .files import describe_os_error, read_small_file
@@ -192,9 +191,6 @@ def resolve_config(preset:str|None=None, config_file=None, device:str|None=None,
     if name == 'auto': name = 'cpu' if pick_device(settings.get('device', 'auto')).type == 'cpu' else 'nanogpt'
     if name not in TRAIN_PRESETS: raise CraftError(f"unknown preset {name!r}; choose one of: {', '.join(TRAIN_PRESETS)}")
     merged = {**PRESETS[name], **TRAIN_PRESETS[name], **settings, 'preset': name}
-    if merged.get('optimizer') == 'muon' and 'optimizer' not in settings and not hasattr(torch.optim, 'Muon'):
-        print(f"craft: preset {name} trains with Muon, which needs torch >= 2.9 (this is {torch.__version__}); using AdamW", file=sys.stderr)
-        merged['optimizer'] = 'adamw'
     model = GPTConfig(**{k: v for k, v in merged.items() if k in MODEL_FIELDS})
     train = TrainConfig(**{k: v for k, v in merged.items() if k in TRAIN_FIELDS})
     return RunConfig(model, train)

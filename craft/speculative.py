@@ -7,7 +7,7 @@ __all__ = ['verify', 'expected_speedup', 'lean_pass', 'pass_costs', 'Window', 't
            'speculative_results']
 
 # %% ../nbs/05b_speculative.ipynb #999751e0
-import math, secrets, statistics, tempfile, threading, time
+import statistics, tempfile, threading, time
 from pathlib import Path
 from typing import Callable, Iterator
 import numpy as np
