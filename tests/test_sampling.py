@@ -8,8 +8,8 @@ import torch
 from craft.errors import CraftError
 from craft.model import GPT, GPTConfig
 from craft.sampling import (Decoder, GenerationConfig, RowText, apply_min_p, apply_repetition_penalty, apply_temperature,
-                            apply_top_k, apply_top_p, generate, next_tokens, presence_mask, sample_command,
-                            sampling_settings, stream)
+                            apply_top_k, apply_top_p, generate, next_tokens, presence_mask, sampling_settings, stream)
+from craft.sample import sample_command
 from craft.widget import sampler_app
 from craft.tokenizer import CharTokenizer, load_text, shakespeare_path
 
