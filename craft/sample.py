@@ -59,18 +59,18 @@ def check_draft(draft, config:GenerationConfig, device:str='auto', dtype:str='au
     if config.compile: raise CraftError("--draft runs the eager decode step: drop --compile or --draft")
     if not config.use_cache: raise CraftError("--draft checks the guesses with the KV cache: drop --no-cache or --draft")
     try: check_sampling_memory(draft, config, device, dtype, threads)
-    except CraftError as e: raise CraftError(f"draft {draft}: {e}") from None
+    except CraftError as e: raise CraftError(f"draft: {e}") from None
 
 # %% ../nbs/05c_sample.ipynb #ed7696be
 def load_draft(draft, model:GPT, tokenizer:CharTokenizer, setting:Setting, quantize:str|None=None) -> GPT:
     ("The draft at `draft` (a run directory or checkpoint) on `model`'s device, in `setting` (the model's profile: "
      "dtype and threads), `quantize`d as the model; refused if its characters are not `tokenizer`'s.")
     device = str(model.tok_emb.weight.device)
-    try: drafter, chars, _ = load_for_sampling(draft, device, setting.dtype, setting.threads, quantize=quantize)
-    except CraftError as e: raise CraftError(f"draft {draft}: {e}") from None
-    if list(chars.chars) != list(tokenizer.chars):
-        differ = ''.join(sorted(set(chars.chars) ^ set(tokenizer.chars))[:5])
-        raise CraftError(f"the draft {draft} knows other characters than the model ({chars.vocab_size} against "
+    try: drafter, draft_tok, _ = load_for_sampling(draft, device, setting.dtype, setting.threads, quantize=quantize)
+    except CraftError as e: raise CraftError(f"draft: {e}") from None
+    if list(draft_tok.chars) != list(tokenizer.chars):
+        differ = ''.join(sorted(set(draft_tok.chars) ^ set(tokenizer.chars))[:5])
+        raise CraftError(f"the draft {draft} knows other characters than the model ({draft_tok.vocab_size} against "
                          f"{tokenizer.vocab_size}{f', e.g. {differ!r}' if differ else ', in another order'}): "
                          "train the draft on the model's corpus")
     return drafter
