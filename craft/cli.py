@@ -48,7 +48,8 @@ from .rundir import load_checkpoint
 from .config import TrainConfig, TRAIN_PRESETS
 from .rundir import read_status, read_run_config, write_sample
 from .training import train
-from .sampling import CONTROLS, sample_command, generate
+from .sampling import CONTROLS, generate
+from .sample import sample_command
 from .runs import runs_command, compare_command, show_command, plot_command
 from .bench import bench_command
 from .suite import bench_suite, ladder_command, parts_help

@@ -25,7 +25,7 @@ LORA_TARGETS = ('attn', 'mlp', 'attn.qkv', 'attn.proj', 'mlp.fc', 'mlp.proj')  #
 @dataclass
 class TrainConfig:
     "How to train: data, batches, optimiser, schedule, evaluation, devices. Invalid values raise `CraftError`."
-    preset: str = 'auto'          # named recipe, model and training: auto (cpu on a CPU, nanogpt on a GPU), cpu, nanogpt, speedrun, quality, tiny
+    preset: str = 'auto'          # named recipe, model and training: auto (cpu on a CPU, nanogpt on a GPU), cpu, nanogpt, speedrun, quality, tiny, draft
     data: str = ''                # UTF-8 text: a file, a folder of files, or a quoted glob ('src/**/*.c'); '' = the bundled tiny Shakespeare
     out: str = ''                 # run directory; '' = runs/<date-time>
     val_fraction: float = 0.1     # the last fraction of the corpus that validates (the standard split is 0.1)
@@ -133,6 +133,7 @@ TRAIN_PRESETS = {
     'tiny':    dict(batch_size=8, max_iters=50, lr=3e-3, min_lr=3e-4, warmup_iters=5, eval_interval=25, eval_iters=4,
                     sample_chars=50, dtype='float32'),
 }
+TRAIN_PRESETS['draft'] = {**TRAIN_PRESETS['cpu'], 'max_time': 60.0}   # the cpu recipe for a minute: a draft model
 
 # %% ../nbs/03d_config.ipynb #3960686f
 RUN_FORMAT, RUN_VERSION = 'craft.run', 1   # the tag and version of a run's stored config

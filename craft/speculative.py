@@ -254,7 +254,7 @@ def speculative_results(run=None, draft=None, target_seconds:float=300.0, draft_
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out or tmp)
         run = _trained(run, 'cpu', target_seconds, folder / 'target')
-        draft = _trained(draft, 'cpu', draft_seconds, folder / 'draft', n_layer=2, n_head=4, n_embd=128)
+        draft = _trained(draft, 'draft', draft_seconds, folder / 'draft')
         model, tokenizer, profile = load_for_sampling(run, 'cpu')
         small = load_for_sampling(draft, 'cpu', dtype=profile.choice.dtype)[0]
         config = lambda t, n: GenerationConfig(max_new_tokens=n, temperature=t, seed=0)

@@ -1,13 +1,25 @@
 "`craft sample` through the command line, in subprocesses (`python -m craft.cli sample ...`)."
-import os, subprocess, sys
+import os, re, subprocess, sys
 
 import pytest
+
+from conftest import TINY, built_once, craft, craft_env
 
 
 @pytest.fixture(scope='module')
 def run_dir(tiny_run):
     "The tiny run (the CLI only needs a valid checkpoint)."
     return tiny_run
+
+
+@pytest.fixture(scope='module')
+def draft_run(tmp_path_factory):
+    "A draft for the tiny run: one layer of 16 channels on the same corpus, trained once per test run (a few seconds)."
+    def build(folder):
+        r = craft(craft_env(tmp_path_factory), 'train', *TINY, '--n-layer', 1, '--n-head', 2, '--n-embd', 16, '--max-iters', 20,
+                  '--eval-interval', 10, '--out', folder / 'draft')
+        assert r.returncode == 0, r.stderr
+    return built_once(tmp_path_factory, 'draft-run', build) / 'draft'
 
 
 def craft_sample(*args):
@@ -66,3 +78,53 @@ def test_bad_prompt_file(run_dir, tmp_path):
     assert_one_line_error(craft_sample(run_dir, '--prompt-file', tmp_path / 'missing.txt'))
     (tmp_path / 'latin1.txt').write_bytes('Señor'.encode('latin-1'))
     assert_one_line_error(craft_sample(run_dir, '--prompt-file', tmp_path / 'latin1.txt'))
+
+
+def test_help_shows_the_draft_flags():
+    r = craft_sample('--help')
+    assert r.returncode == 0
+    text = ' '.join(r.stdout.split())
+    assert re.search(r'--draft TEXT a small model.s run directory .* None = no draft \(default: None\)', text), text
+    assert '--draft-k INT with --draft: characters the draft guesses per round (default: 4)' in text, text
+
+
+def test_draft_gives_the_same_greedy_text(run_dir, draft_run):
+    "Speculative decoding keeps the model's distribution: greedy text with a draft is the plain greedy text."
+    common = [run_dir, '--prompt', 'KING', '--max-new-tokens', '80', '--temperature', '0', '--device', 'cpu', '--dtype', 'float32']
+    plain, drafted = craft_sample(*common), craft_sample(*common, '--draft', draft_run, '--draft-k', '3')
+    assert plain.returncode == 0 and drafted.returncode == 0, drafted.stderr
+    assert drafted.stdout == plain.stdout and len(plain.stdout.strip()) >= 40
+    speed, kept = drafted.stderr.strip().splitlines()[-2:]
+    assert 'tokens/s' in speed and re.fullmatch(r'draft: \d+ of \d+ guesses kept \(\d+%\), k=3', kept), drafted.stderr
+    assert 'draft:' not in plain.stderr
+
+
+def test_sampled_text_with_a_draft(run_dir, draft_run):
+    r = craft_sample(run_dir, '--prompt', 'KING', '--max-new-tokens', '60', '--seed', '2', '--device', 'cpu', '--draft', draft_run)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.rstrip('\n')) == 60 and re.search(r'guesses kept .*k=4$', r.stderr.strip())
+
+
+def test_draft_with_another_alphabet(run_dir, tmp_path):
+    from craft.model import GPT, GPTConfig
+    from craft.rundir import save_checkpoint
+    from craft.tokenizer import CharTokenizer
+    other = CharTokenizer.from_text('abcdefgh ')
+    save_checkpoint(tmp_path / 'other.safetensors', GPT(GPTConfig.from_preset('tiny', vocab_size=other.vocab_size)), other)
+    r = craft_sample(run_dir, '--prompt', 'KING', '--device', 'cpu', '--draft', tmp_path / 'other.safetensors')
+    assert_one_line_error(r)
+    assert 'knows other characters' in r.stderr and r.stdout == ''
+
+
+@pytest.mark.parametrize('flags,message', [(['--num-samples', '2'], 'not --num-samples 2'), (['--compile'], 'drop --compile'),
+                                           (['--no-cache'], 'drop --no-cache'), (['--draft-k', '0'], 'k=0')])
+def test_draft_refuses_what_it_cannot_do(run_dir, draft_run, flags, message):
+    r = craft_sample(run_dir, '--device', 'cpu', '--draft', draft_run, *flags)
+    assert_one_line_error(r)
+    assert message in r.stderr
+
+
+def test_missing_draft(run_dir, tmp_path):
+    r = craft_sample(run_dir, '--device', 'cpu', '--draft', tmp_path / 'nope')
+    assert_one_line_error(r)
+    assert 'draft' in r.stderr and 'no such file or directory' in r.stderr

@@ -8,8 +8,8 @@ import torch
 from craft.errors import CraftError
 from craft.model import GPT, GPTConfig
 from craft.sampling import (Decoder, GenerationConfig, RowText, apply_min_p, apply_repetition_penalty, apply_temperature,
-                            apply_top_k, apply_top_p, generate, next_tokens, presence_mask, sample_command,
-                            sampling_settings, stream)
+                            apply_top_k, apply_top_p, generate, next_tokens, presence_mask, sampling_settings, stream)
+from craft.sample import sample_command
 from craft.widget import sampler_app
 from craft.tokenizer import CharTokenizer, load_text, shakespeare_path
 
@@ -267,6 +267,24 @@ def test_sampler_app(run_dir, trained):
     assert len(app.output_text) < 5000 and 'stopped' in app.status.value
     app.prompt = 'é'
     with pytest.raises(CraftError, match="'é'"): app.generate()
+
+
+def test_sampler_app_with_a_draft(run_dir, trained, tmp_path):
+    "A draft from a checkpoint: a checkbox and a k slider; ticked, the same greedy text and the acceptance in the status line."
+    from craft.rundir import save_checkpoint
+    from craft.speculative import SpeculativeStream
+    model, tok = trained
+    torch.manual_seed(2)
+    save_checkpoint(tmp_path / 'draft.safetensors', GPT(GPTConfig.from_preset('tiny', n_layer=1, n_embd=16, vocab_size=tok.vocab_size)), tok)
+    app = sampler_app(run_dir, dtype='float32', draft=tmp_path / 'draft.safetensors', draft_k=5, prompt='KING', max_new_tokens=60, temperature=0.0)
+    assert (app.use_draft, app.k) == (True, 5) and app.k_slider in app.widget.children[1].children[0].children
+    assert app.generate() == generate(model, tok, 'KING', max_new_tokens=60, temperature=0)[0]
+    assert isinstance(app.last_stream, SpeculativeStream) and 'characters/s' in app.status.value and 'guesses kept' in app.status.value
+    app.use_draft, app.temperature, app.seed = False, 1.0, 4
+    app.generate_button.click(); app.wait(10)
+    assert app.output_text == generate(model, tok, 'KING', max_new_tokens=60, temperature=1.0, seed=4)[0] and 'draft' not in app.status.value
+    save_checkpoint(tmp_path / 'other.safetensors', GPT(GPTConfig.from_preset('tiny', vocab_size=3)), CharTokenizer('abc'))
+    with pytest.raises(CraftError, match='knows other characters'): sampler_app(run_dir, draft=tmp_path / 'other.safetensors')
 
 
 def test_compiled_decoding_is_compiled_and_gives_the_same_text(trained):
