@@ -288,7 +288,7 @@ def test_cpu_suite_quick(tmp_path):
     assert 0 < cli['craft_sample']['of_ceiling']
     long = load_results(out / 'cpu-long.json')                         # the recipe for each budget (11_suite)
     assert long['status'] == 'done', long.get('error')
-    assert [r['max_time'] for r in long['runs']] == [2.0] and long['runs'][0]['stop_reason'] in ('max_time', 'max_iters')
+    assert [r['budget'] for r in long['runs']] == [8.0] and long['runs'][0]['max_time'] >= 1 and long['runs'][0]['stop_reason'] in ('max_time', 'max_iters')
     assert long['met'] == (long['runs'][0]['full_val_loss'] <= long['target'])
     spec = load_results(out / 'cpu-speculative.json')                 # speculative decoding against ONNX Runtime (05b)
     assert spec['status'] == 'done', spec.get('error')
