@@ -25,7 +25,7 @@ LORA_TARGETS = ('attn', 'mlp', 'attn.qkv', 'attn.proj', 'mlp.fc', 'mlp.proj')  #
 @dataclass
 class TrainConfig:
     "How to train: data, batches, optimiser, schedule, evaluation, devices. Invalid values raise `CraftError`."
-    preset: str = 'auto'          # named recipe, model and training: auto (cpu on a CPU, nanogpt on a GPU), cpu, nanogpt, speedrun, quality, tiny, draft
+    preset: str = 'auto'          # named recipe, model and training: auto (cpu on a CPU, nanogpt on a GPU), cpu, nanogpt, speedrun, quality, tiny, draft, cpu-long
     data: str = ''                # UTF-8 text: a file, a folder of files, or a quoted glob ('src/**/*.c'); '' = the bundled tiny Shakespeare
     out: str = ''                 # run directory; '' = runs/<date-time>
     val_fraction: float = 0.1     # the last fraction of the corpus that validates (the standard split is 0.1)
@@ -134,6 +134,7 @@ TRAIN_PRESETS = {
                     sample_chars=50, dtype='float32'),
 }
 TRAIN_PRESETS['draft'] = {**TRAIN_PRESETS['cpu'], 'max_time': 60.0}   # the cpu recipe for a minute: a draft model
+TRAIN_PRESETS['cpu-long'] = {**TRAIN_PRESETS['cpu'], 'max_time': 600.0, 'min_lr': 1e-4}   # ten minutes, decayed further
 
 # %% ../nbs/03d_config.ipynb #3960686f
 RUN_FORMAT, RUN_VERSION = 'craft.run', 1   # the tag and version of a run's stored config

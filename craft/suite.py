@@ -396,7 +396,7 @@ CPU_SUITE = dict(nanogpt=NANOGPT_CPU, finish_s=6.0, presets=['cpu', 'nanogpt'], 
                  server=dict(preset='cpu', clients=[1, 16, 64, 256], tokens=100, max_slots=64, max_queue=128),   # 07_serving
                  speculative=dict(target_seconds=300.0, draft_seconds=60.0, ks=[1, 2, 3, 4, 6, 8], temperatures=[0.0, 0.8, 1.0],
                                   tokens=500, repeats=3),                                                   # 05b_speculative
-                 long=dict(preset='cpu', budgets=[60.0, 120.0, 300.0, 600.0], target=1.47, forced=True))   # the curve of the CPU recipe
+                 long=dict(preset='cpu-long', budgets=[60.0, 120.0, 300.0, 600.0], target=1.47, forced=True))   # the curve of the CPU recipe
 _SHORT = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=2)
 CPU_SUITE_QUICK = {**CPU_SUITE, 'nanogpt': {**NANOGPT_CPU, **_SHORT}, 'finish_s': 4.0, 'presets': ['tiny'],
                    'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50,
