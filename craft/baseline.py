@@ -7,7 +7,7 @@ __all__ = ['BASELINE_OPTIONS', 'BaselineAttention', 'BaselineMLP', 'BaselineBloc
            'baseline_name', 'baseline_from_craft', 'BaselineTrainer', 'train_baseline', 'baseline_memory']
 
 # %% ../nbs/06_baseline.ipynb #53ea6cfc
-import copy, json, math, sys, time
+import copy, math, time
 from pathlib import Path
 import numpy as np
 import torch

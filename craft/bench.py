@@ -10,7 +10,7 @@ __all__ = ['LOSS_RUNS', 'COLORS', 'bench_training', 'random_model', 'bench_sampl
            'plot_memory', 'plot_results']
 
 # %% ../nbs/06_benchmarks.ipynb #da61ba18
-import json, math, statistics, subprocess, sys, tempfile, time
+import math, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 from typing import Callable
 import torch

@@ -42,7 +42,6 @@ from fastcore.docments import docments
 from .errors import CraftError
 from .files import describe_os_error
 from .model import GPTConfig, PRESETS
-import os
 from .machine import pick_device, oom_message
 from .rundir import load_checkpoint
 from .config import TrainConfig, TRAIN_PRESETS

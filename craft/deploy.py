@@ -9,7 +9,7 @@ __all__ = ['EXPORT_INSTALL', 'ONNX_FORMAT', 'ONNX_VERSION', 'EXPORT_FORMATS', 'v
            'export_command', 'onnx_tokens_per_s', 'deploy_results', 'bench_deploy', 'deploy_summary']
 
 # %% ../nbs/10_deploy.ipynb #3281b29a
-import argparse, contextlib, copy, importlib.util, inspect, io, json, logging, os, statistics, sys, tempfile, time, warnings
+import argparse, contextlib, copy, importlib.util, inspect, io, json, logging, statistics, sys, tempfile, time, warnings
 from pathlib import Path
 import numpy as np
 import torch

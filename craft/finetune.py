@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from safetensors.torch import load_file
 from .errors import CraftError
 from .files import atomic_write_text, read_json_file
 from .tokenizer import CharTokenizer, load_text, shakespeare_path
@@ -27,8 +26,8 @@ from .rundir import ADAPTERS_FILE, BASE_FILE, BEST_FILE, LINEAGE_FILE, STATE_FIL
 from .corpus import load_tokens
 from .config import RunConfig, MODEL_FIELDS, LORA_TARGETS, resolve_config, read_config_file
 from .rundir import read_run_config, read_metrics, read_status
-from .steps import split_tokens, full_loss
-from .training import Trainer, resume_config, train
+from .steps import full_loss
+from .training import Trainer, resume_config
 from .measure import results_header, write_results, check_out
 
 # %% ../nbs/09_finetune.ipynb #0552ece1

@@ -53,8 +53,6 @@ def activation_stats(model:nn.Module, layers:dict, x:torch.Tensor, autocast=cont
     return {'act_mean': torch.stack(means).tolist(), 'act_std': torch.stack(stds).tolist()}
 
 # %% ../nbs/04_health.ipynb #4f043564
-import collections
-
 class SpikeDetector:
     "Flags a loss that jumps `sigma` noise standard deviations above its level (moving averages; see the maths above), after `warmup` losses."
     def __init__(self, sigma:float=6.0, level_beta:float=0.9, noise_beta:float=0.98, warmup:int=20, floor:float=0.01):

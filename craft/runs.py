@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import CraftError
 from .files import atomic_write, check_output_file, run_lock_held
 from .config import MODEL_FIELDS, TRAIN_FIELDS, RunConfig
-from .rundir import BEST_FILE, METRICS_FILE, STATUS_FILE, MARK_FILES, check_run_dir, is_run_dir, read_run_config, read_metrics, read_status
+from .rundir import BEST_FILE, METRICS_FILE, STATUS_FILE, MARK_FILES, check_run_dir, is_run_dir, read_run_config, read_status
 from .steps import BITS_PER_NAT
 from .rundir import metrics_and_damage, read_provenance
 from .health import plot_health

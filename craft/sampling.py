@@ -23,7 +23,7 @@ from .attention import KVCache
 from .block import Block
 from .errors import CraftError, check_setting
 from .tokenizer import CharTokenizer
-from .model import GPT, GPTConfig, cap_logits
+from .model import GPT, cap_logits
 from .machine import pick_device
 from .int8 import Int8Linear
 from .rundir import load_checkpoint

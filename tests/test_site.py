@@ -21,6 +21,7 @@ FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--
 # characters of output: a sample).
 EXPECTED = {
     'sampling.html':   dict(figures={'plot_transform(': 6, 'fig = plot_attention(model': 1}, text=['print(generate(']),
+    'sample.html':     dict(text=['print(out.getvalue())']),
     'training.html':   dict(figures={'plot_metrics(run_dir)': 1}),
     'benchmarks.html': dict(figures={'fig = plot_results(cpu_results)': 1}, tables=['cpu_results = load_results(']),
     'suite.html':      dict(figures={'cpu_suite, to_run = load_suite(': 1, 'for name, ladder in ladders.items()': 1},
