@@ -583,6 +583,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '.', 'git_ur
                                 'craft.sampling.keep_in_order': ('sampling.html#keep_in_order', 'craft/sampling.py'),
                                 'craft.sampling.lean_decoder': ('sampling.html#lean_decoder', 'craft/sampling.py'),
                                 'craft.sampling.load_for_sampling': ('sampling.html#load_for_sampling', 'craft/sampling.py'),
+                                'craft.sampling.model_plan': ('sampling.html#model_plan', 'craft/sampling.py'),
                                 'craft.sampling.next_token_probs': ('sampling.html#next_token_probs', 'craft/sampling.py'),
                                 'craft.sampling.next_tokens': ('sampling.html#next_tokens', 'craft/sampling.py'),
                                 'craft.sampling.plot_attention': ('sampling.html#plot_attention', 'craft/sampling.py'),

@@ -6,9 +6,9 @@
 __all__ = ['CONTROLS', 'SAMPLING_CONTROLS', 'SAMPLING_FIELDS', 'GenerationConfig', 'apply_temperature', 'apply_top_k',
            'keep_in_order', 'apply_top_p', 'apply_min_p', 'apply_typical_p', 'presence_mask',
            'apply_repetition_penalty', 'Control', 'next_token_probs', 'reads_context', 'next_tokens',
-           'sampling_settings', 'decode_step', 'bound', 'block_plan', 'lean_decoder', 'tokens_kept', 'Decoder',
-           'RowText', 'TextStream', 'with_settings', 'stream', 'generate', 'decoding_profile', 'load_for_sampling',
-           'attention_maps', 'shown_char', 'plot_attention']
+           'sampling_settings', 'decode_step', 'bound', 'block_plan', 'model_plan', 'lean_decoder', 'tokens_kept',
+           'Decoder', 'RowText', 'TextStream', 'with_settings', 'stream', 'generate', 'decoding_profile',
+           'load_for_sampling', 'attention_maps', 'shown_char', 'plot_attention']
 
 # %% ../nbs/05_sampling.ipynb #cabbcba1
 import copy, functools, inspect, math, secrets, threading, time, typing, weakref
@@ -291,14 +291,19 @@ def block_plan(block:Block) -> tuple:
     return (bound(block.norm1), bound(attn.qkv), attn.position_qk, bound(attn.proj), bound(block.norm2),
             bound(mlp.fc), mlp.activate, bound(mlp.proj))
 
+def model_plan(model:GPT, caches:list[KVCache]) -> tuple:
+    ("What a lean pass runs, bound once: each block's parts with its cache, the position table `(block_size, C)` "
+     "(None with rotary positions), the final norm and the head.")
+    blocks = [(*block_plan(block), cache) for block, cache in zip(model.blocks, caches)]
+    pos_table = None if model.pos_emb is None else model.pos_emb.weight
+    return blocks, pos_table, bound(model.norm_f), bound(model.head)
+
 # %% ../nbs/05_sampling.ipynb #5cabd198
 def lean_decoder(model:GPT, caches:list[KVCache]) -> Callable:
     ("`step(tokens, pos)`: next-token logits `(B, V)` for one token per row `(B,)`, every row at the int "
      "position `pos`, through `caches`. The model is in eval mode.")
     H, cap = model.config.n_head, model.config.logit_softcap
-    blocks = [(*block_plan(block), cache) for block, cache in zip(model.blocks, caches)]
-    pos_table = None if model.pos_emb is None else model.pos_emb.weight         # (block_size, C)
-    norm_f, head = bound(model.norm_f), bound(model.head)
+    blocks, pos_table, norm_f, head = model_plan(model, caches)
     def step(tokens:torch.Tensor, pos:int) -> torch.Tensor:
         x = model.tok_emb(tokens)                                                # (B, C)
         if pos_table is not None: x = x + pos_table[pos]

@@ -20,7 +20,7 @@ from .attention import KVCache
 from .model import GPT, GPTConfig, cap_logits
 from .machine import threads_of, time_call
 from .training import train
-from .sampling import (GenerationConfig, TextStream, block_plan, bound, lean_decoder, next_token_probs, presence_mask,
+from .sampling import (GenerationConfig, TextStream, lean_decoder, model_plan, next_token_probs, presence_mask,
                             load_for_sampling, reads_context, sampling_settings, stream, tokens_kept)
 
 # %% ../nbs/05b_speculative.ipynb #37b48553
@@ -52,9 +52,7 @@ def lean_pass(model:GPT, caches:list[KVCache]) -> Callable:
     ("`feed(tokens, start)`: next-token logits `(n, V)` after each of `n` tokens `(n,)` at positions `start…start+n-1` "
      "of `caches` (batch 1), in one pass of the bound operations of `lean_decoder`. The model is in eval mode.")
     H, cap = model.config.n_head, model.config.logit_softcap
-    blocks = [(*block_plan(block), cache) for block, cache in zip(model.blocks, caches)]
-    pos_table = None if model.pos_emb is None else model.pos_emb.weight           # (block_size, C)
-    norm_f, head = bound(model.norm_f), bound(model.head)
+    blocks, pos_table, norm_f, head = model_plan(model, caches)
     def feed(tokens:torch.Tensor, start:int) -> torch.Tensor:
         n = tokens.size(0)
         x = model.tok_emb(tokens)                                                  # (n, C)
@@ -266,7 +264,8 @@ def speculative_results(run=None, draft=None, target_seconds:float=300.0, draft_
             costs = pass_costs(model, small, ns=[k + 1 for k in ks])
             big = GPT(GPTConfig.from_preset('nanogpt', vocab_size=model.config.vocab_size)).to(small.tok_emb.weight.dtype).eval()
             big_costs = pass_costs(big, small, ns=[k + 1 for k in ks])               # random weights: costs only
-    return {'target': str(run), 'draft': str(draft), 'setting': str(profile.choice), 'plain_tokens_per_s': plain,
+    return {'target': str(run), 'draft': str(draft), 'setting': str(profile.choice), 'threads': profile.choice.threads,
+            'plain_tokens_per_s': plain,
             'draft_tokens_per_s': {k: s for k, (s, _) in speeds.items()},
             'draft_acceptance': {k: s.acceptance for k, (_, s) in speeds.items()},
             'acceptance': accept, 'costs': costs, 'nanogpt_costs': big_costs,

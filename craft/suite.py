@@ -559,8 +559,7 @@ def _suite_speculative(part:dict, save:Callable, ctx:dict):
     "Speculative decoding's acceptance and speeds (`speculative_results`), then ONNX Runtime on the same target."
     plan = ctx['plan']['speculative']
     part.update(speculative_results(**plan, out=ctx['tmp'] / 'speculative')); save()
-    threads = int(part['setting'].split(' x ')[1].split()[0]) if ' x ' in part['setting'] else 0
-    part['onnx_tokens_per_s'] = onnx = onnx_tokens_per_s(part['target'], plan['tokens'], plan['repeats'], threads)
+    part['onnx_tokens_per_s'] = onnx = onnx_tokens_per_s(part['target'], plan['tokens'], plan['repeats'], part['threads'])
     best = max(part['draft_tokens_per_s'], key=part['draft_tokens_per_s'].get)
     part['vs_onnx'] = {'plain': round_sig(part['plain_tokens_per_s'] / onnx), 'best_k': best,
                        'draft': round_sig(part['draft_tokens_per_s'][best] / onnx)}
