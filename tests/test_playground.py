@@ -109,6 +109,9 @@ def test_playground(browser, server, served_run, artifacts):
     page.fill('#prompt', 'KING')
     page.fill('#seed', '')
     page.locator('#max_new_tokens').evaluate("e => { e.value = e.max; e.dispatchEvent(new Event('input')) }")
+    network = page.context.new_cdp_session(page)            # a slow line, so that a fast machine cannot finish before Stop
+    network.send('Network.enable')
+    network.send('Network.emulateNetworkConditions', {'offline': False, 'latency': 0, 'downloadThroughput': 4000, 'uploadThroughput': -1})
     page.click('#generate')
     expect(page.locator('#output .generated span').first).to_be_attached()
     page.click('#stop')
