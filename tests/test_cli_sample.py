@@ -1,5 +1,5 @@
 "`craft sample` through the command line, in subprocesses (`python -m craft.cli sample ...`)."
-import os, re, subprocess, sys
+import json, os, re, subprocess, sys
 
 import pytest
 
@@ -86,6 +86,7 @@ def test_help_shows_the_draft_flags():
     text = ' '.join(r.stdout.split())
     assert re.search(r'--draft TEXT a small model.s run directory .* None = no draft \(default: None\)', text), text
     assert '--draft-k INT with --draft: characters the draft guesses per round (default: 4)' in text, text
+    assert "or ngram[:N]: counts of the next character after N characters of RUN's training text (N=4; no training)" in text, text
 
 
 def test_draft_gives_the_same_greedy_text(run_dir, draft_run):
@@ -128,3 +129,28 @@ def test_missing_draft(run_dir, tmp_path):
     r = craft_sample(run_dir, '--device', 'cpu', '--draft', tmp_path / 'nope')
     assert_one_line_error(r)
     assert 'draft' in r.stderr and 'no such file or directory' in r.stderr
+
+
+def test_ngram_draft_gives_the_same_greedy_text(run_dir):
+    "`--draft ngram` counts a draft from the run's own training text: no draft model, the same greedy text."
+    common = [run_dir, '--prompt', 'KING', '--max-new-tokens', '80', '--temperature', '0', '--device', 'cpu', '--dtype', 'float32']
+    plain = craft_sample(*common)
+    for spec, k in (('ngram', '4'), ('ngram:2', '6')):
+        drafted = craft_sample(*common, '--draft', spec, '--draft-k', k)
+        assert drafted.returncode == 0 and drafted.stdout == plain.stdout, drafted.stderr
+        assert re.fullmatch(rf'draft: \d+ of \d+ guesses kept \(\d+%\), k={k}', drafted.stderr.strip().splitlines()[-1]), drafted.stderr
+    sampled = craft_sample(run_dir, '--prompt', 'KING', '--max-new-tokens', '60', '--seed', '2', '--device', 'cpu', '--draft', 'ngram')
+    assert sampled.returncode == 0 and len(sampled.stdout.rstrip('\n')) == 60, sampled.stderr
+
+
+def test_ngram_draft_refusals(run_dir, tiny_run_copy, tmp_path):
+    "A corpus that is gone, a checkpoint file (no corpus named) and a malformed order: one line each, nothing printed."
+    config = json.loads((tiny_run_copy / 'config.json').read_text())
+    config['corpus'] = {'path': str(tmp_path / 'gone.txt'), 'bundled': False, 'files': 1, 'fingerprint': '0'}
+    (tiny_run_copy / 'config.json').write_text(json.dumps(config))
+    for args, message in (([tiny_run_copy, '--draft', 'ngram'], 'restore that text'),
+                          ([run_dir / 'best.safetensors', '--draft', 'ngram'], 'not a run directory'),
+                          ([run_dir, '--draft', 'ngram:x'], 'ngram:N')):
+        r = craft_sample(*args, '--device', 'cpu')
+        assert_one_line_error(r)
+        assert message in r.stderr and r.stdout == '', r.stderr
