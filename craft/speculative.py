@@ -252,7 +252,7 @@ def _ngram_table(ids:np.ndarray, c:int, V:int) -> tuple:
             np.add.reduceat(counts, starts).astype(np.float64))
 
 # %% ../nbs/05b_speculative.ipynb #1c0e8699
-MAX_NGRAM_TOKENS = 16 << 20   # an n-gram draft counts at most this many characters: memory and build time stay bounded
+MAX_NGRAM_TOKENS = 4 << 20    # an n-gram draft counts at most this many characters: memory and build time stay bounded
 
 class NgramDraft:
     ("A draft that costs almost nothing: counts of the character after each context of up to `order` characters in "
@@ -304,7 +304,9 @@ def run_ngram(run, order:int=4, max_tokens:int=MAX_NGRAM_TOKENS) -> NgramDraft:
                          "pass the run's folder, or draft with a trained model")
     cfg, tok = read_run_config(run), read_tokenizer(run)
     data = (cfg.corpus.get('path') or '') if cfg.corpus else cfg.train.data         # '': the bundled corpus
-    try: tokens, _ = load_tokens(data, tok)
+    try:
+        tokens, found = load_tokens(data)                                      # the token cache training filled
+        if list(found.chars) != list(tok.chars): tokens, _ = load_tokens(data, tok)   # else in the run's own ids
     except CraftError as e:
         raise CraftError(f"cannot count an n-gram draft from the corpus {run} trained on ({e}); restore that text, "
                          "or draft with a trained model") from None
