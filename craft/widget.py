@@ -17,8 +17,8 @@ from .model import GPT
 from .machine import Setting, threads_of
 from .sampling import (CONTROLS, Control, GenerationConfig, TextStream, decoding_profile, load_for_sampling,
                             next_token_probs, presence_mask, sampling_settings, shown_char, tokens_kept)
-from .speculative import SpeculativeStream
-from .sample import load_draft
+from .speculative import NgramDraft, SpeculativeStream, run_ngram
+from .sample import load_draft, ngram_order
 
 # %% ../nbs/05d_widget.ipynb #4fa73c85
 @torch.inference_mode()
@@ -61,7 +61,7 @@ def _slider(c:Control, value, vocab_size:int):
 class SamplerApp:
     ("An ipywidgets app: a prompt, one slider per sampling control of `CONTROLS` that has one, Generate "
      "and Stop, the streamed text, and what the model sees next; with a `draft`, speculative decoding on a checkbox.")
-    def __init__(self, model:GPT, tokenizer:CharTokenizer, prompt:str='\n', draft:GPT|None=None, draft_k:int=4, **settings):
+    def __init__(self, model:GPT, tokenizer:CharTokenizer, prompt:str='\n', draft:GPT|NgramDraft|None=None, draft_k:int=4, **settings):
         import ipywidgets as W
         config = GenerationConfig(**settings)                        # checks them; the sliders start at its values
         self.model, self.tokenizer = model, tokenizer
@@ -225,10 +225,11 @@ def wait(self:SamplerApp, timeout:float|None=None):
 def _draft_controls(self:SamplerApp, config:GenerationConfig, k:int):
     "The draft's checkbox (ticked) and its `k` slider, up to what both models' windows keep when they slide."
     import ipywidgets as W
-    if self.draft.config.vocab_size != self.tokenizer.vocab_size:
-        raise CraftError(f"the draft has {self.draft.config.vocab_size} tokens but the model's tokenizer "
+    vocab = self.draft.vocab_size if isinstance(self.draft, NgramDraft) else self.draft.config.vocab_size
+    if vocab != self.tokenizer.vocab_size:
+        raise CraftError(f"the draft has {vocab} tokens but the model's tokenizer "
                          f"{self.tokenizer.vocab_size}: train the draft on the model's corpus")
-    high = min(16, *(tokens_kept(config.window_keep, m.config.block_size) for m in (self.model, self.draft)))
+    high = min(16, *(tokens_kept(config.window_keep, m.config.block_size) for m in (self.model, self.draft) if isinstance(m, GPT)))
     if not isinstance(k, int) or not 1 <= k <= high: raise CraftError(f"draft_k={k!r} must be an integer from 1 to {high}")
     self.draft_box = W.Checkbox(value=True, description='draft', style={'description_width': '9em'})
     self.k_slider = W.IntSlider(value=k, min=1, max=high, description='k (guesses)', style={'description_width': '9em'},
@@ -241,10 +242,10 @@ SamplerApp.k = property(lambda self: self.k_slider.value, lambda self, v: setatt
 
 # %% ../nbs/05d_widget.ipynb #5dde6bed
 def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto',
-                threads:int=0, quantize:str|None=None, draft:str|Path|GPT|None=None, draft_k:int=4, **defaults) -> SamplerApp:
+                threads:int=0, quantize:str|None=None, draft:str|Path|GPT|NgramDraft|None=None, draft_k:int=4, **defaults) -> SamplerApp:
     ("A `SamplerApp` over a run directory or checkpoint (loaded on `device`, dtype and threads from the machine "
-     "profile, `quantize`d on request), or over a model and its tokenizer; `draft` (a run, a checkpoint or a model) "
-     "adds speculative decoding.")
+     "profile, `quantize`d on request), or over a model and its tokenizer; `draft` (a run, a checkpoint, a model, or "
+     "'ngram[:N]': counts of the run's training text) adds speculative decoding.")
     if isinstance(run_or_model, GPT):
         if tokenizer is None:
             raise CraftError("sampler_app needs the tokenizer that goes with the model: sampler_app(model, tokenizer)")
@@ -253,7 +254,10 @@ def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, de
         model = run_or_model                 # in its own dtype; the threads are measured
         profile = decoding_profile(model, 1, str(model.tok_emb.weight.dtype).removeprefix('torch.'), threads)
     else: model, tokenizer, profile = load_for_sampling(run_or_model, device, dtype, threads, quantize=quantize)
-    if isinstance(draft, (str, Path)): draft = load_draft(draft, model, tokenizer, profile.choice, quantize)   # as the model
+    if (order := ngram_order(draft)) is not None:
+        if isinstance(run_or_model, GPT): raise CraftError(f"draft={draft!r} is counted from a run's text: pass the run directory")
+        draft = run_ngram(run_or_model, order)
+    elif isinstance(draft, (str, Path)): draft = load_draft(draft, model, tokenizer, profile.choice, quantize)   # as the model
     app = SamplerApp(model, tokenizer, draft=draft, draft_k=draft_k, **defaults)
     app.profile = profile
     return app
