@@ -332,13 +332,15 @@ def _trained(run, preset:str, seconds:float, out:Path, **settings) -> Path:
 
 # %% ../nbs/05b_speculative.ipynb #754bac00
 def _ngram_results(model:GPT, tokenizer:CharTokenizer, run, order:int, ks, temperatures, tokens:int, repeats:int) -> dict:
-    "The n-gram draft of `run`'s training text: its build time, tokens/s and acceptance at 0.8 for each k, acceptance by temperature (k=4)."
+    "The n-gram draft of `run`'s training text: its build time, the seconds of one guess, tokens/s and acceptance at 0.8 for each k, acceptance by temperature (k=4)."
     start = time.perf_counter()
     grams = run_ngram(run, order)
     build_s = time.perf_counter() - start
     spec = lambda t, k: lambda n: SpeculativeStream(model, grams, tokenizer, '\n', GenerationConfig(max_new_tokens=n, temperature=t, seed=0), k=k)
     speeds = {k: _speed(spec(0.8, k), tokens, repeats) for k in ks}
-    return {'order': order, 'build_s': build_s, 'characters': grams.n_tokens,
+    context = (0,) * order                                                          # a context of `order` characters
+    step_s = time_call(lambda: grams.probs(context), min_seconds=0.2, max_calls=2000)   # one guess, uncached
+    return {'order': order, 'build_s': build_s, 'characters': grams.n_tokens, 'step_s': step_s,
             'tokens_per_s': {k: s for k, (s, _) in speeds.items()},
             'draft_acceptance': {k: s.acceptance for k, (_, s) in speeds.items()},
             'acceptance': {t: _speed(spec(t, 4), tokens, 1)[1].acceptance for t in temperatures}}
@@ -370,4 +372,6 @@ def speculative_results(run=None, draft=None, target_seconds:float=300.0, draft_
             'draft_tokens_per_s': {k: s for k, (s, _) in speeds.items()},
             'draft_acceptance': {k: s.acceptance for k, (_, s) in speeds.items()},
             'acceptance': accept, 'ngram': grams, 'costs': costs, 'nanogpt_costs': big_costs,
-            'nanogpt_predicted': {k: expected_speedup(accept.get(0.8, 0.0), k, big_costs['draft'], big_costs['pass'][k + 1]) for k in ks}}
+            'nanogpt_predicted': {k: expected_speedup(accept.get(0.8, 0.0), k, big_costs['draft'], big_costs['pass'][k + 1]) for k in ks},
+            'ngram_nanogpt_predicted': {k: expected_speedup(grams['acceptance'].get(0.8, 0.0), k, grams['step_s'] / big_costs['step_s'],
+                                                            big_costs['pass'][k + 1]) for k in ks}}

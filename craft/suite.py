@@ -563,14 +563,19 @@ def _suite_speculative(part:dict, save:Callable, ctx:dict):
     best = max(part['draft_tokens_per_s'], key=part['draft_tokens_per_s'].get)
     part['vs_onnx'] = {'plain': round_sig(part['plain_tokens_per_s'] / onnx), 'best_k': best,
                        'draft': round_sig(part['draft_tokens_per_s'][best] / onnx)}
+    if grams := part.get('ngram'):   # the n-gram draft of the target's training text (05b)
+        best = max(grams['tokens_per_s'], key=grams['tokens_per_s'].get)
+        part['vs_onnx'].update(ngram_best_k=best, ngram=round_sig(grams['tokens_per_s'][best] / onnx))
 
 # %% ../nbs/11_suite.ipynb #8f717d1c
 def speculative_table(part:dict) -> tuple[list[str], list[list[str]]]:
-    "One row per way of sampling at temperature 0.8: tokens/s, against plain craft and against ONNX Runtime, the acceptance."
+    "One row per way of sampling at temperature 0.8 (a model draft, then an n-gram draft at each k): tokens/s, against plain craft and against ONNX Runtime, the acceptance."
     headers, onnx, plain = ['batch 1, temperature 0.8', 'tokens/s', 'vs craft', 'vs ONNX Runtime', 'guesses kept'], part['onnx_tokens_per_s'], part['plain_tokens_per_s']
     row = lambda name, speed, kept='': [name, fmt_num(speed), f"{speed / plain:.2f}x", f"{speed / onnx:.2f}x", kept]
     rows = [row('ONNX Runtime', onnx), row('craft', plain)]
     rows += [row(f"craft, draft k = {k}", s, fmt_percent(part['draft_acceptance'][k])) for k, s in part['draft_tokens_per_s'].items()]
+    if grams := part.get('ngram'):
+        rows += [row(f"craft, {grams['order']}-gram draft k = {k}", s, fmt_percent(grams['draft_acceptance'][k])) for k, s in grams['tokens_per_s'].items()]
     return headers, rows
 
 # %% ../nbs/11_suite.ipynb #0c90b95f
