@@ -20,20 +20,15 @@ from .tokenizer import CharTokenizer, load_text, shakespeare_path
 from .model import GPT, GPTConfig
 from .int8 import Int8Linear, quantize_weights
 from .rundir import checkpoint_file, load_checkpoint
-from .corpus import load_tokens
-from .rundir import read_run_config, read_tokenizer
-from .steps import full_loss, split_tokens
+from .steps import full_loss
 from .training import train
-from .sampling import stream
+from .sampling import run_validation_tokens, stream
 from .measure import check_out, results_header, write_results
 
 # %% ../nbs/10_deploy.ipynb #a4954ed2
 def validation_loss(model:GPT, run_dir) -> float:
     "The exact loss of `model` (nats per character) over the whole validation split of the corpus `run_dir` trained on."
-    run = read_run_config(run_dir)
-    tokens, _ = load_tokens(run.train.data, read_tokenizer(run_dir))
-    _, val = split_tokens(tokens, run.train.val_fraction, model.config.block_size)
-    return full_loss(model, val, model.config.block_size, device=model.tok_emb.weight.device)
+    return full_loss(model, run_validation_tokens(run_dir), model.config.block_size, device=model.tok_emb.weight.device)
 
 # %% ../nbs/10_deploy.ipynb #abce643d
 def int_range(bits:int=8, symmetric:bool=True) -> tuple[int, int]:

@@ -114,12 +114,14 @@ class Profile:
     source: str           # 'measured', 'cached' or 'fixed'
     work: str = ''        # what was timed, e.g. 'training cpu 4x128, batch 64'
     load: str = 'idle'    # 'idle' or 'busy': how loaded the machine was when it was measured
+    note: str = ''        # a decision made with the figures, in words (e.g. why int8 weights were chosen)
 
     def line(self) -> str:
         "The decision and the figures behind it, on one line."
         timed = ', '.join(f"{name} {1e3 * s:.3g} ms" for name, s in sorted(self.figures.items(), key=lambda kv: kv[1]))
         busy = ' on a busy machine' if self.load == 'busy' and self.source != 'fixed' else ''
-        return f"{self.work}: {self.choice} ({self.source}{busy}{'; per step: ' + timed if timed else ''})"
+        return (f"{self.work}: {self.choice} ({self.source}{busy}{'; per step: ' + timed if timed else ''})"
+                + (f"; {self.note}" if self.note else ''))
 
     def to_dict(self) -> dict: return {**asdict(self), 'choice': asdict(self.choice)}
 

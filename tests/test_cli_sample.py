@@ -154,3 +154,37 @@ def test_ngram_draft_refusals(run_dir, tiny_run_copy, tmp_path):
         r = craft_sample(*args, '--device', 'cpu')
         assert_one_line_error(r)
         assert message in r.stderr and r.stdout == '', r.stderr
+
+
+LOSS_BOUND = 0.001   # craft.sampling.INT8_LOSS_BOUND, as the issue states it
+
+
+def test_quantize_auto_names_its_choice(run_dir):
+    "`--quantize auto` (the default) says which weights it chose and why, and keeps to the rule; `none` and `int8` force."
+    common = [run_dir, '--prompt', 'KING', '--max-new-tokens', '20', '--device', 'cpu', '--dtype', 'float32']
+    runs = {q: craft_sample(*common, *(['--quantize', q] if q else [])) for q in (None, 'none', 'int8')}
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr for r in runs.values()]
+    (profile, speed), forced_float, forced_int8 = (runs[q].stderr.strip().splitlines()[-2:] for q in runs)
+    chose = re.search(r'; int8 weights: (\d+\.\d+)x faster, loss ([+-]\d\.\d{4})|; float weights: int8 \d+\.\d+x (slower here|faster, but loss [+-]\d\.\d{4} \(bound 0\.001\))', profile)
+    assert chose, profile
+    assert (chose[1] is not None) == speed.endswith(', int8 weights)'), (profile, speed)   # the weights it named are the weights used
+    if chose[1] is not None: assert float(chose[1]) > 1 and abs(float(chose[2])) < LOSS_BOUND, profile
+    assert forced_float[0].endswith('; float weights, as asked') and not forced_float[1].endswith(', int8 weights)'), forced_float
+    assert forced_int8[0].endswith('; int8 weights, as asked') and forced_int8[1].endswith(', int8 weights)'), forced_int8
+
+
+def test_quantize_auto_keeps_a_bare_checkpoint_float(run_dir, tmp_path):
+    "Without its run directory a checkpoint's validation loss cannot be measured: float weights, and the line says why."
+    bare = tmp_path / 'bare.safetensors'
+    bare.write_bytes((run_dir / 'best.safetensors').read_bytes())
+    r = craft_sample(bare, '--max-new-tokens', '10', '--device', 'cpu', '--dtype', 'float32')
+    assert r.returncode == 0, r.stderr
+    profile, speed = r.stderr.strip().splitlines()[-2:]
+    assert re.search(r'; float weights: int8 \d+\.\d+x (slower here|faster, but its loss cannot be checked: .*bare checkpoint)', profile), profile
+    assert not speed.endswith(', int8 weights)'), speed
+
+
+def test_help_documents_quantize():
+    r = craft_sample('--help')
+    text = ' '.join(r.stdout.split())
+    assert r.returncode == 0 and re.search(r"--quantize TEXT weights: auto \(int8 where timed faster .*none \(float\) \(default: 'auto'\)", text), text

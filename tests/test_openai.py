@@ -35,9 +35,9 @@ def client(server, key='unused', **kw) -> 'openai.OpenAI':
 
 
 def craft_sample(run, prompt:str, n:int, seed:int, max_new_tokens:int, *args) -> str:
-    "What `craft sample` prints (float32 on the CPU, as the servers run)."
+    "What `craft sample` prints (float32 weights on the CPU, as the servers run)."
     r = subprocess.run([sys.executable, '-m', 'craft.cli', 'sample', str(run), '--prompt', prompt, '--num-samples', str(n), '--seed', str(seed),
-                        '--max-new-tokens', str(max_new_tokens), '--device', 'cpu', '--dtype', 'float32', *map(str, args)],
+                        '--max-new-tokens', str(max_new_tokens), '--device', 'cpu', '--dtype', 'float32', '--quantize', 'none', *map(str, args)],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
     return r.stdout
