@@ -37,7 +37,7 @@ from .bench import COLORS, plot_axes
 from .corpus import corpus_results
 from .finetune import finetune_results
 from .deploy import deploy_results, onnx_tokens_per_s
-from .speculative import speculative_results
+from .speculative import nanogpt_results, speculative_results
 
 # %% ../nbs/11_suite.ipynb #c7126516
 SPEEDRUN_RUNGS = [
@@ -395,14 +395,15 @@ CPU_SUITE = dict(nanogpt=NANOGPT_CPU, finish_s=6.0, presets=['cpu', 'nanogpt'], 
                  cli_preset='nanogpt', cli_tokens=500, cli_repeats=3,
                  server=dict(preset='cpu', clients=[1, 16, 64, 256], tokens=100, max_slots=64, max_queue=128),   # 07_serving
                  speculative=dict(target_seconds=300.0, draft_seconds=60.0, ks=[1, 2, 3, 4, 6, 8], temperatures=[0.0, 0.8, 1.0],
-                                  tokens=500, repeats=3),                                                   # 05b_speculative
+                                  tokens=500, repeats=3, nanogpt_seconds=300.0),                             # 05b_speculative
                  long=dict(preset='cpu-long', budgets=[60.0, 120.0, 300.0, 600.0], target=1.47, forced=True))   # the curve of the CPU recipe
 _SHORT = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=2)
 CPU_SUITE_QUICK = {**CPU_SUITE, 'nanogpt': {**NANOGPT_CPU, **_SHORT}, 'finish_s': 4.0, 'presets': ['tiny'],
                    'new_tokens': 16, 'repeats': 2, 'cli_preset': 'tiny', 'cli_tokens': 50,
                    'cli_repeats': 1,
                    'server': dict(preset='tiny', clients=[1, 4, 16], tokens=10, max_slots=4, max_queue=4),
-                   'speculative': dict(target_seconds=3.0, draft_seconds=2.0, ks=[1, 2], temperatures=[0.0, 1.0], tokens=20, repeats=1),
+                   'speculative': dict(target_seconds=3.0, draft_seconds=2.0, ks=[1, 2], temperatures=[0.0, 1.0], tokens=20, repeats=1,
+                                       nanogpt_seconds=2.0),
                    'long': dict(preset='tiny', budgets=[8.0], target=3.3, forced=False)}
 
 # %% ../nbs/11_suite.ipynb #f1540a6c
@@ -556,8 +557,9 @@ def server_table(part:dict) -> tuple[list[str], list[list[str]]]:
 
 # %% ../nbs/11_suite.ipynb #4b0ea7c5
 def _suite_speculative(part:dict, save:Callable, ctx:dict):
-    "Speculative decoding's acceptance and speeds (`speculative_results`), then ONNX Runtime on the same target."
-    plan = ctx['plan']['speculative']
+    "Speculative decoding's acceptance and speeds (`speculative_results`), then ONNX Runtime on the same target; then at the nanogpt size."
+    plan = {**ctx['plan']['speculative']}
+    seconds = plan.pop('nanogpt_seconds', 0.0)
     part.update(speculative_results(**plan, out=ctx['tmp'] / 'speculative')); save()
     part['onnx_tokens_per_s'] = onnx = onnx_tokens_per_s(part['target'], plan['tokens'], plan['repeats'], part['threads'])
     best = max(part['draft_tokens_per_s'], key=part['draft_tokens_per_s'].get)
@@ -566,6 +568,16 @@ def _suite_speculative(part:dict, save:Callable, ctx:dict):
     if grams := part.get('ngram'):   # the n-gram draft of the target's training text (05b)
         best = max(grams['tokens_per_s'], key=grams['tokens_per_s'].get)
         part['vs_onnx'].update(ngram_best_k=best, ngram=round_sig(grams['tokens_per_s'][best] / onnx))
+    if seconds: save(); _speculative_at_nanogpt_size(part, plan, seconds, ctx)
+
+def _speculative_at_nanogpt_size(part:dict, plan:dict, seconds:float, ctx:dict):
+    "`nanogpt_results` under `part['nanogpt']`, with ONNX Runtime on its target and each speed's ratio to it."
+    keep = {k: plan[k] for k in ('ks', 'temperatures', 'tokens', 'repeats')}
+    big = part['nanogpt'] = nanogpt_results(seconds, **keep, out=ctx['tmp'] / 'speculative')
+    big['onnx_tokens_per_s'] = onnx = onnx_tokens_per_s(big['target'], plan['tokens'], plan['repeats'], big['threads'])
+    best = max(big['ngram']['tokens_per_s'], key=big['ngram']['tokens_per_s'].get)
+    big['vs_onnx'] = {'plain': round_sig(big['plain_tokens_per_s'] / onnx), 'ngram_best_k': best,
+                      'ngram': round_sig(big['ngram']['tokens_per_s'][best] / onnx)}
 
 # %% ../nbs/11_suite.ipynb #8f717d1c
 def speculative_table(part:dict) -> tuple[list[str], list[list[str]]]:
