@@ -134,7 +134,7 @@ TRAIN_PRESETS = {
                     sample_chars=50, dtype='float32'),
 }
 TRAIN_PRESETS['draft'] = {**TRAIN_PRESETS['cpu'], 'max_time': 60.0}   # the cpu recipe for a minute: a draft model
-TRAIN_PRESETS['cpu-long'] = {**TRAIN_PRESETS['cpu'], 'max_time': 600.0, 'min_lr': 1e-4}   # ten minutes, decayed further
+TRAIN_PRESETS['cpu-long'] = {**TRAIN_PRESETS['cpu'], 'max_time': 600.0, 'min_lr': 1e-4, 'batch_size': 32}   # ten minutes: cpu's tokens per step in windows of 128
 
 # %% ../nbs/03d_config.ipynb #3960686f
 RUN_FORMAT, RUN_VERSION = 'craft.run', 1   # the tag and version of a run's stored config

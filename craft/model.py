@@ -97,7 +97,7 @@ PRESETS = {
                     mlp='relu2', qk_norm=True, tie_weights=False, zero_init_proj=True, logit_softcap=30.0),
     'tiny':    dict(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
     'draft':   dict(block_size=64, n_layer=2, n_head=4, n_embd=128, dropout=0.0),
-    'cpu-long': dict(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+    'cpu-long': dict(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, pos_emb='rope', norm='rmsnorm'),
 }
 
 @patch(cls_method=True)
