@@ -380,10 +380,10 @@ def speculative_results(run=None, draft=None, target_seconds:float=300.0, draft_
 NANOGPT_SHAPE = {k: getattr(GPTConfig.from_preset('nanogpt', vocab_size=65), k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size')}
 
 def nanogpt_results(seconds:float=300.0, ks=(1, 2, 3, 4), temperatures=(0.0, 0.8, 1.0), tokens:int=500, repeats:int=3,
-                    out=None, ngram_order:int=4) -> dict:
-    "A nanogpt-shaped target (the `cpu` recipe for `seconds`): its loss, plain tokens/s at 0.8, and its n-gram draft's figures."
+                    out=None, ngram_order:int=4, eval_iters:int=20) -> dict:
+    "A nanogpt-shaped target (the `cpu` recipe for `seconds`): its loss (`eval_iters` batches), plain tokens/s at 0.8, and its n-gram draft's figures."
     with tempfile.TemporaryDirectory() as tmp:
-        run = _trained(None, 'cpu', seconds, Path(out or tmp) / 'nanogpt', dropout=0.0, dtype='float32', batch_size=16, min_steps=0,
+        run = _trained(None, 'cpu', seconds, Path(out or tmp) / 'nanogpt', dropout=0.0, dtype='float32', batch_size=16, min_steps=0, eval_iters=eval_iters,
                        **NANOGPT_SHAPE)   # fixed: timing this size's bfloat16 training where a CPU emulates it takes minutes
         model, tokenizer, profile = load_for_sampling(run, 'cpu')
         with threads_of(profile.choice):
