@@ -6,7 +6,7 @@
 __all__ = ['EXPORT_INSTALL', 'ONNX_FORMAT', 'ONNX_VERSION', 'EXPORT_FORMATS', 'validation_loss', 'int_range', 'quantize',
            'dequantize', 'round_weights', 'OnnxStep', 'onnx_names', 'export_onnx', 'OnnxModel', 'encode_text',
            'decode_ids', 'pick_token', 'generate_onnx', 'onnx_sample_main', 'example_program', 'onnx_errors',
-           'export_command', 'onnx_tokens_per_s', 'deploy_results', 'bench_deploy', 'deploy_summary']
+           'export_command', 'onnx_tokens_per_s', 'side_by_side', 'deploy_results', 'bench_deploy', 'deploy_summary']
 
 # %% ../nbs/10_deploy.ipynb #3281b29a
 import argparse, contextlib, copy, importlib.util, inspect, io, json, logging, statistics, sys, tempfile, time, warnings
@@ -22,7 +22,10 @@ from .int8 import Int8Linear, quantize_weights
 from .rundir import checkpoint_file, load_checkpoint
 from .steps import full_loss
 from .training import train
-from .sampling import run_validation_tokens, stream
+from typing import Callable
+from .sampling import GenerationConfig, load_for_sampling, run_validation_tokens, stream
+from .machine import threads_of
+from .speculative import NgramDraft, SpeculativeStream
 from .measure import check_out, results_header, write_results
 
 # %% ../nbs/10_deploy.ipynb #a4954ed2
@@ -311,6 +314,34 @@ def onnx_tokens_per_s(run, tokens:int=500, repeats:int=3, threads:int=0) -> floa
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model.eval(), tokenizer, Path(tmp) / 'model.onnx')
         return _onnx_speed(path, tokens, repeats, threads or torch.get_num_threads())
+
+# %% ../nbs/10_deploy.ipynb #681e38aa
+def _drained(s) -> float:
+    "Tokens/s of the stream `s`, run to its end."
+    for _ in s: pass
+    return s.tokens_per_s
+
+def _seconds(work:Callable[[], object]) -> float:
+    start = time.perf_counter(); work()
+    return time.perf_counter() - start
+
+def side_by_side(run, draft=None, k:int=2, tokens:int=500, repeats:int=5) -> dict:
+    ("Median batch-1 tokens/s at temperature 0.8 of ONNX Runtime (`onnx`), craft's default (`craft`) and craft with "
+     "`draft` and `k` guesses (`draft`) on `run`, measured in turns, `repeats` rounds after a warm-up.")
+    _require_export()
+    model, tokenizer, profile = load_for_sampling(run, 'cpu')
+    config = GenerationConfig(max_new_tokens=tokens, temperature=0.8, seed=0)
+    with tempfile.TemporaryDirectory() as tmp, threads_of(profile.choice):
+        onnx = OnnxModel(str(export_onnx(load_checkpoint(run, 'cpu')[0].eval(), tokenizer, Path(tmp) / 'model.onnx')),
+                         torch.get_num_threads())
+        ways = {'onnx': lambda: tokens / _seconds(lambda: generate_onnx(onnx, '\n', tokens, temperature=0.8, seed=0)),
+                'craft': lambda: _drained(stream(model, tokenizer, '\n', config))}
+        if draft is not None: ways['draft'] = lambda: _drained(SpeculativeStream(model, draft, tokenizer, '\n', config, k=k))
+        for way in ways.values(): way()                                          # warm-up
+        speeds = {name: [] for name in ways}
+        for _ in range(repeats):
+            for name, way in ways.items(): speeds[name].append(way())
+    return {name: statistics.median(s) for name, s in speeds.items()}
 
 # %% ../nbs/10_deploy.ipynb #84dd6519
 def _torchao_int8(model:GPT) -> GPT|None:

@@ -7,6 +7,8 @@ __all__ = ['QUANTIZATIONS', 'Int8Linear', 'quantize_weights', 'has_int8']
 
 # %% ../nbs/03a_int8.ipynb #307af1e3
 import torch
+from typing import Callable
+from fastcore.basics import patch
 import torch.nn as nn
 from .errors import CraftError
 from .model import GPT
@@ -34,6 +36,19 @@ class Int8Linear(nn.Module):
         y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scale)         # (N, out): float32 sums, rounded to bfloat16
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)                 # (..., out)
         return y if self.bias is None else y + self.bias
+
+# %% ../nbs/03a_int8.ipynb #2d7bbfed
+@patch
+def rows_op(self:Int8Linear, keep_bfloat16:bool=False) -> Callable[[torch.Tensor], torch.Tensor]:
+    "This layer on rows `(B, in)` -> `(B, out)`, in the input's dtype, or in bfloat16 with `keep_bfloat16`."
+    weight, scale, bias, bf16, kernel = self.weight_int8, self.scale, self.bias, torch.bfloat16, torch._weight_int8pack_mm
+    def run(x:torch.Tensor) -> torch.Tensor:
+        rows = x if x.dtype is bf16 else x.to(bf16)                     # (B, in)
+        if rows.data_ptr() % 64: rows = rows.clone()                    # aligned rows for the kernel
+        y = kernel(rows, weight, scale)                                 # (B, out) bfloat16
+        if not keep_bfloat16: y = y.to(x.dtype)
+        return y if bias is None else y + bias
+    return run
 
 # %% ../nbs/03a_int8.ipynb #9e2fd987
 QUANTIZATIONS = ('int8',)

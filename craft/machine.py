@@ -181,8 +181,9 @@ def cache_profile(key:str, profile:Profile|dict):
 
 # %% ../nbs/03a_machine.ipynb #a36d3025
 def machine_profile(work:str, shape:dict, device, make_step:Callable[[Setting], Callable[[], None]],
-                    dtype:str='auto', threads:int=0, sync=lambda: None) -> Profile:
-    "How to run `work` (of `shape`) on `device`: fixed by flags or environment, else cached, else measured with `make_step` and cached."
+                    dtype:str='auto', threads:int=0, sync=lambda: None, **timing) -> Profile:
+    ("How to run `work` (of `shape`) on `device`: fixed by flags or environment, else cached, else measured with "
+     "`make_step` (and `time_call`'s `timing`) and cached.")
     settings = candidates(device, dtype, threads)
     if len(settings) == 1: return Profile(settings[0], {}, 'fixed', work)
     load = machine_load()
@@ -191,20 +192,20 @@ def machine_profile(work:str, shape:dict, device, make_step:Callable[[Setting], 
         with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
             profile = Profile.from_dict(cached, 'cached')
             if profile.choice in settings: return profile    # else planted or stale (4096 threads, dtype 'save'): measure
-    figures = measure(make_step, settings, sync)
+    figures = measure(make_step, settings, sync, **timing)
     profile = Profile(min(figures, key=figures.get), {str(s): t for s, t in figures.items()}, 'measured', work, load)
     cache_profile(key, profile)
     return profile
 
 # %% ../nbs/03a_machine.ipynb #0caa3093
 def step_seconds(work:str, shape:dict, device, make_step:Callable[[Setting], Callable[[], None]], setting:Setting,
-                 sync=lambda: None) -> float:
+                 sync=lambda: None, **timing) -> float:
     "Seconds per step of `work` (of `shape`) in `setting`: measured once with `make_step`, then cached like a profile."
     key = profile_key(device, work, shape, [setting], machine_load())
     cached = cached_profiles().get(key)
     if isinstance(cached, dict) and isinstance(cached.get('seconds'), (int, float)) and 0 < cached['seconds'] < 1e6:
         return float(cached['seconds'])                        # else planted or damaged: measured again
-    with threads_of(setting): seconds = time_call(make_step(setting), sync)
+    with threads_of(setting): seconds = time_call(make_step(setting), sync, **timing)
     cache_profile(key, {'seconds': seconds, 'work': work, 'setting': str(setting)})
     return seconds
 

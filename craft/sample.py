@@ -14,7 +14,7 @@ from .model import GPT, GPTConfig
 from .machine import DTYPE_BYTES, Profile, Setting, candidates, check_memory, pick_device, sampling_memory, threads_of
 from .rundir import read_checkpoint_header
 from .sampling import CONTROLS, GenerationConfig, TextStream, load_for_sampling, with_settings
-from .speculative import SpeculativeStream, run_ngram
+from .speculative import NgramDraft, SpeculativeStream, best_ngram, run_ngram
 from .int8 import has_int8
 
 # %% ../nbs/05c_sample.ipynb #e71ebce4
@@ -52,10 +52,11 @@ def _print_samples(s:TextStream, prompt:str, echo:bool, setting:Setting):
     if last[0] != '\n': write('\n')
 
 # %% ../nbs/05c_sample.ipynb #96522e79
-def ngram_order(draft) -> int|None:
-    "The order N of `--draft ngram` (4) or `--draft ngram:N`; None for a draft model's path (`./ngram` for a folder so named)."
+def ngram_order(draft) -> int|str|None:
+    ("The order N of `--draft ngram:N`, 'best' for `--draft ngram` (measured: `best_ngram`); None for a draft "
+     "model's path (`./ngram` for a folder so named).")
     if draft is None or not str(draft).startswith('ngram') or not re.fullmatch(r'ngram(:.*)?', str(draft)): return None
-    if str(draft) == 'ngram': return 4
+    if str(draft) == 'ngram': return 'best'
     if not re.fullmatch(r'ngram:\d{1,2}', str(draft)):
         raise CraftError(f"--draft {draft}: write ngram or ngram:N with N the context's length in characters (e.g. ngram:5)")
     return int(str(draft)[6:])
@@ -95,6 +96,14 @@ def _report(s:TextStream, model:GPT, profile:Profile):
     if isinstance(s, SpeculativeStream):
         print(f"draft: {s.accepted} of {s.drafted} guesses kept ({s.acceptance:.0%}), k={s.k}", file=sys.stderr)
 
+# %% ../nbs/05c_sample.ipynb #a7a9163f
+def _best_order(model:GPT, run, config:GenerationConfig, widest:NgramDraft) -> NgramDraft:
+    "`best_ngram`'s draft for `--draft ngram`, with the acceptance of each order on stderr."
+    grams, kept = best_ngram(model, run, config, widest=widest)
+    print(f"craft sample: n-gram draft of order {grams.order}, the one whose guesses the model keeps most often here "
+          f"(by order: {', '.join(f'{o} {a:.0%}' for o, a in kept.items())})", file=sys.stderr)
+    return grams
+
 # %% ../nbs/05c_sample.ipynb #3dc6c8cf
 def _sample(run, config:GenerationConfig, prompt:str, prompt_file:str|None, device:str, dtype:str, threads:int,
             quantize:str|None, on_unknown:str, echo:bool, draft=None, draft_k:int=4) -> list[str]:
@@ -105,8 +114,9 @@ def _sample(run, config:GenerationConfig, prompt:str, prompt_file:str|None, devi
     check_sampling_memory(run, config, device, dtype, threads)
     if draft is not None: check_draft(draft, config, device, dtype, threads)
     order = ngram_order(draft)
-    grams = None if order is None else run_ngram(run, order)                  # before the model is loaded and timed
+    grams = None if order is None else run_ngram(run, None if order == 'best' else order)   # before the model loads
     model, tokenizer, profile = load_for_sampling(run, device, dtype, threads, config.num_samples, quantize)
+    if order == 'best': grams = _best_order(model, run, config, grams)
     if config.compile: print("craft sample: compiling the decode step (once per process: "
                              "seconds on a GPU, up to a minute on a CPU)", file=sys.stderr)
     if draft is None: s = TextStream(model, tokenizer, prompt_text, config, on_unknown)   # checks the prompt
@@ -130,7 +140,7 @@ def sample_command(
     quantize:str='auto',              # weights: auto (int8 where timed faster here and the validation loss moves < 0.001 nats; cached), int8, or none (float)
     on_unknown:str='error',           # prompt characters outside the vocabulary: error or drop
     echo:bool=False,                  # print the prompt before each sample
-    draft:str|None=None,              # a small model's run directory or .safetensors checkpoint, trained on the same corpus, or ngram[:N]: counts of the next character after N characters of RUN's training text (N=4; no training); it drafts, the model verifies (same text, faster); None = no draft
+    draft:str|None=None,              # a small model's run directory or .safetensors checkpoint, trained on the same corpus, or ngram[:N]: counts of the next character after N characters of RUN's training text (no N: the N whose guesses the model keeps most often, measured; no training); it drafts, the model verifies (same text, faster); None = no draft
     draft_k:int=4,                    # with --draft: characters the draft guesses per round
     **settings,                       # generation settings: the rows of `CONTROLS` (the CLI's flags come from the table)
 ) -> list[str]:

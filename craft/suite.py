@@ -36,8 +36,8 @@ from .bench import format_table, fmt_num, fmt_times, fmt_percent, fmt_ms
 from .bench import COLORS, plot_axes
 from .corpus import corpus_results
 from .finetune import finetune_results
-from .deploy import deploy_results, onnx_tokens_per_s
-from .speculative import nanogpt_results, speculative_results
+from .deploy import deploy_results, onnx_tokens_per_s, side_by_side
+from .speculative import nanogpt_results, run_ngram, speculative_results
 
 # %% ../nbs/11_suite.ipynb #c7126516
 SPEEDRUN_RUNGS = [
@@ -571,13 +571,16 @@ def _suite_speculative(part:dict, save:Callable, ctx:dict):
     if seconds: save(); _speculative_at_nanogpt_size(part, plan, seconds, ctx)
 
 def _speculative_at_nanogpt_size(part:dict, plan:dict, seconds:float, ctx:dict):
-    "`nanogpt_results` under `part['nanogpt']`, with ONNX Runtime on its target and each speed's ratio to it."
+    ("`nanogpt_results` under `part['nanogpt']`; then ONNX Runtime, craft and craft with the n-gram draft at its best k, "
+     "side by side (`side_by_side`), and the ratios to ONNX Runtime.")
     keep = {k: plan[k] for k in ('ks', 'temperatures', 'tokens', 'repeats')}
     big = part['nanogpt'] = nanogpt_results(seconds, **keep, out=ctx['tmp'] / 'speculative')
-    big['onnx_tokens_per_s'] = onnx = onnx_tokens_per_s(big['target'], plan['tokens'], plan['repeats'], big['threads'])
     best = max(big['ngram']['tokens_per_s'], key=big['ngram']['tokens_per_s'].get)
-    big['vs_onnx'] = {'plain': round_sig(big['plain_tokens_per_s'] / onnx), 'ngram_best_k': best,
-                      'ngram': round_sig(big['ngram']['tokens_per_s'][best] / onnx)}
+    turns = big['side_by_side'] = side_by_side(big['target'], run_ngram(big['target'], big['ngram']['order']), best,
+                                               plan['tokens'], max(3, plan['repeats']))
+    big['onnx_tokens_per_s'], big['plain_alone_tokens_per_s'], big['plain_tokens_per_s'] = turns['onnx'], big['plain_tokens_per_s'], turns['craft']
+    big['vs_onnx'] = {'plain': round_sig(turns['craft'] / turns['onnx']), 'ngram_best_k': best,
+                      'ngram': round_sig(turns['draft'] / turns['onnx'])}
 
 # %% ../nbs/11_suite.ipynb #8f717d1c
 def speculative_table(part:dict) -> tuple[list[str], list[list[str]]]:

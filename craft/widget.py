@@ -17,7 +17,7 @@ from .model import GPT
 from .machine import Setting, threads_of
 from .sampling import (CONTROLS, Control, GenerationConfig, TextStream, decoding_profile, load_for_sampling,
                             next_token_probs, presence_mask, sampling_settings, shown_char, tokens_kept)
-from .speculative import NgramDraft, SpeculativeStream, run_ngram
+from .speculative import NgramDraft, SpeculativeStream, best_ngram, run_ngram
 from .sample import load_draft, ngram_order
 
 # %% ../nbs/05d_widget.ipynb #4fa73c85
@@ -242,21 +242,22 @@ SamplerApp.k = property(lambda self: self.k_slider.value, lambda self, v: setatt
 
 # %% ../nbs/05d_widget.ipynb #5dde6bed
 def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto',
-                threads:int=0, quantize:str|None=None, draft:str|Path|GPT|NgramDraft|None=None, draft_k:int=4, **defaults) -> SamplerApp:
+                threads:int=0, quantize:str|None='auto', draft:str|Path|GPT|NgramDraft|None=None, draft_k:int=4, **defaults) -> SamplerApp:
     ("A `SamplerApp` over a run directory or checkpoint (loaded on `device`, dtype and threads from the machine "
-     "profile, `quantize`d on request), or over a model and its tokenizer; `draft` (a run, a checkpoint, a model, or "
-     "'ngram[:N]': counts of the run's training text) adds speculative decoding.")
+     "profile; int8 weights by `quantize`: auto, as `craft sample` chooses, int8 or none), or over a model and its tokenizer; `draft` (a run, a checkpoint, a model, or "
+     "'ngram[:N]': counts of the run's training text, N measured without it) adds speculative decoding.")
     if isinstance(run_or_model, GPT):
         if tokenizer is None:
             raise CraftError("sampler_app needs the tokenizer that goes with the model: sampler_app(model, tokenizer)")
-        if quantize not in (None, 'none'):
+        if quantize not in (None, 'none', 'auto'):
             raise CraftError("sampler_app(model, ...) uses the model as it is: pass a run directory to quantize it")
         model = run_or_model                 # in its own dtype; the threads are measured
         profile = decoding_profile(model, 1, str(model.tok_emb.weight.dtype).removeprefix('torch.'), threads)
     else: model, tokenizer, profile = load_for_sampling(run_or_model, device, dtype, threads, quantize=quantize)
     if (order := ngram_order(draft)) is not None:
         if isinstance(run_or_model, GPT): raise CraftError(f"draft={draft!r} is counted from a run's text: pass the run directory")
-        draft = run_ngram(run_or_model, order)
+        draft = run_ngram(run_or_model, order) if order != 'best' else best_ngram(     # at the opening temperature
+            model, run_or_model, GenerationConfig(temperature=defaults.get('temperature', GenerationConfig.temperature)))[0]
     elif isinstance(draft, (str, Path)): draft = load_draft(draft, model, tokenizer, profile.choice, quantize)   # as the model
     app = SamplerApp(model, tokenizer, draft=draft, draft_k=draft_k, **defaults)
     app.profile = profile

@@ -22,8 +22,8 @@ def draft_run(tmp_path_factory):
     return built_once(tmp_path_factory, 'draft-run', build) / 'draft'
 
 
-def craft_sample(*args):
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}   # a tiny model: one thread is fastest, and robust to busy cores
+def craft_sample(*args, env:dict|None=None):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}   # a tiny model: one thread is fastest, and robust to busy cores
     return subprocess.run([sys.executable, '-m', 'craft.cli', 'sample', *map(str, args)], capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -86,7 +86,7 @@ def test_help_shows_the_draft_flags():
     text = ' '.join(r.stdout.split())
     assert re.search(r'--draft TEXT a small model.s run directory .* None = no draft \(default: None\)', text), text
     assert '--draft-k INT with --draft: characters the draft guesses per round (default: 4)' in text, text
-    assert "or ngram[:N]: counts of the next character after N characters of RUN's training text (N=4; no training)" in text, text
+    assert "or ngram[:N]: counts of the next character after N characters of RUN's training text (no N: the N whose guesses the model keeps most often, measured; no training)" in text, text
 
 
 def test_draft_gives_the_same_greedy_text(run_dir, draft_run):
@@ -139,6 +139,7 @@ def test_ngram_draft_gives_the_same_greedy_text(run_dir):
         drafted = craft_sample(*common, '--draft', spec, '--draft-k', k)
         assert drafted.returncode == 0 and drafted.stdout == plain.stdout, drafted.stderr
         assert re.fullmatch(rf'draft: \d+ of \d+ guesses kept \(\d+%\), k={k}', drafted.stderr.strip().splitlines()[-1]), drafted.stderr
+        assert ('n-gram draft of order' in drafted.stderr) == (spec == 'ngram'), drafted.stderr   # no N: measured, and said
     sampled = craft_sample(run_dir, '--prompt', 'KING', '--max-new-tokens', '60', '--seed', '2', '--device', 'cpu', '--draft', 'ngram')
     assert sampled.returncode == 0 and len(sampled.stdout.rstrip('\n')) == 60, sampled.stderr
 
@@ -177,7 +178,8 @@ def test_quantize_auto_keeps_a_bare_checkpoint_float(run_dir, tmp_path):
     "Without its run directory a checkpoint's validation loss cannot be measured: float weights, and the line says why."
     bare = tmp_path / 'bare.safetensors'
     bare.write_bytes((run_dir / 'best.safetensors').read_bytes())
-    r = craft_sample(bare, '--max-new-tokens', '10', '--device', 'cpu', '--dtype', 'float32')
+    fresh = {'CRAFT_CACHE_DIR': str(tmp_path / 'cache')}           # a machine where no copy of it was checked
+    r = craft_sample(bare, '--max-new-tokens', '10', '--device', 'cpu', '--dtype', 'float32', env=fresh)
     assert r.returncode == 0, r.stderr
     profile, speed = r.stderr.strip().splitlines()[-2:]
     assert re.search(r'; float weights: int8 \d+\.\d+x (slower here|faster, but its loss cannot be checked: .*bare checkpoint)', profile), profile

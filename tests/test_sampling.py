@@ -255,7 +255,7 @@ def test_sample_command_bfloat16(run_dir, capsys):
 
 def test_sampler_app(run_dir, trained):
     model, tok = trained
-    app = sampler_app(run_dir, dtype='float32', prompt='KING', max_new_tokens=40, temperature=0.0)
+    app = sampler_app(run_dir, dtype='float32', quantize='none', prompt='KING', max_new_tokens=40, temperature=0.0)
     assert app.generate() == generate(model, tok, 'KING', max_new_tokens=40, temperature=0)[0]
     app.temperature, app.top_k, app.seed = 1.0, 5, 9
     app.generate_button.click(); app.wait(10)
@@ -276,7 +276,7 @@ def test_sampler_app_with_a_draft(run_dir, trained, tmp_path):
     model, tok = trained
     torch.manual_seed(2)
     save_checkpoint(tmp_path / 'draft.safetensors', GPT(GPTConfig.from_preset('tiny', n_layer=1, n_embd=16, vocab_size=tok.vocab_size)), tok)
-    app = sampler_app(run_dir, dtype='float32', draft=tmp_path / 'draft.safetensors', draft_k=5, prompt='KING', max_new_tokens=60, temperature=0.0)
+    app = sampler_app(run_dir, dtype='float32', quantize='none', draft=tmp_path / 'draft.safetensors', draft_k=5, prompt='KING', max_new_tokens=60, temperature=0.0)
     assert (app.use_draft, app.k) == (True, 5) and app.k_slider in app.widget.children[1].children[0].children
     assert app.generate() == generate(model, tok, 'KING', max_new_tokens=60, temperature=0)[0]
     assert isinstance(app.last_stream, SpeculativeStream) and 'characters/s' in app.status.value and 'guesses kept' in app.status.value
