@@ -382,6 +382,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '.', 'git_ur
                                'craft.machine.cached_profiles': ('machine.html#cached_profiles', 'craft/machine.py'),
                                'craft.machine.candidates': ('machine.html#candidates', 'craft/machine.py'),
                                'craft.machine.check_memory': ('machine.html#check_memory', 'craft/machine.py'),
+                               'craft.machine.close_runs': ('machine.html#close_runs', 'craft/machine.py'),
                                'craft.machine.cpu_cores': ('machine.html#cpu_cores', 'craft/machine.py'),
                                'craft.machine.cpu_name': ('machine.html#cpu_name', 'craft/machine.py'),
                                'craft.machine.fixed_threads': ('machine.html#fixed_threads', 'craft/machine.py'),

@@ -332,10 +332,11 @@ def side_by_side(run, draft=None, k:int=2, tokens:int=500, repeats:int=5) -> dic
     model, tokenizer, profile = load_for_sampling(run, 'cpu')
     config = GenerationConfig(max_new_tokens=tokens, temperature=0.8, seed=0)
     with tempfile.TemporaryDirectory() as tmp, threads_of(profile.choice):
-        onnx = OnnxModel(str(export_onnx(load_checkpoint(run, 'cpu')[0].eval(), tokenizer, Path(tmp) / 'model.onnx')),
-                         torch.get_num_threads())
-        ways = {'onnx': lambda: tokens / _seconds(lambda: generate_onnx(onnx, '\n', tokens, temperature=0.8, seed=0)),
-                'craft': lambda: _drained(stream(model, tokenizer, '\n', config))}
+        path = str(export_onnx(load_checkpoint(run, 'cpu')[0].eval(), tokenizer, Path(tmp) / 'model.onnx'))
+        def onnx_turn() -> float:                  # a session per turn: its idle threads spin, and would slow the next turn
+            runtime = OnnxModel(path, torch.get_num_threads())
+            return tokens / _seconds(lambda: generate_onnx(runtime, '\n', tokens, temperature=0.8, seed=0))
+        ways = {'onnx': onnx_turn, 'craft': lambda: _drained(stream(model, tokenizer, '\n', config))}
         if draft is not None: ways['draft'] = lambda: _drained(SpeculativeStream(model, draft, tokenizer, '\n', config, k=k))
         for way in ways.values(): way()                                          # warm-up
         speeds = {name: [] for name in ways}
