@@ -25,7 +25,7 @@ from .training import train
 from typing import Callable
 from .sampling import GenerationConfig, load_for_sampling, run_validation_tokens, stream
 from .machine import threads_of
-from .speculative import NgramDraft, SpeculativeStream
+from .speculative import SpeculativeStream
 from .measure import check_out, results_header, write_results
 
 # %% ../nbs/10_deploy.ipynb #a4954ed2
