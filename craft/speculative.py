@@ -345,7 +345,7 @@ def cut(self:NgramDraft, order:int) -> NgramDraft:
     shorter.log_probs = functools.lru_cache(maxsize=1 << 16)(shorter._log_probs)
     return shorter
 
-def best_ngram(model:GPT, run, config:GenerationConfig, orders=NGRAM_ORDERS, widest:NgramDraft|None=None) -> tuple[NgramDraft, dict]:
+def best_ngram(model:GPT, run, config:GenerationConfig, orders=NGRAM_ORDERS, widest=None) -> tuple:
     ("The n-gram draft of `run`'s training text whose guesses `model` would keep most often at `config`'s settings "
      "(`ngram_acceptance` on the validation text), cut from `widest` (else counted now), and the acceptance by order.")
     widest = widest or run_ngram(run, None)
