@@ -27,7 +27,9 @@ from .errors import CraftError
 from .tokenizer import CharTokenizer
 from .model import GPT
 from .machine import Setting
-from .sampling import load_for_sampling
+from .sampling import GenerationConfig, load_for_sampling
+from .sample import check_draft, count_draft, resolve_draft
+from .speculative import NgramDraft
 from .serving import (Engine, ErrorResponse, GenerateResponse, Job, ModelInfo, StreamChunk, StreamError, completion_model,
                            request_model, run_info, slider_specs)
 
@@ -231,7 +233,9 @@ def server_metrics(engine:Engine) -> SimpleNamespace:
     for name, what, read in [('craft_queue_length', 'requests waiting for rows', lambda: len(engine.waiting)),
                              ('craft_running_requests', 'requests generating', lambda: len(engine.jobs)),
                              ('craft_active_rows', 'rows of the KV cache in use', lambda: engine.n_active),
-                             ('craft_max_slots', 'rows of the KV cache', lambda: engine.max_slots)]:
+                             ('craft_max_slots', 'rows of the KV cache', lambda: engine.max_slots),
+                             ('craft_draft_guesses', 'characters the draft guessed for requests alone', lambda: engine.drafted),
+                             ('craft_draft_guesses_kept', 'those of them the model kept', lambda: engine.accepted)]:
         prom.Gauge(name, what, registry=r).set_function(read)
     return m
 
@@ -437,6 +441,24 @@ def _served_model(run_or_model, tokenizer, device:str, dtype:str, quantize:str|N
     setting = Setting(str(weights.dtype).removeprefix('torch.'), threads)
     return run_or_model, tokenizer, dict(name=None, step=None, train_loss=None, val_loss=None), setting
 
+# %% ../nbs/07a_server.ipynb #fa023a8e
+def _served_engine(run_or_model, tokenizer, device:str, dtype:str, quantize:str|None, threads:int, max_slots:int,
+                   draft=None, draft_k:int=4) -> tuple[Engine, dict]:
+    "The `Engine` serving `run_or_model` (see `_served_model`) with `draft` for a request alone, and the run's info."
+    if isinstance(draft, (str, Path)): check_draft(draft, GenerationConfig(), device, dtype, threads)
+    counted = count_draft(draft, run_or_model)                                # before the model loads
+    model, tokenizer, run, setting = _served_model(run_or_model, tokenizer, device, dtype, quantize, threads)
+    draft = resolve_draft(draft, run_or_model, model, tokenizer, setting, quantize, counted=counted)
+    engine = Engine(model, tokenizer, max_slots, draft=draft, draft_k=draft_k)
+    engine.setting = setting
+    return engine, run
+
+def _draft_label(draft) -> str|None:
+    "What the server says of its draft."
+    if draft is None: return None
+    if isinstance(draft, NgramDraft): return f"ngram:{draft.order}"
+    return f"a model of {draft.num_params():,} parameters"
+
 # %% ../nbs/07a_server.ipynb #f80180aa
 def _add_generate(app:FastAPI, GenerateRequest:type[BaseModel]):
     "POST /v1/generate on `app`."
@@ -469,7 +491,8 @@ def _model_info(app:FastAPI) -> dict:
                 dtype=str(model.tok_emb.weight.dtype).removeprefix('torch.'), max_slots=engine.max_slots, limits=app.state.limits,
                 requests_served=sum(engine.finished.values()), requests_by_finish_reason=dict(engine.finished),
                 requests_running=len(engine.jobs), requests_waiting=len(engine.waiting), rows_in_use=engine.n_active,
-                steps=engine.n_steps, uptime_s=round(time.perf_counter() - app.state.started, 3))
+                steps=engine.n_steps, uptime_s=round(time.perf_counter() - app.state.started, 3),
+                draft=_draft_label(engine.draft), draft_guesses=engine.drafted, draft_guesses_kept=engine.accepted)
 
 def _add_info_routes(app:FastAPI):
     "GET /health, GET /v1/model and GET /v1/settings."
@@ -527,15 +550,15 @@ def _add_playground(app:FastAPI):
 def create_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto',
                max_slots:int=64, max_prompt_chars:int=4096, max_new_tokens_cap:int=4096, max_body_bytes:int=65536,
                quantize:str|None=None, threads:int=0, max_queue:int=128, timeout_request:float=600.0, timeout_body:float=10.0,
-               api_key:str|None=None) -> FastAPI:
+               api_key:str|None=None, draft=None, draft_k:int=4) -> FastAPI:
     ("A FastAPI app serving a run directory or checkpoint (loaded on `device`, dtype and threads from the machine "
-     "profile, `quantize`d on request), or a model and its tokenizer, with continuous batching.")
+     "profile, `quantize`d on request), or a model and its tokenizer, with continuous batching; `draft` (a run, a "
+     "checkpoint, `ngram[:N]`, a `GPT` or an `NgramDraft`) guesses `draft_k` characters per round for a request alone.")
     limits = dict(max_slots=max_slots, max_prompt_chars=max_prompt_chars, max_new_tokens_cap=max_new_tokens_cap,
                   max_body_bytes=max_body_bytes)
     _check_limits(limits, dict(timeout_request=timeout_request, timeout_body=timeout_body), max_queue, api_key)
-    model, tokenizer, run, setting = _served_model(run_or_model, tokenizer, device, dtype, quantize, threads)
-    engine = Engine(model, tokenizer, max_slots)
-    engine.setting = setting
+    engine, run = _served_engine(run_or_model, tokenizer, device, dtype, quantize, threads, max_slots, draft, draft_k)
+    tokenizer = engine.tokenizer
     app = FastAPIOffline(title='craft', summary='A character-level GPT, served with continuous batching', lifespan=_lifespan(engine),
                          description="POST /v1/generate to generate text; GET /v1/model for the model, its vocabulary and limits. "
                                      "A playground for people is at /.")
@@ -607,6 +630,8 @@ def serve_command(run:str,                        # run directory or .safetensor
                   limit_concurrency:int=1024,     # connections at once; past that, uvicorn answers 503
                   api_key:str|None=None,          # require `Authorization: Bearer KEY` (default $CRAFT_API_KEY); needed for a --host others reach
                   log_level:str='info',           # uvicorn's log level: critical, error, warning, info or debug
+                  draft:str|None=None,            # for a request alone: a small model's run or checkpoint trained on the same corpus, or ngram[:N] (as craft sample --draft); None = no draft
+                  draft_k:int=4,                  # with --draft: characters the draft guesses per round
                  ):
     "Serve a model over HTTP on `host:port` until interrupted: a playground at /, POST /v1/generate, the OpenAI API, /metrics, /docs."
     if not (isinstance(port, int) and 0 <= port < 65536): raise CraftError(f"port={port!r} must be an integer from 0 to 65535")
@@ -616,9 +641,12 @@ def serve_command(run:str,                        # run directory or .safetensor
     _check_limits(dict(limit_concurrency=limit_concurrency), dict(timeout_headers=timeout_headers, timeout_keep_alive=timeout_keep_alive))
     app = create_app(run, device=device, dtype=dtype, max_slots=max_slots, max_prompt_chars=max_prompt_chars,
                      max_new_tokens_cap=max_new_tokens_cap, max_body_bytes=max_body_bytes, quantize=quantize,
-                     threads=threads, max_queue=max_queue, timeout_request=timeout_request, timeout_body=timeout_body, api_key=api_key)
+                     threads=threads, max_queue=max_queue, timeout_request=timeout_request, timeout_body=timeout_body, api_key=api_key,
+                     draft=draft, draft_k=draft_k)
     sock, engine = _listen(host, port), app.state.engine
     port = sock.getsockname()[1]
     print(f"craft serve: http://{host}:{port} (the playground; API docs at /docs), {engine.device}, {engine.setting}, "
-          f"{max_slots} slots, a queue of {max_queue}{', API key required' if api_key else ''}", file=sys.stderr, flush=True)
+          f"{max_slots} slots, a queue of {max_queue}{', API key required' if api_key else ''}"
+          f"{f', draft {_draft_label(engine.draft)} (k={draft_k}) for a request alone' if engine.draft is not None else ''}",
+          file=sys.stderr, flush=True)
     _Server(_uvicorn_config(app, log_level, timeout_keep_alive, timeout_headers, limit_concurrency), engine).run(sockets=[sock])

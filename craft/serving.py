@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['Integer', 'MAX_ALTERNATIVES', 'MAX_SAFE_SEED', 'Seed', 'prefill_rows', 'Job', 'engine_memory', 'memory_available',
-           'Engine', 'control_field', 'request_model', 'StreamOptions', 'completion_model', 'slider_specs', 'Timing',
-           'TokenProb', 'TokenProbs', 'GenerateResponse', 'ErrorResponse', 'StreamChunk', 'StreamError', 'RunInfo',
-           'ModelInfo', 'run_info']
+           'Engine', 'Solo', 'control_field', 'request_model', 'StreamOptions', 'completion_model', 'slider_specs',
+           'Timing', 'TokenProb', 'TokenProbs', 'GenerateResponse', 'ErrorResponse', 'StreamChunk', 'StreamError',
+           'RunInfo', 'ModelInfo', 'run_info']
 
 # %% ../nbs/07_serving.ipynb #8e04d12f
-import math, os, secrets, threading, time, traceback
+import copy, math, os, secrets, threading, time, traceback
 from collections import Counter, deque
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,7 +26,8 @@ from .model import GPT, GPTConfig
 from .rundir import checkpoint_file, read_checkpoint_header, read_metrics
 from .machine import Setting, threads_of
 from .sampling import (CONTROLS, SAMPLING_CONTROLS, SAMPLING_FIELDS, Control, GenerationConfig, RowText, presence_mask,
-                            next_tokens, sampling_settings, decode_step, tokens_kept)
+                            next_tokens, reads_context, sampling_settings, decode_step, tokens_kept)
+from .speculative import Window, check_draft_vocab, draft_guesses, judge, lean_pass
 
 # %% ../nbs/07_serving.ipynb #b76dcb68
 @torch.inference_mode()
@@ -130,14 +131,22 @@ def _check_memory(model:GPT, max_slots:int):
     raise CraftError(f"max_slots={max_slots:,} needs {_gb(need)} for the KV cache, more than the {_gb(free)} of memory free on "
                      f"{weight.device} (of {_gb(total or free)}); lower --max-slots (about {fit:,} would fit)")
 
+# %% ../nbs/07_serving.ipynb #1f0a60e7
+def _check_draft(model:GPT, draft, k:int):
+    "Refuse a draft for `model` with another vocabulary, or a draft length `k` that no pass can hold."
+    check_draft_vocab(model, draft)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < model.config.block_size:
+        raise CraftError(f"draft_k={k!r} must be a whole number from 1 to {model.config.block_size - 1} (the block size less 1)")
+
 # %% ../nbs/07_serving.ipynb #e40896db
 class Engine:
     "Continuous batching over one model: requests join and leave a running batch at token boundaries, each in its own rows of a shared KV cache."
-    def __init__(self, model:GPT, tokenizer:CharTokenizer, max_slots:int=64, record:bool=False):
+    def __init__(self, model:GPT, tokenizer:CharTokenizer, max_slots:int=64, record:bool=False, draft=None, draft_k:int=4):
         if tokenizer.vocab_size != model.config.vocab_size:
             raise CraftError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}; use the tokenizer saved with the model")
         if not (isinstance(max_slots, int) and max_slots >= 1): raise CraftError(f"max_slots={max_slots!r} must be a positive integer")
         _check_memory(model, max_slots)
+        if draft is not None: _check_draft(model, draft, draft_k)
         self.model, self.tokenizer, self.max_slots = model.eval(), tokenizer, max_slots
         self.device = device = model.tok_emb.weight.device
         S, T, V = max_slots, model.config.block_size, model.config.vocab_size
@@ -155,6 +164,8 @@ class Engine:
         self.listener = None                         # called from the engine's thread with each step's news
         self._thread, self._stopping, self.closing = None, False, False
         self.setting = Setting()                     # dtype, and the engine thread's CPU threads (0: as they are)
+        self.draft, self.draft_k, self.solo = draft, draft_k, None   # a draft for a request alone (see below), its state
+        self.drafted = self.accepted = 0             # the draft's guesses, and those the model kept
 
 # %% ../nbs/07_serving.ipynb #69e0494a
 @patch(as_prop=True)
@@ -352,13 +363,72 @@ def step(self:Engine) -> int:
     fresh = self._admit()
     n = self.n_active
     if n == 0: self._publish(news); return 0
-    parts = [self._decode(n_old)] if n_old else []
-    logits = torch.cat(parts + [l.to(parts[0].dtype if parts else l.dtype) for _, l in fresh])   # (n, V)
     if self.trace is not None: self.trace += [(self.n_steps, r, job.id) for r, (job, _) in enumerate(self.row_owner)]
-    if done := self._release(self._sample(logits), news): self._retire(done, news)
+    done = self._solo_round(self.jobs[0], news) if self.draft is not None and n_old == n == 1 else None   # alone: a draft
+    if done is None:
+        parts = [self._decode(n_old)] if n_old else []
+        logits = torch.cat(parts + [l.to(parts[0].dtype if parts else l.dtype) for _, l in fresh])   # (n, V)
+        done = self._release(self._sample(logits), news)
+    if done: self._retire(done, news)
     self.n_steps += 1
     self._publish(news)
     return n
+
+# %% ../nbs/07_serving.ipynb #8c1a31aa
+def _row_view(cache:KVCache) -> KVCache:
+    "Row 0 of `cache` as a cache of batch 1, sharing its memory."
+    view = copy.copy(cache)
+    view.k, view.v = cache.k[:1], cache.v[:1]                     # (1, H, T, D) views of (S, H, T, D)
+    return view
+
+class Solo:
+    ("What a speculative round needs for `job`, alone in row 0 of `engine`: its ids (the cache's window, then "
+     "the character to feed next, then what comes), the draft (a `Window` over them, or the `NgramDraft`), the lean pass.")
+    def __init__(self, engine, job:Job):
+        self.job, self.L, self.made = job, job.pos + 1, job.n_steps       # ids known; characters made when built
+        room = self.L + job.config.max_new_tokens - job.n_steps + engine.draft_k + 1
+        self.ids = torch.zeros(room, dtype=torch.long, device=engine.device)
+        self.ids[:self.L] = torch.cat([engine.tokens[0, :job.pos], engine.last[:1]])   # (pos+1,)
+        draft = engine.draft
+        self.draft = Window(draft, self.L, job.config.window_keep) if isinstance(draft, GPT) else draft
+        self.feed = lean_pass(engine.model, [_row_view(c) for c in engine.caches])
+
+# %% ../nbs/07_serving.ipynb #9d04234a
+@patch
+def _release_chars(self:Engine, job:Job, new:list[int], news:list) -> list[Job]:
+    "Add a lone job's new characters `new` to its text, up to its length or a stop string; returns `[job]` when it is done."
+    row, text, now = job.row_texts[0], '', time.perf_counter()
+    for ch in self.tokenizer.decode(np.array(new)):
+        text += row.add(ch)
+        job.n_steps += 1
+        if row.stopped or job.n_steps >= job.config.max_new_tokens: break
+    if job.first_token is None: job.first_token = now
+    if text and job.stream: news.append((job, [(0, text)], False))
+    return [job] if row.stopped or job.n_steps >= job.config.max_new_tokens else []
+
+# %% ../nbs/07_serving.ipynb #67f867f4
+@patch
+def _solo_round(self:Engine, job:Job, news:list) -> list[Job]|None:
+    "A speculative round for `job`, alone in row 0: the jobs done, as `_release` says; None where a plain step must run."
+    c, pos = job.config, job.pos
+    k = min(self.draft_k, self.model.config.block_size - pos - 1, c.max_new_tokens - job.n_steps - 1)  # in the window
+    if isinstance(self.draft, GPT): k = min(k, tokens_kept(c.window_keep, self.draft.config.block_size))
+    if k < 1 or job.top_probs: return None
+    if self.solo is None or self.solo.job is not job or self.solo.made != job.n_steps: self.solo = Solo(self, job)
+    s, settings, gen = self.solo, sampling_settings(c), job.generator
+    seen = self.seen[:1] if reads_context(c) else None
+    guesses, q = draft_guesses(s.draft, s.ids, s.L, k, gen, seen, settings, self.model.config.vocab_size)  # (k,), (k, V)
+    fed = torch.cat([self.last[:1], guesses])                                 # (k+1,): the next to feed, the guesses
+    n, nxt = judge(s.feed(fed, pos), guesses, q, settings, seen, gen)
+    s.draft.rewind(s.L + n)
+    self.tokens[0, pos:pos + n + 1] = fed[:n + 1]                             # what the cache holds up to pos+n
+    job.pos, self.last[0], s.ids[s.L + n] = pos + n + 1, nxt, nxt
+    new, s.L = guesses[:n].tolist() + [nxt], s.L + n + 1
+    self.seen[0, new] = True
+    self.drafted, self.accepted = self.drafted + k, self.accepted + n
+    done = self._release_chars(job, new, news)
+    s.made = job.n_steps
+    return done
 
 # %% ../nbs/07_serving.ipynb #bbfe32a7
 @patch
@@ -640,6 +710,9 @@ class ModelInfo(BaseModel):
     requests_waiting: int
     rows_in_use: int
     steps: int = Field(description="decode steps run since the server started")
+    draft: str|None = Field(None, description="the draft that guesses for a request alone (ngram:N, or a model); null: none")
+    draft_guesses: int = Field(0, description="characters the draft guessed since the server started")
+    draft_guesses_kept: int = Field(0, description="those of them the model kept")
     uptime_s: float
 
 # %% ../nbs/07_serving.ipynb #1b5a51da

@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['MAX_NGRAM_TOKENS', 'NGRAM_ORDERS', 'NANOGPT_SHAPE', 'verify', 'expected_speedup', 'lean_pass', 'pass_costs',
-           'faster_costs', 'Window', 'token_probs', 'seen_rows', 'SpeculativeStream', 'NgramDraft', 'run_ngram',
-           'ngram_acceptance', 'best_ngram', 'speculative_results', 'nanogpt_results']
+           'faster_costs', 'Window', 'token_probs', 'seen_rows', 'check_draft_vocab', 'SpeculativeStream',
+           'draft_guesses', 'judge', 'NgramDraft', 'run_ngram', 'ngram_acceptance', 'best_ngram', 'speculative_results',
+           'nanogpt_results']
 
 # %% ../nbs/05b_speculative.ipynb #999751e0
 import copy, functools, math, statistics, tempfile, threading, time
@@ -155,6 +156,14 @@ def seen_rows(seen:torch.Tensor|None, guesses:torch.Tensor, n:int) -> torch.Tens
     added = torch.nn.functional.one_hot(guesses[:n - 1], seen.size(-1)).cumsum(0) > 0   # (n-1, V)
     return torch.cat([seen, seen | added])                                             # (n, V)
 
+# %% ../nbs/05b_speculative.ipynb #3ecaaaa7
+def check_draft_vocab(model:GPT, draft):
+    "Refuse a draft (a `GPT` or an `NgramDraft`) whose vocabulary is not `model`'s."
+    vocab = draft.config.vocab_size if isinstance(draft, GPT) else draft.vocab_size
+    if vocab != model.config.vocab_size:
+        raise CraftError(f"the draft has {vocab} tokens but the model has {model.config.vocab_size}: "
+                         "train the draft on the same corpus (the same characters)")
+
 # %% ../nbs/05b_speculative.ipynb #335e13e4
 class SpeculativeStream(TextStream):
     ("A `TextStream` of one sample that drafts `k` characters per round with `draft` (a small `GPT`, or any object with "
@@ -166,10 +175,7 @@ class SpeculativeStream(TextStream):
         if self.config.num_samples != 1:
             raise CraftError(f"speculative decoding makes one sample at a time, not num_samples={self.config.num_samples}; "
                              "run it once per sample, or sample without a draft")
-        vocab = draft.config.vocab_size if isinstance(draft, GPT) else draft.vocab_size
-        if vocab != model.config.vocab_size:
-            raise CraftError(f"the draft has {vocab} tokens but the model has {model.config.vocab_size}: "
-                             "train the draft on the same corpus (the same characters)")
+        check_draft_vocab(model, draft)
         self.nets = [model] + ([draft] if isinstance(draft, GPT) else [])     # the networks: their windows slide
         keep = min(tokens_kept(self.config.window_keep, m.config.block_size) for m in self.nets)
         if not isinstance(k, int) or not 1 <= k <= keep:
@@ -178,28 +184,34 @@ class SpeculativeStream(TextStream):
         self.drafted = self.accepted = self.rounds = 0
 
 # %% ../nbs/05b_speculative.ipynb #26ea8869
-@patch
-def _guess(self:SpeculativeStream, ids, L:int, k:int, draft, gen, seen, settings):
-    "`k` guesses after `ids[:L]` from the `draft` (a `Window`, or an `NgramDraft`), `(k,)`, and their distributions `(k, V)`."
+def draft_guesses(draft, ids:torch.Tensor, L:int, k:int, gen, seen, settings:dict, vocab_size:int) -> tuple:
+    ("`k` guesses after `ids[:L]` (written into `ids`) from `draft` (a `Window`, or an `NgramDraft`), `(k,)`, and the "
+     "distributions they were drawn from, `(k, V)`.")
     guesses, qs = torch.zeros(k, dtype=torch.long, device=ids.device), []
     for j in range(k):
         logits = draft.feed(ids, L + j)[-1:]                                         # (1, V)
         q = token_probs(logits, settings, None if seen is None else seen_rows(seen, guesses, j + 1)[-1:])
         guesses[j] = ids[L + j] = torch.multinomial(q, 1, generator=gen)[0, 0]
         qs.append(q)
-    return guesses, torch.cat(qs) if qs else torch.zeros(0, self.model.config.vocab_size, device=ids.device)
+    return guesses, torch.cat(qs) if qs else torch.zeros(0, vocab_size, device=ids.device)
 
+def judge(logits:torch.Tensor, guesses:torch.Tensor, q:torch.Tensor, settings:dict, seen, gen) -> tuple[int, int]:
+    ("The target's verdict on `guesses` `(k,)` drawn from `q` `(k, V)`, from its logits `(k+1, V)` at them: how many "
+     "it keeps, and the character that follows those.")
+    p = token_probs(logits, settings, seen_rows(seen, guesses, len(guesses) + 1))      # (k+1, V)
+    n, nxt = verify(p[None], q[None], guesses[None], gen)
+    return int(n), int(nxt)
+
+# %% ../nbs/05b_speculative.ipynb #3aa15281
 @patch
 def _round(self:SpeculativeStream, ids, L:int, target:Window, draft:Window, gen, seen, settings) -> list[int]:
     "One round after `ids[:L]`: guess, verify in one target pass, rewind both windows; the new characters."
     k = min(self.k, target.slide_after(L - 1) - L)                       # no guess among a slide of the target
-    guesses, q = self._guess(ids, L, k, draft, gen, seen, settings)     # (k,), (k, V)
-    p = token_probs(target.feed(ids, L + k)[-(k + 1):], settings, seen_rows(seen, guesses, k + 1))  # (k+1, V)
-    n, nxt = verify(p[None], q[None], guesses[None], gen)
-    n = int(n)
+    guesses, q = draft_guesses(draft, ids, L, k, gen, seen, settings, self.model.config.vocab_size)   # (k,), (k, V)
+    n, nxt = judge(target.feed(ids, L + k)[-(k + 1):], guesses, q, settings, seen, gen)
     target.rewind(L + n); draft.rewind(L + n)
     self.drafted, self.accepted, self.rounds = self.drafted + k, self.accepted + n, self.rounds + 1
-    return guesses[:n].tolist() + [int(nxt)]
+    return guesses[:n].tolist() + [nxt]
 
 # %% ../nbs/05b_speculative.ipynb #5c936680
 @patch

@@ -17,8 +17,8 @@ from .model import GPT
 from .machine import Setting, threads_of
 from .sampling import (CONTROLS, Control, GenerationConfig, TextStream, decoding_profile, load_for_sampling,
                             next_token_probs, presence_mask, sampling_settings, shown_char, tokens_kept)
-from .speculative import NgramDraft, SpeculativeStream, best_ngram, run_ngram
-from .sample import load_draft, ngram_order
+from .speculative import NgramDraft, SpeculativeStream
+from .sample import resolve_draft
 
 # %% ../nbs/05d_widget.ipynb #4fa73c85
 @torch.inference_mode()
@@ -254,11 +254,8 @@ def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, de
         model = run_or_model                 # in its own dtype; the threads are measured
         profile = decoding_profile(model, 1, str(model.tok_emb.weight.dtype).removeprefix('torch.'), threads)
     else: model, tokenizer, profile = load_for_sampling(run_or_model, device, dtype, threads, quantize=quantize)
-    if (order := ngram_order(draft)) is not None:
-        if isinstance(run_or_model, GPT): raise CraftError(f"draft={draft!r} is counted from a run's text: pass the run directory")
-        draft = run_ngram(run_or_model, order) if order != 'best' else best_ngram(     # at the opening temperature
-            model, run_or_model, GenerationConfig(temperature=defaults.get('temperature', GenerationConfig.temperature)))[0]
-    elif isinstance(draft, (str, Path)): draft = load_draft(draft, model, tokenizer, profile.choice, quantize)   # as the model
+    opening = GenerationConfig(temperature=defaults.get('temperature', GenerationConfig.temperature))
+    draft = resolve_draft(draft, run_or_model, model, tokenizer, profile.choice, quantize, opening)
     app = SamplerApp(model, tokenizer, draft=draft, draft_k=draft_k, **defaults)
     app.profile = profile
     return app

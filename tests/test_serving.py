@@ -323,3 +323,33 @@ def test_shutdown_with_requests_in_flight(served_run, sig):
         assert results[i][0] == 'error' and 'shutting down' in results[i][1]['error'], results[i]
     assert code == (130 if sig == signal.SIGINT else -signal.SIGTERM), (code, s.log)
     assert 'Traceback' not in s.log and 'CancelledError' not in s.log and 'ERROR' not in s.log, s.log
+
+
+def test_cli_serve_with_draft(served_run, model, tmp_path):
+    "`craft serve RUN --draft RUN` (the model as its own draft): a request alone gets speculative rounds (greedy: `craft sample`'s text), several at once batched steps; a bad draft is one line."
+    s = Server([sys.executable, '-m', 'craft.cli', 'serve', str(served_run), '--port', '0', '--device', 'cpu', '--dtype', 'float32',
+                '--draft', str(served_run), '--draft-k', '3'])
+    try:
+        assert re.search(r'draft a model of [\d,]+ parameters \(k=3\) for a request alone', s.log), s.log
+        greedy = dict(prompt='KING', max_new_tokens=80, temperature=0)
+        expected = generate(*model, 'KING', max_new_tokens=80, temperature=0)
+        assert post(s, **greedy).json()['texts'] == expected
+        info = health(s)
+        assert info['draft'].startswith('a model of') and 0 < info['draft_guesses_kept'] <= info['draft_guesses'], info
+        answers = asyncio.run(_together(s.url, [greedy] * 4))                        # together: batched steps, then alone
+        assert [a['texts'] for a in answers] == [expected] * 4
+        sampled = post(s, prompt='KING', max_new_tokens=60, seed=1, stop=['I']).json()
+        assert sampled['finish_reason'] in ('stop', 'length') and 'I' not in sampled['texts'][0], sampled
+        assert sampled['finish_reason'] == 'stop' or sampled['generated_tokens'] == 60, sampled
+    finally: s.stop()
+    assert 'Traceback' not in s.log, s.log
+    for draft, message in (('ngram:x', 'ngram:N'), (str(tmp_path / 'nowhere'), 'draft: ')):
+        bad = subprocess.run([sys.executable, '-m', 'craft.cli', 'serve', str(served_run), '--port', '0', '--draft', draft],
+                             capture_output=True, text=True, timeout=60, env=ENV)
+        assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and message in bad.stderr, bad.stderr
+
+
+async def _together(url:str, bodies:list[dict]) -> list[dict]:
+    "POST every body at once; their JSON answers."
+    async with httpx.AsyncClient(timeout=60) as client:
+        return [r.json() for r in await asyncio.gather(*(client.post(f'{url}/v1/generate', json=b) for b in bodies))]
