@@ -15,7 +15,7 @@ from .model import GPT, GPTConfig
 from .machine import DTYPE_BYTES, Profile, Setting, candidates, check_memory, pick_device, sampling_memory, threads_of
 from .rundir import read_checkpoint_header
 from .sampling import CONTROLS, GenerationConfig, TextStream, load_for_sampling, with_settings
-from .speculative import NgramDraft, SpeculativeStream, best_ngram, run_ngram
+from .speculative import DRAFT_K, NgramDraft, SpeculativeStream, best_ngram, run_ngram
 from .int8 import has_int8
 
 # %% ../nbs/05c_sample.ipynb #e71ebce4
@@ -125,7 +125,7 @@ def resolve_draft(draft, run, model:GPT, tokenizer:CharTokenizer, setting:Settin
 
 # %% ../nbs/05c_sample.ipynb #3dc6c8cf
 def _sample(run, config:GenerationConfig, prompt:str, prompt_file:str|None, device:str, dtype:str, threads:int,
-            quantize:str|None, on_unknown:str, echo:bool, draft=None, draft_k:int=4) -> list[str]:
+            quantize:str|None, on_unknown:str, echo:bool, draft=None, draft_k:int=DRAFT_K) -> list[str]:
     "`sample_command`, its generation settings gathered in `config`."
     if on_unknown not in ('error', 'drop', 'unk'):
         raise CraftError(f"unknown on_unknown={on_unknown!r}; use error or drop")
@@ -158,7 +158,7 @@ def sample_command(
     on_unknown:str='error',           # prompt characters outside the vocabulary: error or drop
     echo:bool=False,                  # print the prompt before each sample
     draft:str|None=None,              # a small model's run directory or .safetensors checkpoint, trained on the same corpus, or ngram[:N]: counts of the next character after N characters of RUN's training text (no N: the N whose guesses the model keeps most often, measured; no training); it drafts, the model verifies (same text, faster); None = no draft
-    draft_k:int=4,                    # with --draft: characters the draft guesses per round
+    draft_k:int=DRAFT_K,              # with --draft: characters the draft guesses per round
     **settings,                       # generation settings: the rows of `CONTROLS` (the CLI's flags come from the table)
 ) -> list[str]:
     "Stream generated text to stdout (sample 1 as it comes, then the others), the speed to stderr; returns the samples. With `draft`, speculative decoding."

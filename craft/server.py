@@ -29,7 +29,7 @@ from .model import GPT
 from .machine import Setting
 from .sampling import GenerationConfig, load_for_sampling
 from .sample import check_draft, count_draft, resolve_draft
-from .speculative import NgramDraft
+from .speculative import DRAFT_K, NgramDraft
 from .serving import (Engine, ErrorResponse, GenerateResponse, Job, ModelInfo, StreamChunk, StreamError, completion_model,
                            request_model, run_info, slider_specs)
 
@@ -443,7 +443,7 @@ def _served_model(run_or_model, tokenizer, device:str, dtype:str, quantize:str|N
 
 # %% ../nbs/07a_server.ipynb #fa023a8e
 def _served_engine(run_or_model, tokenizer, device:str, dtype:str, quantize:str|None, threads:int, max_slots:int,
-                   draft=None, draft_k:int=4) -> tuple[Engine, dict]:
+                   draft=None, draft_k:int=DRAFT_K) -> tuple[Engine, dict]:
     "The `Engine` serving `run_or_model` (see `_served_model`) with `draft` for a request alone, and the run's info."
     if isinstance(draft, (str, Path)): check_draft(draft, GenerationConfig(), device, dtype, threads)
     counted = count_draft(draft, run_or_model)                                # before the model loads
@@ -550,7 +550,7 @@ def _add_playground(app:FastAPI):
 def create_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto',
                max_slots:int=64, max_prompt_chars:int=4096, max_new_tokens_cap:int=4096, max_body_bytes:int=65536,
                quantize:str|None=None, threads:int=0, max_queue:int=128, timeout_request:float=600.0, timeout_body:float=10.0,
-               api_key:str|None=None, draft=None, draft_k:int=4) -> FastAPI:
+               api_key:str|None=None, draft=None, draft_k:int=DRAFT_K) -> FastAPI:
     ("A FastAPI app serving a run directory or checkpoint (loaded on `device`, dtype and threads from the machine "
      "profile, `quantize`d on request), or a model and its tokenizer, with continuous batching; `draft` (a run, a "
      "checkpoint, `ngram[:N]`, a `GPT` or an `NgramDraft`) guesses `draft_k` characters per round for a request alone.")
@@ -631,7 +631,7 @@ def serve_command(run:str,                        # run directory or .safetensor
                   api_key:str|None=None,          # require `Authorization: Bearer KEY` (default $CRAFT_API_KEY); needed for a --host others reach
                   log_level:str='info',           # uvicorn's log level: critical, error, warning, info or debug
                   draft:str|None=None,            # for a request alone: a small model's run or checkpoint trained on the same corpus, or ngram[:N] (as craft sample --draft); None = no draft
-                  draft_k:int=4,                  # with --draft: characters the draft guesses per round
+                  draft_k:int=DRAFT_K,            # with --draft: characters the draft guesses per round
                  ):
     "Serve a model over HTTP on `host:port` until interrupted: a playground at /, POST /v1/generate, the OpenAI API, /metrics, /docs."
     if not (isinstance(port, int) and 0 <= port < 65536): raise CraftError(f"port={port!r} must be an integer from 0 to 65535")

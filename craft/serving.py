@@ -26,8 +26,8 @@ from .model import GPT, GPTConfig
 from .rundir import checkpoint_file, read_checkpoint_header, read_metrics
 from .machine import Setting, threads_of
 from .sampling import (CONTROLS, SAMPLING_CONTROLS, SAMPLING_FIELDS, Control, GenerationConfig, RowText, presence_mask,
-                            next_tokens, reads_context, sampling_settings, decode_step, tokens_kept)
-from .speculative import Window, check_draft_vocab, draft_guesses, judge, lean_pass
+                            next_tokens, reads_context, sampling_settings, decode_step, lean_decoder, tokens_kept)
+from .speculative import DRAFT_K, Window, check_draft_vocab, draft_guesses, judge, lean_pass
 
 # %% ../nbs/07_serving.ipynb #b76dcb68
 @torch.inference_mode()
@@ -141,7 +141,7 @@ def _check_draft(model:GPT, draft, k:int):
 # %% ../nbs/07_serving.ipynb #e40896db
 class Engine:
     "Continuous batching over one model: requests join and leave a running batch at token boundaries, each in its own rows of a shared KV cache."
-    def __init__(self, model:GPT, tokenizer:CharTokenizer, max_slots:int=64, record:bool=False, draft=None, draft_k:int=4):
+    def __init__(self, model:GPT, tokenizer:CharTokenizer, max_slots:int=64, record:bool=False, draft=None, draft_k:int=DRAFT_K):
         if tokenizer.vocab_size != model.config.vocab_size:
             raise CraftError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}; use the tokenizer saved with the model")
         if not (isinstance(max_slots, int) and max_slots >= 1): raise CraftError(f"max_slots={max_slots!r} must be a positive integer")
@@ -165,6 +165,7 @@ class Engine:
         self._thread, self._stopping, self.closing = None, False, False
         self.setting = Setting()                     # dtype, and the engine thread's CPU threads (0: as they are)
         self.draft, self.draft_k, self.solo = draft, draft_k, None   # a draft for a request alone (see below), its state
+        self.lean = None                             # the lean step on row 0, for a request alone
         self.drafted = self.accepted = 0             # the draft's guesses, and those the model kept
 
 # %% ../nbs/07_serving.ipynb #69e0494a
@@ -259,6 +260,19 @@ def _slide(self:Engine, owners:list, full:np.ndarray, logits:torch.Tensor) -> to
         for r in rows: owners[r][0].pos = keep
     return logits
 
+# %% ../nbs/07_serving.ipynb #3ffca6e2
+def _row_view(cache:KVCache) -> KVCache:
+    "Row 0 of `cache` as a cache of batch 1, sharing its memory."
+    view = copy.copy(cache)
+    view.k, view.v = cache.k[:1], cache.v[:1]                     # (1, H, T, D) views of (S, H, T, D)
+    return view
+
+@patch
+def _alone_step(self:Engine, token:torch.Tensor, pos:int) -> torch.Tensor:
+    "Next-token logits `(1, V)` of row 0 alone, fed `token` `(1,)` at `pos`: `craft sample`'s lean step on that row."
+    if self.lean is None: self.lean = lean_decoder(self.model, [_row_view(c) for c in self.caches])
+    return self.lean(token, pos)
+
 # %% ../nbs/07_serving.ipynb #64399439
 @patch
 def _decode(self:Engine, n:int) -> torch.Tensor:
@@ -272,6 +286,7 @@ def _decode(self:Engine, n:int) -> torch.Tensor:
     fed = self.last[:n]                                                    # (n,)
     self.tokens[rows, start] = fed
     if full.all(): logits = torch.empty(n, self.model.config.vocab_size, device=self.device)
+    elif n == 1: logits = self._alone_step(fed, int(start[0]))              # (1, V): alone, the lean step
     else: logits = decode_step(self.model, self.caches, fed, start)        # (n, V): sampling's decode step, per-row positions
     for job in {job for job, _ in owners}:
         if job.pos < T: job.pos += 1
@@ -375,12 +390,6 @@ def step(self:Engine) -> int:
     return n
 
 # %% ../nbs/07_serving.ipynb #8c1a31aa
-def _row_view(cache:KVCache) -> KVCache:
-    "Row 0 of `cache` as a cache of batch 1, sharing its memory."
-    view = copy.copy(cache)
-    view.k, view.v = cache.k[:1], cache.v[:1]                     # (1, H, T, D) views of (S, H, T, D)
-    return view
-
 class Solo:
     ("What a speculative round needs for `job`, alone in row 0 of `engine`: its ids (the cache's window, then "
      "the character to feed next, then what comes), the draft (a `Window` over them, or the `NgramDraft`), the lean pass.")

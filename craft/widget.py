@@ -17,7 +17,7 @@ from .model import GPT
 from .machine import Setting, threads_of
 from .sampling import (CONTROLS, Control, GenerationConfig, TextStream, decoding_profile, load_for_sampling,
                             next_token_probs, presence_mask, sampling_settings, shown_char, tokens_kept)
-from .speculative import NgramDraft, SpeculativeStream
+from .speculative import DRAFT_K, NgramDraft, SpeculativeStream
 from .sample import resolve_draft
 
 # %% ../nbs/05d_widget.ipynb #4fa73c85
@@ -61,7 +61,7 @@ def _slider(c:Control, value, vocab_size:int):
 class SamplerApp:
     ("An ipywidgets app: a prompt, one slider per sampling control of `CONTROLS` that has one, Generate "
      "and Stop, the streamed text, and what the model sees next; with a `draft`, speculative decoding on a checkbox.")
-    def __init__(self, model:GPT, tokenizer:CharTokenizer, prompt:str='\n', draft:GPT|NgramDraft|None=None, draft_k:int=4, **settings):
+    def __init__(self, model:GPT, tokenizer:CharTokenizer, prompt:str='\n', draft:GPT|NgramDraft|None=None, draft_k:int=DRAFT_K, **settings):
         import ipywidgets as W
         config = GenerationConfig(**settings)                        # checks them; the sliders start at its values
         self.model, self.tokenizer = model, tokenizer
@@ -242,7 +242,7 @@ SamplerApp.k = property(lambda self: self.k_slider.value, lambda self, v: setatt
 
 # %% ../nbs/05d_widget.ipynb #5dde6bed
 def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, device:str='auto', dtype:str='auto',
-                threads:int=0, quantize:str|None='auto', draft:str|Path|GPT|NgramDraft|None=None, draft_k:int=4, **defaults) -> SamplerApp:
+                threads:int=0, quantize:str|None='auto', draft:str|Path|GPT|NgramDraft|None=None, draft_k:int=DRAFT_K, **defaults) -> SamplerApp:
     ("A `SamplerApp` over a run directory or checkpoint (loaded on `device`, dtype and threads from the machine "
      "profile; int8 weights by `quantize`: auto, as `craft sample` chooses, int8 or none), or over a model and its tokenizer; `draft` (a run, a checkpoint, a model, or "
      "'ngram[:N]': counts of the run's training text, N measured without it) adds speculative decoding.")

@@ -85,7 +85,7 @@ def test_help_shows_the_draft_flags():
     assert r.returncode == 0
     text = ' '.join(r.stdout.split())
     assert re.search(r'--draft TEXT a small model.s run directory .* None = no draft \(default: None\)', text), text
-    assert '--draft-k INT with --draft: characters the draft guesses per round (default: 4)' in text, text
+    assert '--draft-k INT with --draft: characters the draft guesses per round (default: 3)' in text, text
     assert "or ngram[:N]: counts of the next character after N characters of RUN's training text (no N: the N whose guesses the model keeps most often, measured; no training)" in text, text
 
 
@@ -103,7 +103,7 @@ def test_draft_gives_the_same_greedy_text(run_dir, draft_run):
 def test_sampled_text_with_a_draft(run_dir, draft_run):
     r = craft_sample(run_dir, '--prompt', 'KING', '--max-new-tokens', '60', '--seed', '2', '--device', 'cpu', '--draft', draft_run)
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.rstrip('\n')) == 60 and re.search(r'guesses kept .*k=4$', r.stderr.strip())
+    assert len(r.stdout.rstrip('\n')) == 60 and re.search(r'guesses kept .*k=3$', r.stderr.strip())
 
 
 def test_draft_with_another_alphabet(run_dir, tmp_path):
