@@ -213,6 +213,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '.', 'git_ur
                               'craft.deploy._ConcatCache': ('deploy.html#_concatcache', 'craft/deploy.py'),
                               'craft.deploy._ConcatCache.__init__': ('deploy.html#_concatcache.__init__', 'craft/deploy.py'),
                               'craft.deploy._ConcatCache.update': ('deploy.html#_concatcache.update', 'craft/deploy.py'),
+                              'craft.deploy._alone': ('deploy.html#_alone', 'craft/deploy.py'),
                               'craft.deploy._drained': ('deploy.html#_drained', 'craft/deploy.py'),
                               'craft.deploy._loss_check': ('deploy.html#_loss_check', 'craft/deploy.py'),
                               'craft.deploy._nbytes': ('deploy.html#_nbytes', 'craft/deploy.py'),

@@ -25,7 +25,8 @@ from .training import train
 from typing import Callable
 from .sampling import GenerationConfig, load_for_sampling, run_validation_tokens, stream
 from .machine import threads_of
-from .speculative import SpeculativeStream
+from .speculative import DRAFT_K, SpeculativeStream
+from .serving import Engine
 from .measure import check_out, results_header, write_results
 
 # %% ../nbs/10_deploy.ipynb #a4954ed2
@@ -325,9 +326,19 @@ def _seconds(work:Callable[[], object]) -> float:
     start = time.perf_counter(); work()
     return time.perf_counter() - start
 
-def side_by_side(run, draft=None, k:int=2, tokens:int=500, repeats:int=5) -> dict:
-    ("Median batch-1 tokens/s at temperature 0.8 of ONNX Runtime (`onnx`), craft's default (`craft`) and craft with "
-     "`draft` and `k` guesses (`draft`) on `run`, measured in turns, `repeats` rounds after a warm-up.")
+def _alone(engine:Engine, config:GenerationConfig) -> float:
+    "Tokens/s of one request alone in `engine`, as `craft serve` runs a single client's."
+    job = engine.submit('\n', config)
+    def run():
+        while engine.busy: engine.step()
+    seconds = _seconds(run)                      # before reading the count it makes
+    return job.n_tokens / seconds
+
+# %% ../nbs/10_deploy.ipynb #af404b5a
+def side_by_side(run, draft=None, k:int=DRAFT_K, tokens:int=500, repeats:int=5) -> dict:
+    ("Median batch-1 tokens/s at temperature 0.8 on `run`, measured in turns, `repeats` rounds after a warm-up: ONNX "
+     "Runtime (`onnx`), craft's default (`craft`), `craft serve`'s engine with one request (`serve`), and with `draft` "
+     "guessing `k` characters, craft (`draft`) and the engine (`serve_draft`).")
     _require_export()
     model, tokenizer, profile = load_for_sampling(run, 'cpu')
     config = GenerationConfig(max_new_tokens=tokens, temperature=0.8, seed=0)
@@ -336,8 +347,11 @@ def side_by_side(run, draft=None, k:int=2, tokens:int=500, repeats:int=5) -> dic
         def onnx_turn() -> float:                  # a session per turn: its idle threads spin, and would slow the next turn
             runtime = OnnxModel(path, torch.get_num_threads())
             return tokens / _seconds(lambda: generate_onnx(runtime, '\n', tokens, temperature=0.8, seed=0))
-        ways = {'onnx': onnx_turn, 'craft': lambda: _drained(stream(model, tokenizer, '\n', config))}
-        if draft is not None: ways['draft'] = lambda: _drained(SpeculativeStream(model, draft, tokenizer, '\n', config, k=k))
+        ways = {'onnx': onnx_turn, 'craft': lambda: _drained(stream(model, tokenizer, '\n', config)),
+                'serve': lambda: _alone(Engine(model, tokenizer, 1), config)}
+        if draft is not None:
+            ways['draft'] = lambda: _drained(SpeculativeStream(model, draft, tokenizer, '\n', config, k=k))
+            ways['serve_draft'] = lambda: _alone(Engine(model, tokenizer, 1, draft=draft, draft_k=k), config)
         for way in ways.values(): way()                                          # warm-up
         speeds = {name: [] for name in ways}
         for _ in range(repeats):

@@ -571,8 +571,8 @@ def _suite_speculative(part:dict, save:Callable, ctx:dict):
     if seconds: save(); _speculative_at_nanogpt_size(part, plan, seconds, ctx)
 
 def _speculative_at_nanogpt_size(part:dict, plan:dict, seconds:float, ctx:dict):
-    ("`nanogpt_results` under `part['nanogpt']`; then ONNX Runtime, craft and craft with the n-gram draft at its best k, "
-     "side by side (`side_by_side`), and the ratios to ONNX Runtime.")
+    ("`nanogpt_results` under `part['nanogpt']`; then ONNX Runtime, craft, craft serve with one request, and both with the "
+     "n-gram draft at its best k, side by side (`side_by_side`), and the ratios to ONNX Runtime.")
     keep = {k: plan[k] for k in ('ks', 'temperatures', 'tokens', 'repeats')}
     big = part['nanogpt'] = nanogpt_results(seconds, **keep, out=ctx['tmp'] / 'speculative')
     best = max(big['ngram']['tokens_per_s'], key=big['ngram']['tokens_per_s'].get)
@@ -580,7 +580,8 @@ def _speculative_at_nanogpt_size(part:dict, plan:dict, seconds:float, ctx:dict):
                                                plan['tokens'], max(3, plan['repeats']))
     big['onnx_tokens_per_s'], big['plain_alone_tokens_per_s'], big['plain_tokens_per_s'] = turns['onnx'], big['plain_tokens_per_s'], turns['craft']
     big['vs_onnx'] = {'plain': round_sig(turns['craft'] / turns['onnx']), 'ngram_best_k': best,
-                      'ngram': round_sig(turns['draft'] / turns['onnx'])}
+                      'ngram': round_sig(turns['draft'] / turns['onnx']), 'serve': round_sig(turns['serve'] / turns['onnx']),
+                      'serve_ngram': round_sig(turns['serve_draft'] / turns['onnx'])}
 
 # %% ../nbs/11_suite.ipynb #8f717d1c
 def speculative_table(part:dict) -> tuple[list[str], list[list[str]]]:
