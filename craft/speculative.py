@@ -169,7 +169,7 @@ def seen_rows(seen:torch.Tensor|None, guesses:torch.Tensor, n:int) -> torch.Tens
     return torch.cat([seen, seen | added])                                             # (n, V)
 
 # %% ../nbs/05b_speculative.ipynb #3ecaaaa7
-DRAFT_K = 3   # guesses per round by default: the fastest k in every setting recorded here (int8 verifies up to 4 rows in one block)
+DRAFT_K = 3   # guesses per round by default: k = 2 or 3 was the fastest in each record (int8 checks k+1 <= 4 rows in one block)
 
 def check_draft_vocab(model:GPT, draft):
     "Refuse a draft (a `GPT` or an `NgramDraft`) whose vocabulary is not `model`'s."
