@@ -630,7 +630,7 @@ def serve_command(run:str,                        # run directory or .safetensor
                   limit_concurrency:int=1024,     # connections at once; past that, uvicorn answers 503
                   api_key:str|None=None,          # require `Authorization: Bearer KEY` (default $CRAFT_API_KEY); needed for a --host others reach
                   log_level:str='info',           # uvicorn's log level: critical, error, warning, info or debug
-                  draft:str|None=None,            # for a request alone: a small model's run or checkpoint trained on the same corpus, or ngram[:N] (as craft sample --draft); None = no draft
+                  draft:str|None=None,            # for a request alone: a small model's run or checkpoint trained on the same corpus, or ngram[:N] (as craft sample --draft); a seeded request alone then gets another text of the same distribution; None = no draft
                   draft_k:int=DRAFT_K,            # with --draft: characters the draft guesses per round
                  ):
     "Serve a model over HTTP on `host:port` until interrupted: a playground at /, POST /v1/generate, the OpenAI API, /metrics, /docs."

@@ -135,6 +135,9 @@ def _check_memory(model:GPT, max_slots:int):
 def _check_draft(model:GPT, draft, k:int):
     "Refuse a draft for `model` with another vocabulary, or a draft length `k` that no pass can hold."
     check_draft_vocab(model, draft)
+    where, device = getattr(getattr(draft, 'tok_emb', None), 'weight', None), model.tok_emb.weight.device
+    if where is not None and where.device != device:
+        raise CraftError(f"the draft is on {where.device} and the model on {device}: load both on the same device")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < model.config.block_size:
         raise CraftError(f"draft_k={k!r} must be a whole number from 1 to {model.config.block_size - 1} (the block size less 1)")
 
@@ -286,7 +289,7 @@ def _decode(self:Engine, n:int) -> torch.Tensor:
     fed = self.last[:n]                                                    # (n,)
     self.tokens[rows, start] = fed
     if full.all(): logits = torch.empty(n, self.model.config.vocab_size, device=self.device)
-    elif n == 1: logits = self._alone_step(fed, int(start[0]))              # (1, V): alone, the lean step
+    elif n == 1: logits = self._alone_step(fed, int(pos[0]))              # (1, V): alone, the lean step
     else: logits = decode_step(self.model, self.caches, fed, start)        # (n, V): sampling's decode step, per-row positions
     for job in {job for job, _ in owners}:
         if job.pos < T: job.pos += 1
@@ -424,7 +427,7 @@ def _solo_round(self:Engine, job:Job, news:list) -> list[Job]|None:
     if isinstance(self.draft, GPT): k = min(k, tokens_kept(c.window_keep, self.draft.config.block_size))
     if k < 1 or job.top_probs: return None
     if self.solo is None or self.solo.job is not job or self.solo.made != job.n_steps: self.solo = Solo(self, job)
-    s, settings, gen = self.solo, sampling_settings(c), job.generator
+    s, settings, gen = self.solo, sampling_settings(c), job.generator or torch.Generator(device=self.device)   # greedy: unused
     seen = self.seen[:1] if reads_context(c) else None
     guesses, q = draft_guesses(s.draft, s.ids, s.L, k, gen, seen, settings, self.model.config.vocab_size)  # (k,), (k, V)
     fed = torch.cat([self.last[:1], guesses])                                 # (k+1,): the next to feed, the guesses
@@ -436,7 +439,7 @@ def _solo_round(self:Engine, job:Job, news:list) -> list[Job]|None:
     self.seen[0, new] = True
     self.drafted, self.accepted = self.drafted + k, self.accepted + n
     done = self._release_chars(job, new, news)
-    s.made = job.n_steps
+    s.made, self.solo = job.n_steps, None if done else s
     return done
 
 # %% ../nbs/07_serving.ipynb #bbfe32a7
@@ -556,7 +559,7 @@ _Controls = create_model('_Controls', __config__=ConfigDict(strict=True, extra='
 class _Settings(_Controls):
     "The fields of a `/v1/generate` body whose ranges are the same on every server: the table's sampling controls, stop strings, seed, streaming."
     stop: _Stop | Annotated[list[_Stop], Field(max_length=16)] | None = Field(None, description="up to 16 strings (1 to 100 characters) that end a sample; not included in the text")
-    seed: Seed | None = Field(None, description="random seed: the same seed and settings give the text `craft sample` gives; null = a fresh one (returned, below 2**53)")
+    seed: Seed | None = Field(None, description="random seed: the same seed and settings give the text `craft sample` gives (on a server with --draft, a request alone draws other numbers: the same distribution, another text); null = a fresh one (returned, below 2**53)")
     stream: bool = Field(False, description="send Server-Sent Events as the text is generated")
     on_unknown: Literal['error', 'drop'] = Field('error', description="prompt characters outside the vocabulary: error (422) or drop them")
 
@@ -669,7 +672,7 @@ class GenerateResponse(BaseModel):
     id: int = Field(description="request number, counted from 1 since the server started")
     texts: list[str] = Field(description="one text per sample, without the prompt")
     finish_reason: str = Field(description="stop (every sample reached a stop string), length (max_new_tokens), cancelled or error")
-    seed: int | str = Field(description="the seed used: pass it again to get the same texts (a string of digits if 2**53 or more)")
+    seed: int | str = Field(description="the seed used: pass it again to get the same texts, when the request runs the same way (a string of digits if 2**53 or more)")
     prompt_tokens: int = Field(description="characters in the prompt (after dropping unknown ones)")
     generated_tokens: int = Field(description="characters generated, all samples together (including those after a stop string)")
     timing: Timing

@@ -306,7 +306,7 @@ class NgramDraft:
 
     def feed(self, ids:torch.Tensor, upto:int) -> torch.Tensor:
         "`Window.feed`'s interface: log q `(1, V)` after `ids[:upto]`, the logits `token_probs` shapes as the target's."
-        return self.log_probs(tuple(ids[max(0, upto - self.order):upto].tolist())).to(ids.device)
+        return self.log_probs(tuple(ids[max(0, upto - self.order):upto].tolist())).to(ids.device, torch.float32)   # MPS has no float64
 
     def rewind(self, n:int): "Nothing to forget: each guess reads its context afresh."
 
