@@ -63,8 +63,10 @@ def ngram_order(draft) -> int|str|None:
     return int(str(draft)[6:])
 
 # %% ../nbs/05c_sample.ipynb #ef9d250e
-def check_draft(draft, config:GenerationConfig, device:str='auto', dtype:str='auto', threads:int=0):
-    "Refuse, before loading anything, a draft for settings it cannot serve, or a draft model that is missing or would not fit."
+def check_draft(draft, config:GenerationConfig, device:str='auto', dtype:str='auto', threads:int=0, k:int=DRAFT_K):
+    "Refuse, before loading anything, a draft for settings it cannot serve, `k` below 1, or a draft model that is missing or would not fit."
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise CraftError(f"--draft-k {k!r}: the draft must guess at least one character a round (draft_k={k!r}); pass 1 or more")
     if config.num_samples != 1:
         raise CraftError(f"--draft makes one sample at a time, not --num-samples {config.num_samples}: "
                          "drop --num-samples, or run once per sample")
@@ -131,7 +133,7 @@ def _sample(run, config:GenerationConfig, prompt:str, prompt_file:str|None, devi
         raise CraftError(f"unknown on_unknown={on_unknown!r}; use error or drop")
     prompt_text = _read_prompt(prompt, prompt_file)
     check_sampling_memory(run, config, device, dtype, threads)
-    if draft is not None: check_draft(draft, config, device, dtype, threads)
+    if draft is not None: check_draft(draft, config, device, dtype, threads, draft_k)
     counted = count_draft(draft, run)                                  # before the model loads
     model, tokenizer, profile = load_for_sampling(run, device, dtype, threads, config.num_samples, quantize)
     drafter = resolve_draft(draft, run, model, tokenizer, profile.choice, quantize, config, counted)

@@ -445,7 +445,7 @@ def _served_model(run_or_model, tokenizer, device:str, dtype:str, quantize:str|N
 def _served_engine(run_or_model, tokenizer, device:str, dtype:str, quantize:str|None, threads:int, max_slots:int,
                    draft=None, draft_k:int=DRAFT_K) -> tuple[Engine, dict]:
     "The `Engine` serving `run_or_model` (see `_served_model`) with `draft` for a request alone, and the run's info."
-    if isinstance(draft, (str, Path)): check_draft(draft, GenerationConfig(), device, dtype, threads)
+    if isinstance(draft, (str, Path)): check_draft(draft, GenerationConfig(), device, dtype, threads, draft_k)
     counted = count_draft(draft, run_or_model)                                # before the model loads
     model, tokenizer, run, setting = _served_model(run_or_model, tokenizer, device, dtype, quantize, threads)
     draft = resolve_draft(draft, run_or_model, model, tokenizer, setting, quantize, counted=counted)
