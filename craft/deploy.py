@@ -26,6 +26,7 @@ from typing import Callable
 from .sampling import GenerationConfig, load_for_sampling, run_validation_tokens, stream
 from .machine import threads_of
 from .speculative import DRAFT_K, SpeculativeStream
+from .sample import resolve_draft
 from .serving import Engine
 from .measure import check_out, results_header, write_results
 
@@ -335,13 +336,15 @@ def _alone(engine:Engine, config:GenerationConfig) -> float:
     return job.n_tokens / seconds
 
 # %% ../nbs/10_deploy.ipynb #af404b5a
-def side_by_side(run, draft=None, k:int=DRAFT_K, tokens:int=500, repeats:int=5) -> dict:
-    ("Median batch-1 tokens/s at temperature 0.8 on `run`, measured in turns, `repeats` rounds after a warm-up: ONNX "
-     "Runtime (`onnx`), craft's default (`craft`), `craft serve`'s engine with one request (`serve`), and with `draft` "
-     "guessing `k` characters, craft (`draft`) and the engine (`serve_draft`).")
+def side_by_side(run, draft=None, k:int=DRAFT_K, tokens:int=500, repeats:int=9) -> dict:
+    ("Batch-1 tokens/s at temperature 0.8 on `run`, measured in turns, `repeats` rounds after a warm-up: ONNX Runtime "
+     "(`onnx`), craft's default (`craft`), `craft serve`'s engine with one request (`serve`), and with `draft` guessing `k` "
+     "characters, craft (`draft`) and the engine (`serve_draft`); `draft` is a draft, or what `--draft` takes. Each way's "
+     "`rounds`, its median `tokens_per_s`, and `vs_onnx`: the median of its ratios to ONNX Runtime in the same round.")
     _require_export()
     model, tokenizer, profile = load_for_sampling(run, 'cpu')
     config = GenerationConfig(max_new_tokens=tokens, temperature=0.8, seed=0)
+    draft = resolve_draft(draft, run, model, tokenizer, profile.choice, config=config)     # as `craft sample` resolves it
     with tempfile.TemporaryDirectory() as tmp, threads_of(profile.choice):
         path = str(export_onnx(load_checkpoint(run, 'cpu')[0].eval(), tokenizer, Path(tmp) / 'model.onnx'))
         def onnx_turn() -> float:                  # a session per turn: its idle threads spin, and would slow the next turn
@@ -356,7 +359,8 @@ def side_by_side(run, draft=None, k:int=DRAFT_K, tokens:int=500, repeats:int=5) 
         speeds = {name: [] for name in ways}
         for _ in range(repeats):
             for name, way in ways.items(): speeds[name].append(way())
-    return {name: statistics.median(s) for name, s in speeds.items()}
+    return {'tokens_per_s': {name: statistics.median(s) for name, s in speeds.items()}, 'rounds': speeds,
+            'vs_onnx': {name: statistics.median(a / b for a, b in zip(s, speeds['onnx'])) for name, s in speeds.items()}}
 
 # %% ../nbs/10_deploy.ipynb #84dd6519
 def _torchao_int8(model:GPT) -> GPT|None:

@@ -15,7 +15,7 @@ from .model import GPT, GPTConfig
 from .machine import DTYPE_BYTES, Profile, Setting, candidates, check_memory, pick_device, sampling_memory, threads_of
 from .rundir import read_checkpoint_header
 from .sampling import CONTROLS, GenerationConfig, TextStream, load_for_sampling, with_settings
-from .speculative import DRAFT_K, NgramDraft, SpeculativeStream, best_ngram, run_ngram
+from .speculative import DRAFT_K, DistilledNgram, NgramDraft, SpeculativeStream, best_ngram, run_ngram
 from .int8 import has_int8
 
 # %% ../nbs/05c_sample.ipynb #e71ebce4
@@ -101,10 +101,12 @@ def _report(s:TextStream, model:GPT, profile:Profile):
 
 # %% ../nbs/05c_sample.ipynb #a7a9163f
 def _best_order(model:GPT, run, config:GenerationConfig, widest:NgramDraft) -> NgramDraft:
-    "`best_ngram`'s draft for `--draft ngram`, with the acceptance of each order on stderr."
-    grams, kept = best_ngram(model, run, config, widest=widest)
-    print(f"craft: n-gram draft of order {grams.order}, the one whose guesses the model keeps most often here "
-          f"(by order: {', '.join(f'{o} {a:.0%}' for o, a in kept.items())})", file=sys.stderr)
+    "`best_ngram`'s draft for `--draft ngram`, with the acceptance of each kind and order on stderr."
+    grams, kept = best_ngram(model, run, config, widest=widest, progress=True)
+    how = ', distilled from the model\'s own predictions' if isinstance(grams, DistilledNgram) else ', counted'
+    print(f"craft: n-gram draft of order {grams.order}{how}, the one whose guesses the model keeps most often here "
+          f"({'; '.join(kind + ': ' + ', '.join(f'{o} {a:.0%}' for o, a in by_order.items()) for kind, by_order in kept.items())})",
+          file=sys.stderr)
     return grams
 
 # %% ../nbs/05c_sample.ipynb #711ff19d
@@ -159,7 +161,7 @@ def sample_command(
     quantize:str='auto',              # weights: auto (int8 where timed faster here and the validation loss moves < 0.001 nats; cached), int8, or none (float)
     on_unknown:str='error',           # prompt characters outside the vocabulary: error or drop
     echo:bool=False,                  # print the prompt before each sample
-    draft:str|None=None,              # a small model's run directory or .safetensors checkpoint, trained on the same corpus, or ngram[:N]: counts of the next character after N characters of RUN's training text (no N: the N whose guesses the model keeps most often, measured; no training); it drafts, the model verifies (same text, faster); None = no draft
+    draft:str|None=None,              # a small model's run directory or .safetensors checkpoint, trained on the same corpus, or ngram[:N]: counts of the next character after N characters of RUN's training text (no N: the order, counted so or distilled from the model's own predictions, whose guesses it keeps most often, measured; no training); it drafts, the model verifies (same text, faster); None = no draft
     draft_k:int=DRAFT_K,              # with --draft: characters the draft guesses per round
     **settings,                       # generation settings: the rows of `CONTROLS` (the CLI's flags come from the table)
 ) -> list[str]:

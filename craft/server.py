@@ -29,7 +29,7 @@ from .model import GPT
 from .machine import Setting
 from .sampling import GenerationConfig, load_for_sampling
 from .sample import check_draft, count_draft, resolve_draft
-from .speculative import DRAFT_K, NgramDraft
+from .speculative import DRAFT_K, DistilledNgram, NgramDraft
 from .serving import (Engine, ErrorResponse, GenerateResponse, Job, ModelInfo, StreamChunk, StreamError, completion_model,
                            request_model, run_info, slider_specs)
 
@@ -456,6 +456,7 @@ def _served_engine(run_or_model, tokenizer, device:str, dtype:str, quantize:str|
 def _draft_label(draft) -> str|None:
     "What the server says of its draft."
     if draft is None: return None
+    if isinstance(draft, DistilledNgram): return f"ngram:{draft.order}, distilled from the model"
     if isinstance(draft, NgramDraft): return f"ngram:{draft.order}"
     return f"a model of {draft.num_params():,} parameters"
 

@@ -37,7 +37,7 @@ from .bench import COLORS, plot_axes
 from .corpus import corpus_results
 from .finetune import finetune_results
 from .deploy import deploy_results, onnx_tokens_per_s, side_by_side
-from .speculative import nanogpt_results, run_ngram, speculative_results
+from .speculative import nanogpt_results, speculative_results
 
 # %% ../nbs/11_suite.ipynb #c7126516
 SPEEDRUN_RUNGS = [
@@ -572,16 +572,16 @@ def _suite_speculative(part:dict, save:Callable, ctx:dict):
 
 def _speculative_at_nanogpt_size(part:dict, plan:dict, seconds:float, ctx:dict):
     ("`nanogpt_results` under `part['nanogpt']`; then ONNX Runtime, craft, craft serve with one request, and both with the "
-     "n-gram draft at its best k, side by side (`side_by_side`), and the ratios to ONNX Runtime.")
+     "n-gram draft at its best k, side by side (`side_by_side`), and the ratios to ONNX Runtime (medians of each round's).")
     keep = {k: plan[k] for k in ('ks', 'temperatures', 'tokens', 'repeats')}
     big = part['nanogpt'] = nanogpt_results(seconds, **keep, out=ctx['tmp'] / 'speculative')
     best = max(big['ngram']['tokens_per_s'], key=big['ngram']['tokens_per_s'].get)
-    turns = big['side_by_side'] = side_by_side(big['target'], run_ngram(big['target'], big['ngram']['order']), best,
-                                               plan['tokens'], max(3, plan['repeats']))
-    big['onnx_tokens_per_s'], big['plain_alone_tokens_per_s'], big['plain_tokens_per_s'] = turns['onnx'], big['plain_tokens_per_s'], turns['craft']
-    big['vs_onnx'] = {'plain': round_sig(turns['craft'] / turns['onnx']), 'ngram_best_k': best,
-                      'ngram': round_sig(turns['draft'] / turns['onnx']), 'serve': round_sig(turns['serve'] / turns['onnx']),
-                      'serve_ngram': round_sig(turns['serve_draft'] / turns['onnx'])}
+    draft = 'ngram' if big['ngram']['kind'] == 'distilled' else f"ngram:{big['ngram']['order']}"   # as `_ngram_results` chose it
+    turns = big['side_by_side'] = side_by_side(big['target'], draft, best, plan['tokens'], max(9, plan['repeats']))
+    speeds, ratio = turns['tokens_per_s'], turns['vs_onnx']        # ratios: the median of each round's, side by side
+    big['onnx_tokens_per_s'], big['plain_alone_tokens_per_s'], big['plain_tokens_per_s'] = speeds['onnx'], big['plain_tokens_per_s'], speeds['craft']
+    big['vs_onnx'] = {'plain': round_sig(ratio['craft']), 'ngram_best_k': best, 'ngram': round_sig(ratio['draft']),
+                      'serve': round_sig(ratio['serve']), 'serve_ngram': round_sig(ratio['serve_draft'])}
 
 # %% ../nbs/11_suite.ipynb #8f717d1c
 def speculative_table(part:dict) -> tuple[list[str], list[list[str]]]:
@@ -591,7 +591,7 @@ def speculative_table(part:dict) -> tuple[list[str], list[list[str]]]:
     rows = [row('ONNX Runtime', onnx), row('craft', plain)]
     rows += [row(f"craft, draft k = {k}", s, fmt_percent(part['draft_acceptance'][k])) for k, s in part['draft_tokens_per_s'].items()]
     if grams := part.get('ngram'):
-        rows += [row(f"craft, {grams['order']}-gram draft k = {k}", s, fmt_percent(grams['draft_acceptance'][k])) for k, s in grams['tokens_per_s'].items()]
+        rows += [row(f"craft, {grams['order']}-gram draft{' (distilled)' if grams.get('kind') == 'distilled' else ''} k = {k}", s, fmt_percent(grams['draft_acceptance'][k])) for k, s in grams['tokens_per_s'].items()]
     return headers, rows
 
 # %% ../nbs/11_suite.ipynb #0c90b95f

@@ -245,7 +245,7 @@ def sampler_app(run_or_model:str|Path|GPT, tokenizer:CharTokenizer|None=None, de
                 threads:int=0, quantize:str|None='auto', draft:str|Path|GPT|NgramDraft|None=None, draft_k:int=DRAFT_K, **defaults) -> SamplerApp:
     ("A `SamplerApp` over a run directory or checkpoint (loaded on `device`, dtype and threads from the machine "
      "profile; int8 weights by `quantize`: auto, as `craft sample` chooses, int8 or none), or over a model and its tokenizer; `draft` (a run, a checkpoint, a model, or "
-     "'ngram[:N]': counts of the run's training text, N measured without it) adds speculative decoding.")
+     "'ngram[:N]': counts of the run's training text; 'ngram': the best of those and a draft distilled from the model) adds speculative decoding.")
     if isinstance(run_or_model, GPT):
         if tokenizer is None:
             raise CraftError("sampler_app needs the tokenizer that goes with the model: sampler_app(model, tokenizer)")

@@ -86,7 +86,7 @@ def test_help_shows_the_draft_flags():
     text = ' '.join(r.stdout.split())
     assert re.search(r'--draft TEXT a small model.s run directory .* None = no draft \(default: None\)', text), text
     assert '--draft-k INT with --draft: characters the draft guesses per round (default: 3)' in text, text
-    assert "or ngram[:N]: counts of the next character after N characters of RUN's training text (no N: the N whose guesses the model keeps most often, measured; no training)" in text, text
+    assert "or ngram[:N]: counts of the next character after N characters of RUN's training text (no N: the order, counted so or distilled from the model's own predictions, whose guesses it keeps most often, measured; no training)" in text, text
 
 
 def test_draft_gives_the_same_greedy_text(run_dir, draft_run):
