@@ -27,7 +27,7 @@ from .rundir import checkpoint_file, read_checkpoint_header, read_metrics
 from .machine import Setting, threads_of
 from .sampling import (CONTROLS, SAMPLING_CONTROLS, SAMPLING_FIELDS, Control, GenerationConfig, RowText, presence_mask,
                             next_tokens, reads_context, sampling_settings, decode_step, lean_decoder, tokens_kept)
-from .speculative import DRAFT_K, Window, check_draft_vocab, draft_guesses, judge, lean_pass
+from .speculative import DRAFT_K, Window, check_draft_vocab, draft_guesses, judge, lean_pass, uniforms
 
 # %% ../nbs/07_serving.ipynb #b76dcb68
 @torch.inference_mode()
@@ -428,10 +428,10 @@ def _solo_round(self:Engine, job:Job, news:list) -> list[Job]|None:
     if k < 1 or job.top_probs: return None
     if self.solo is None or self.solo.job is not job or self.solo.made != job.n_steps: self.solo = Solo(self, job)
     s, settings, gen = self.solo, sampling_settings(c), job.generator or torch.Generator(device=self.device)   # greedy: unused
-    seen = self.seen[:1] if reads_context(c) else None
-    guesses, q = draft_guesses(s.draft, s.ids, s.L, k, gen, seen, settings, self.model.config.vocab_size)  # (k,), (k, V)
-    fed = torch.cat([self.last[:1], guesses])                                 # (k+1,): the next to feed, the guesses
-    n, nxt = judge(s.feed(fed, pos), guesses, q, settings, seen, gen)
+    seen, u = self.seen[:1] if reads_context(c) else None, uniforms(gen, 2 * k + 1)   # k guesses, k verdicts, a draw
+    guesses, q = draft_guesses(s.draft, s.ids, s.L, k, u[:k], seen, settings, self.model.config.vocab_size)  # (k,), (k, V)
+    fed = torch.cat([self.last[:1], torch.from_numpy(guesses).to(self.device)])   # (k+1,): the next to feed, the guesses
+    n, nxt = judge(s.feed(fed, pos), guesses, q, settings, seen, u[k:])
     s.draft.rewind(s.L + n)
     self.tokens[0, pos:pos + n + 1] = fed[:n + 1]                             # what the cache holds up to pos+n
     job.pos, self.last[0], s.ids[s.L + n] = pos + n + 1, nxt, nxt

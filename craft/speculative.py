@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['DRAFT_K', 'MAX_NGRAM_TOKENS', 'NGRAM_ORDERS', 'DISTIL_ORDER', 'DISTIL_CHARS', 'DISTIL_WORK', 'DISTIL_CELLS',
-           'NANOGPT_SHAPE', 'verify', 'verify_one', 'expected_speedup', 'lean_pass', 'pass_costs', 'faster_costs',
-           'Window', 'token_probs', 'seen_rows', 'check_draft_vocab', 'SpeculativeStream', 'draft_guesses', 'judge',
-           'NgramDraft', 'run_ngram', 'ngram_acceptance', 'distil_positions', 'predictions', 'DistilledNgram',
-           'best_ngram', 'speculative_results', 'nanogpt_results']
+           'NANOGPT_SHAPE', 'verify', 'pick', 'uniforms', 'verify_one', 'expected_speedup', 'lean_pass', 'pass_costs',
+           'faster_costs', 'Window', 'token_probs', 'seen_rows', 'check_draft_vocab', 'SpeculativeStream',
+           'guess_probs', 'draft_guesses', 'judge', 'NgramDraft', 'run_ngram', 'ngram_acceptance', 'distil_positions',
+           'predictions', 'DistilledNgram', 'best_ngram', 'speculative_results', 'nanogpt_results']
 
 # %% ../nbs/05b_speculative.ipynb #999751e0
 import copy, functools, math, statistics, sys, tempfile, threading, time
@@ -36,27 +36,38 @@ def verify(p:torch.Tensor, q:torch.Tensor, drafts:torch.Tensor, generator:torch.
     B, k = drafts.shape
     p_d = p[:, :k].gather(-1, drafts[..., None])[..., 0]                  # (B, k): p of each guess
     q_d = q.gather(-1, drafts[..., None])[..., 0]                         # (B, k): q of each guess
-    u = torch.rand(B, k, generator=generator, device=p.device)
-    rejected = u * q_d >= p_d                                             # (B, k): keep when u < p/q
+    u = torch.rand(B, k + 1, generator=generator, device=p.device)       # (B, k+1): k verdicts, then one draw
+    rejected = u[:, :k] * q_d >= p_d                                      # (B, k): keep when u < p/q
     n = (~rejected).long().cumprod(-1).sum(-1)                            # (B,): guesses kept before the first no
     rows = torch.arange(B, device=p.device)
     p_n = p[rows, n]                                                      # (B, V): the target at the first no
     q_n = torch.cat([q, q.new_zeros(B, 1, q.size(-1))], 1)[rows, n]      # (B, V): zeros after k guesses
     residual = (p_n - q_n).clamp_min(0)                                   # (B, V); p itself when all were kept
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)   # p == q to the last bit: p
-    return n, torch.multinomial(residual, 1, generator=generator)[:, 0]
+    mass = residual.cumsum(-1)                                            # (B, V): drawn where u's share falls
+    return n, torch.searchsorted(mass, u[:, k:] * mass[:, -1:], right=True)[:, 0].clamp_max(p.size(-1) - 1)
+
+# %% ../nbs/05b_speculative.ipynb #3d01dc0f
+def pick(probs:np.ndarray, u:float) -> int:
+    "The character whose share of the cumulative mass of `probs` `(V,)` holds `u` in [0, 1): a draw from `probs`."
+    mass = np.cumsum(probs)                                               # (V,)
+    return min(int(np.searchsorted(mass, u * mass[-1], side='right')), len(mass) - 1)
+
+def uniforms(generator:torch.Generator, n:int) -> np.ndarray:
+    "`n` draws in [0, 1) from `generator` (on its device), `(n,)` in float64."
+    return torch.rand(n, generator=generator, device=generator.device).double().cpu().numpy()
 
 # %% ../nbs/05b_speculative.ipynb #7e71c811
-def verify_one(p:torch.Tensor, q:torch.Tensor, drafts:torch.Tensor, generator:torch.Generator|None=None) -> tuple[int, int]:
-    "`verify` for one row, `p` `(k+1, V)`, `q` `(k, V)`, `drafts` `(k,)`: the accepted count and the character after them."
-    k = drafts.size(0)
-    u = torch.rand(1, k, generator=generator, device=p.device)[0]        # (k,): the draws `verify` makes
-    at = torch.arange(k, device=p.device)
-    rejected = (u * q[at, drafts] >= p[at, drafts]).tolist()             # keep when u < p/q
-    n = rejected.index(True) if True in rejected else k
-    residual = (p[n] - q[n]).clamp_min(0) if n < k else p[n]             # (V,); p itself when all were kept
+def verify_one(p:np.ndarray, q:np.ndarray, drafts:np.ndarray, u:np.ndarray) -> tuple[int, int]:
+    ("`verify` for one row, `p` `(k+1, V)`, `q` `(k, V)`, `drafts` `(k,)`, with `verify`'s draws `u` `(k+1,)`: "
+     "the accepted count and the character after them.")
+    k = len(drafts)
+    at = np.arange(k)
+    rejected = u[:k] * q[at, drafts] >= p[at, drafts]                    # (k,): keep when u < p/q
+    n = int(rejected.argmax()) if rejected.any() else k
+    residual = np.maximum(p[n] - q[n], 0) if n < k else p[n]             # (V,); p itself when all were kept
     if n < k and not residual.sum() > 0: residual = p[n]                 # p == q to the last bit: p
-    return n, int(torch.multinomial(residual, 1, generator=generator))
+    return n, pick(residual, u[k])
 
 # %% ../nbs/05b_speculative.ipynb #8884422c
 def expected_speedup(alpha:float, k:int, draft_cost:float=0.03, verify_cost:float=2.0) -> float:
@@ -76,7 +87,7 @@ def lean_pass(model:GPT, caches:list[KVCache]) -> Callable:
         x = model.tok_emb(tokens)                                                  # (n, C)
         if pos_table is not None: x = x + pos_table[start:start + n]
         C = x.size(1)
-        mask = torch.ones(n, start + n, dtype=torch.bool, device=x.device).tril(start)   # (n, start+n): key j <= start+i
+        mask = x.new_full((n, start + n), -math.inf).triu(start + 1)        # (n, start+n): 0 where key j <= start+i
         for norm1, qkv, position_qk, proj, norm2, fc, activate, proj2, cache in blocks:
             q, k, v = qkv(norm1(x)).view(1, n, 3, H, C // H).permute(2, 0, 3, 1, 4)   # (n, 3C) -> 3 x (1, H, n, D)
             q, k = position_qk(q, k, start)
@@ -164,10 +175,11 @@ def token_probs(logits:torch.Tensor, settings:dict, seen:torch.Tensor|None=None)
     if settings.get('temperature', 1.0) == 0: return torch.nn.functional.one_hot(probs.argmax(-1), probs.size(-1)).float()
     return probs
 
-def seen_rows(seen:torch.Tensor|None, guesses:torch.Tensor, n:int) -> torch.Tensor|None:
-    "`seen` `(1, V)` then the guesses added one by one: `(n, V)`, row j having seen the first j guesses."
+def seen_rows(seen:torch.Tensor|None, guesses, n:int) -> torch.Tensor|None:
+    "`seen` `(1, V)` then the guesses `(k,)` (a tensor or an array) added one by one: `(n, V)`, row j having seen the first j."
     if seen is None: return None
-    added = torch.nn.functional.one_hot(guesses[:n - 1], seen.size(-1)).cumsum(0) > 0   # (n-1, V)
+    first = torch.as_tensor(guesses[:n - 1], device=seen.device)                       # (n-1,)
+    added = torch.nn.functional.one_hot(first, seen.size(-1)).cumsum(0) > 0            # (n-1, V)
     return torch.cat([seen, seen | added])                                             # (n, V)
 
 # %% ../nbs/05b_speculative.ipynb #3ecaaaa7
@@ -200,30 +212,36 @@ class SpeculativeStream(TextStream):
         self.drafted = self.accepted = self.rounds = 0
 
 # %% ../nbs/05b_speculative.ipynb #26ea8869
-def draft_guesses(draft, ids:torch.Tensor, L:int, k:int, gen, seen, settings:dict, vocab_size:int) -> tuple:
-    ("`k` guesses after `ids[:L]` (written into `ids`) from `draft` (a `Window`, or an `NgramDraft`), `(k,)`, and the "
-     "distributions they were drawn from, `(k, V)`.")
-    guesses, qs = torch.zeros(k, dtype=torch.long, device=ids.device), []
-    for j in range(k):
-        logits = draft.feed(ids, L + j)[-1:]                                         # (1, V)
-        q = token_probs(logits, settings, None if seen is None else seen_rows(seen, guesses, j + 1)[-1:])
-        guesses[j] = ids[L + j] = torch.multinomial(q, 1, generator=gen)[0, 0]
-        qs.append(q)
-    return guesses, torch.cat(qs) if qs else torch.zeros(0, vocab_size, device=ids.device)
+def guess_probs(draft, ids:torch.Tensor, upto:int, settings:dict, seen_row:torch.Tensor|None=None) -> np.ndarray:
+    ("The draft's distribution `(V,)` (float64) for `ids[upto]`, shaped as the target's by `settings` and the presence "
+     "row `seen_row` `(1, V)`: from its logits, or from its own cache where it keeps one (`NgramDraft.shaped_at`).")
+    if seen_row is None and hasattr(draft, 'shaped_at'): return draft.shaped_at(ids, upto, settings)
+    return token_probs(draft.feed(ids, upto)[-1:], settings, seen_row)[0].double().cpu().numpy()
 
-def judge(logits:torch.Tensor, guesses:torch.Tensor, q:torch.Tensor, settings:dict, seen, gen) -> tuple[int, int]:
-    ("The target's verdict on `guesses` `(k,)` drawn from `q` `(k, V)`, from its logits `(k+1, V)` at them: how many "
-     "it keeps, and the character that follows those.")
+def draft_guesses(draft, ids:torch.Tensor, L:int, k:int, u:np.ndarray, seen, settings:dict, vocab_size:int) -> tuple:
+    ("`k` guesses after `ids[:L]` (written into `ids`) from `draft` (a `Window`, or an `NgramDraft`), drawn with the "
+     "uniforms `u` `(k,)`: the guesses `(k,)` and the distributions they were drawn from `(k, V)`, as arrays.")
+    guesses, qs = np.zeros(k, dtype=np.int64), np.zeros((k, vocab_size))
+    for j in range(k):
+        row = None if seen is None else seen_rows(seen, guesses, j + 1)[-1:]          # (1, V)
+        qs[j] = guess_probs(draft, ids, L + j, settings, row)
+        guesses[j] = ids[L + j] = pick(qs[j], u[j])
+    return guesses, qs
+
+def judge(logits:torch.Tensor, guesses:np.ndarray, q:np.ndarray, settings:dict, seen, u:np.ndarray) -> tuple[int, int]:
+    ("The target's verdict on `guesses` `(k,)` drawn from `q` `(k, V)`, from its logits `(k+1, V)` at them and the "
+     "uniforms `u` `(k+1,)`: how many it keeps, and the character that follows those.")
     p = token_probs(logits, settings, seen_rows(seen, guesses, len(guesses) + 1))      # (k+1, V)
-    return verify_one(p, q, guesses, gen)
+    return verify_one(p.double().cpu().numpy(), q, guesses, u)
 
 # %% ../nbs/05b_speculative.ipynb #3aa15281
 @patch
 def _round(self:SpeculativeStream, ids, L:int, target:Window, draft:Window, gen, seen, settings) -> list[int]:
     "One round after `ids[:L]`: guess, verify in one target pass, rewind both windows; the new characters."
     k = min(self.k, target.slide_after(L - 1) - L)                       # no guess among a slide of the target
-    guesses, q = draft_guesses(draft, ids, L, k, gen, seen, settings, self.model.config.vocab_size)   # (k,), (k, V)
-    n, nxt = judge(target.feed(ids, L + k)[-(k + 1):], guesses, q, settings, seen, gen)
+    u = uniforms(gen, 2 * k + 1)                                         # k guesses, k verdicts, the last draw
+    guesses, q = draft_guesses(draft, ids, L, k, u[:k], seen, settings, self.model.config.vocab_size)   # (k,), (k, V)
+    n, nxt = judge(target.feed(ids, L + k)[-(k + 1):], guesses, q, settings, seen, u[k:])
     target.rewind(L + n); draft.rewind(L + n)
     self.drafted, self.accepted, self.rounds = self.drafted + k, self.accepted + n, self.rounds + 1
     return guesses[:n].tolist() + [nxt]
@@ -304,11 +322,22 @@ class NgramDraft:
             raise CraftError(f"an n-gram draft of order {order} needs more than {order} characters of text, not {len(ids)}")
         self.vocab_size, self.order, self.n_tokens = vocab_size, order, len(ids)
         self.tables = [_ngram_table(ids, c, vocab_size) for c in range(order + 1)]
-        self.log_probs = functools.lru_cache(maxsize=1 << 16)(self._log_probs)   # a context seen again: one lookup
+        self.forget()
+
+    def forget(self):
+        "Fresh caches of the rows after each context: log q, and q shaped by each settings (a context seen again: one lookup)."
+        self.log_probs = functools.lru_cache(maxsize=1 << 16)(self._log_probs)
+        self.shaped = functools.lru_cache(maxsize=1 << 16)(self._shaped)
 
     def feed(self, ids:torch.Tensor, upto:int) -> torch.Tensor:
         "`Window.feed`'s interface: log q `(1, V)` after `ids[:upto]`, the logits `token_probs` shapes as the target's."
-        return self.log_probs(tuple(ids[max(0, upto - self.order):upto].tolist())).to(ids.device, torch.float32)   # MPS has no float64
+        return self.log_probs(self.context(ids, upto)).to(ids.device, torch.float32)   # MPS has no float64
+
+    def shaped_at(self, ids:torch.Tensor, upto:int, settings:dict) -> np.ndarray:
+        "`guess_probs` without a presence row: q `(V,)` after `ids[:upto]` shaped by `settings`, once per context."
+        return self.shaped(self.context(ids, upto), tuple(sorted(settings.items())))
+
+    def context(self, ids:torch.Tensor, upto:int) -> tuple: return tuple(ids[max(0, upto - self.order):upto].tolist())
 
     def rewind(self, n:int): "Nothing to forget: each guess reads its context afresh."
 
@@ -340,6 +369,11 @@ def probs(self:NgramDraft, context) -> np.ndarray:
 def _log_probs(self:NgramDraft, context:tuple) -> torch.Tensor:
     "log q `(1, V)` after the ids `context`, in float64 (so that `token_probs` shapes a copy, never the cached row)."
     return torch.from_numpy(np.log(self.probs(context)))[None]
+
+@patch
+def _shaped(self:NgramDraft, context:tuple, settings:tuple) -> np.ndarray:
+    "q `(V,)` after the ids `context`, shaped by the `settings` items as `token_probs` shapes the target's, in float64."
+    return token_probs(self.log_probs(context).float(), dict(settings))[0].double().numpy()
 
 # %% ../nbs/05b_speculative.ipynb #1e0fefa1
 def run_ngram(run, order:int|None=4, max_tokens:int=MAX_NGRAM_TOKENS) -> NgramDraft:
@@ -376,7 +410,7 @@ def cut(self:NgramDraft, order:int) -> NgramDraft:
     if not 0 <= order <= self.order: raise ValueError(f"a draft of order {self.order} cannot be cut to order {order}")
     shorter = copy.copy(self)
     shorter.order, shorter.tables = order, self.tables[:order + 1]
-    shorter.log_probs = functools.lru_cache(maxsize=1 << 16)(shorter._log_probs)
+    shorter.forget()
     return shorter
 
 # %% ../nbs/05b_speculative.ipynb #d3d85c17
@@ -431,7 +465,7 @@ class DistilledNgram(NgramDraft):
         P = predictions(model, windows, progress=progress)                                 # (n, T, V)
         self.vocab_size, self.order, self.n_tokens = V, order, windows.size
         self.tables = [_mean_table(windows, P, c, V) for c in range(order + 1)]
-        self.log_probs = functools.lru_cache(maxsize=1 << 16)(self._log_probs)
+        self.forget()
 
     def probs(self, context) -> np.ndarray:
         "q `(V,)`: the model's mean prediction after the ids `context`'s last characters, mixed down to uniform."
