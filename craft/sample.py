@@ -103,7 +103,7 @@ def _report(s:TextStream, model:GPT, profile:Profile):
 def _best_order(model:GPT, run, config:GenerationConfig, widest:NgramDraft) -> NgramDraft:
     "`best_ngram`'s draft for `--draft ngram`, with the acceptance of each kind and order on stderr."
     grams, kept = best_ngram(model, run, config, widest=widest, progress=True)
-    how = ', distilled from the model\'s own predictions' if isinstance(grams, DistilledNgram) else ', counted'
+    how = ', distilled from the model\'s own predictions' if isinstance(grams, DistilledNgram) else f', counted (smoothing {grams.smoothing:g})'
     print(f"craft: n-gram draft of order {grams.order}{how}, the one whose guesses the model keeps most often here "
           f"({'; '.join(kind + ': ' + ', '.join(f'{o} {a:.0%}' for o, a in by_order.items()) for kind, by_order in kept.items())})",
           file=sys.stderr)
