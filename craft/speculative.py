@@ -56,7 +56,7 @@ def pick(probs:np.ndarray, u:float) -> int:
 
 def uniforms(generator:torch.Generator, n:int) -> np.ndarray:
     "`n` draws in [0, 1) from `generator` (on its device), `(n,)` in float64."
-    return torch.rand(n, generator=generator, device=generator.device).double().cpu().numpy()
+    return torch.rand(n, generator=generator, device=generator.device).cpu().double().numpy()
 
 # %% ../nbs/05b_speculative.ipynb #7e71c811
 def verify_one(p:np.ndarray, q:np.ndarray, drafts:np.ndarray, u:np.ndarray) -> tuple[int, int]:
@@ -217,7 +217,7 @@ def guess_probs(draft, ids:torch.Tensor, upto:int, settings:dict, seen_row:torch
     ("The draft's distribution `(V,)` (float64) for `ids[upto]`, shaped as the target's by `settings` and the presence "
      "row `seen_row` `(1, V)`: from its logits, or from its own cache where it keeps one (`NgramDraft.shaped_at`).")
     if seen_row is None and hasattr(draft, 'shaped_at'): return draft.shaped_at(ids, upto, settings)
-    return token_probs(draft.feed(ids, upto)[-1:], settings, seen_row)[0].double().cpu().numpy()
+    return token_probs(draft.feed(ids, upto)[-1:], settings, seen_row)[0].cpu().double().numpy()
 
 def draft_guesses(draft, ids:torch.Tensor, L:int, k:int, u:np.ndarray, seen, settings:dict, vocab_size:int) -> tuple:
     ("`k` guesses after `ids[:L]` (written into `ids`) from `draft` (a `Window`, or an `NgramDraft`), drawn with the "
@@ -233,7 +233,7 @@ def judge(logits:torch.Tensor, guesses:np.ndarray, q:np.ndarray, settings:dict, 
     ("The target's verdict on `guesses` `(k,)` drawn from `q` `(k, V)`, from its logits `(k+1, V)` at them and the "
      "uniforms `u` `(k+1,)`: how many it keeps, and the character that follows those.")
     p = token_probs(logits, settings, seen_rows(seen, guesses, len(guesses) + 1))      # (k+1, V)
-    return verify_one(p.double().cpu().numpy(), q, guesses, u)
+    return verify_one(p.cpu().double().numpy(), q, guesses, u)
 
 # %% ../nbs/05b_speculative.ipynb #3aa15281
 @patch
