@@ -576,7 +576,7 @@ def _speculative_at_nanogpt_size(part:dict, plan:dict, seconds:float, ctx:dict):
     keep = {k: plan[k] for k in ('ks', 'temperatures', 'tokens', 'repeats')}
     big = part['nanogpt'] = nanogpt_results(seconds, **keep, out=ctx['tmp'] / 'speculative')
     best = max(big['ngram']['tokens_per_s'], key=big['ngram']['tokens_per_s'].get)
-    draft = 'ngram' if big['ngram']['kind'] == 'distilled' else f"ngram:{big['ngram']['order']}"   # as `_ngram_results` chose it
+    draft = 'ngram' if big['ngram']['kept_by_order'] else f"ngram:{big['ngram']['order']}"   # chosen again as it was, or as asked
     turns = big['side_by_side'] = side_by_side(big['target'], draft, best, plan['tokens'], max(9, plan['repeats']))
     speeds, ratio = turns['tokens_per_s'], turns['vs_onnx']        # ratios: the median of each round's, side by side
     big['onnx_tokens_per_s'], big['plain_alone_tokens_per_s'], big['plain_tokens_per_s'] = speeds['onnx'], big['plain_tokens_per_s'], speeds['craft']
